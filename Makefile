@@ -1,0 +1,49 @@
+# loopify: every target sets itself up on a fresh machine (.venv, torch 2.13.0 CPU, the package,
+# apt packages for ARM cross-linking).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+OUT ?= out
+DEMO_MODEL ?= minilm
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-all bench zoo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || { \
+	  echo "installing gcc-aarch64-linux-gnu (ARM cross-linker)"; \
+	  (apt-get update -qq && apt-get install -y -qq gcc-aarch64-linux-gnu >/dev/null) || \
+	  echo "warning: could not install gcc-aarch64-linux-gnu; arm64 linking will be unavailable"; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned: a looser requirement would pull a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[all]'
+	touch $(STAMP)
+
+# The main job on the built-in default model (the real pretrained all-MiniLM-L6-v2).
+demo: $(STAMP)
+	@mkdir -p $(OUT)
+	$(PY) -m loopify.examples.zoo $(OUT)/zoo --only $(DEMO_MODEL)
+	$(VENV)/bin/loopify inspect $(OUT)/zoo/$(DEMO_MODEL) --json $(OUT)/$(DEMO_MODEL).inspect.json --plot $(OUT)/$(DEMO_MODEL).inspect.png
+	@echo "demo wrote: $(OUT)/zoo/$(DEMO_MODEL) $(OUT)/$(DEMO_MODEL).inspect.json $(OUT)/$(DEMO_MODEL).inspect.png"
+
+# The test suite (slow cases excluded; LOOPIFY_SLOW=1 includes them).
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not bench" --timeout=900 $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m pytest -q tests/bench --benchmark-only $(PYTEST_ARGS)
+
+zoo: $(STAMP)
+	$(PY) -m loopify.examples.zoo $(OUT)/zoo
+
+clean:
+	rm -rf $(OUT) .pytest_cache .benchmarks

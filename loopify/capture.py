@@ -1,0 +1,315 @@
+"""Capture: load a model file or directory as a torch.export program with its example inputs.
+
+Formats, told apart by content rather than by file name:
+
+* a torch.export archive (``.pt2``, or ``.pt`` written by ``torch.export.save``): loaded safely,
+  its example inputs come with it;
+* a Hugging Face directory (``config.json`` + weights): built with its transformers class,
+  dummy inputs made from its config, exported, and checked against the eager model;
+* a pickled ``nn.Module`` written by ``torch.save``: unpickling runs code from the file, so it
+  is refused unless the caller passes ``trust_pickle=True``; it then needs an inputs file;
+* TorchScript archives, state dicts, and anything else: refused with the reason.
+
+Nothing here is specific to one model family: after loading, every format is an
+:class:`torch.export.ExportedProgram` plus example inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loopify.errors import CaptureError, ExportMismatchError
+from loopify.tensors import Diff, compare
+
+log = logging.getLogger(__name__)
+
+#: Relative tolerance (max abs error / max abs reference) for export against eager. Export only
+#: reorders float32 arithmetic (decomposed ops), which moves results by ~1e-6 relative; 1e-4
+#: leaves room for that on every output while catching any real change of computation (the
+#: PaliGemma mask difference found in DESIGN.md was 0.19 absolute).
+EXPORT_RTOL = 1e-4
+
+
+@dataclass
+class ExportCheck:
+    """Export compared with eager on the example inputs."""
+
+    diffs: list[Diff]
+    rtol: float = EXPORT_RTOL
+
+    @property
+    def ok(self) -> bool:
+        return all(d.rel_err <= self.rtol for d in self.diffs)
+
+    @property
+    def max_abs_err(self) -> float:
+        return max((d.max_abs_err for d in self.diffs), default=0.0)
+
+    @property
+    def max_rel_err(self) -> float:
+        return max((d.rel_err for d in self.diffs), default=0.0)
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "rtol": self.rtol, "max_abs_err": self.max_abs_err,
+                "max_rel_err": self.max_rel_err, "outputs": [d.to_dict() for d in self.diffs]}
+
+
+@dataclass
+class Captured:
+    """A captured model: the exported program, its example inputs and where it came from."""
+
+    program: torch.export.ExportedProgram
+    args: tuple
+    kwargs: dict
+    source: Path
+    format: str  # "export-archive" | "hf-dir" | "pickle"
+    eager: torch.nn.Module | None = None
+    export_check: ExportCheck | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def module(self) -> torch.nn.Module:
+        """The exported program as a runnable (flat) GraphModule."""
+        return self.program.module()
+
+    def unflatten(self):
+        """The module hierarchy of the program (one FX GraphModule per submodule)."""
+        return torch.export.unflatten(self.program)
+
+    def run(self, module: torch.nn.Module | None = None):
+        """Run ``module`` (default: the exported program) on the example inputs."""
+        module = module if module is not None else self.module()
+        with torch.no_grad():
+            return module(*self.args, **self.kwargs)
+
+    def describe(self) -> dict:
+        d = {"source": str(self.source), "format": self.format, **self.info,
+             "inputs": describe_inputs(self.args, self.kwargs)}
+        if self.export_check is not None:
+            d["export_check"] = self.export_check.to_dict()
+        return d
+
+
+def describe_inputs(args: tuple, kwargs: dict) -> list[dict]:
+    """Names, shapes and dtypes of example inputs (positional ones are named ``arg<i>``)."""
+    items = [(f"arg{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    return [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+            if isinstance(v, torch.Tensor) else {"name": k, "value": repr(v)} for k, v in items]
+
+
+# ----------------------------------------------------------------------------------------------
+# Format detection
+
+
+def sniff(path: Path) -> str:
+    """Tell what a model path holds, by content.
+
+    Returns one of ``hf-dir``, ``export-archive``, ``torchscript``, ``torch-save``,
+    ``legacy-pickle``; raises :class:`CaptureError` for anything else.
+    """
+    if not path.exists():
+        raise CaptureError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return "hf-dir"
+        raise CaptureError(f"{path}: directory has no config.json (not a Hugging Face model directory)")
+    if path.stat().st_size == 0:
+        raise CaptureError(f"{path}: file is empty")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK":
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise CaptureError(f"{path}: truncated or corrupt archive ({e})") from None
+        if bad is not None:
+            raise CaptureError(f"{path}: corrupt archive (bad CRC in {bad})")
+        if any(n.endswith("/archive_format") or n == "archive_format" for n in names) or any(
+            "/models/" in n and n.endswith(".json") for n in names
+        ):
+            return "export-archive"
+        if any("/code/__torch__" in n or n.endswith("constants.pkl") for n in names):
+            return "torchscript"
+        if any(n.endswith("data.pkl") for n in names):
+            return "torch-save"
+        raise CaptureError(f"{path}: zip archive that is neither a torch.export archive nor a torch.save file")
+    if head[:1] == b"\x80":
+        return "legacy-pickle"
+    raise CaptureError(f"{path}: unrecognised file format (expected a torch.export archive, a torch.save file or a Hugging Face directory)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs files
+
+
+def load_inputs(path: str | Path) -> tuple[tuple, dict]:
+    """Load example inputs saved with ``torch.save``: a tuple/list of tensors or a dict of them.
+
+    Loaded with ``weights_only=True``: an inputs file never runs code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CaptureError(f"{path}: inputs file not found")
+    if path.stat().st_size == 0:
+        raise CaptureError(f"{path}: inputs file is empty")
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CaptureError(f"{path}: inputs file holds objects other than tensors; refusing to unpickle it ({first[:120]})") from None
+    except Exception as e:  # truncated zip, wrong format ...
+        raise CaptureError(f"{path}: cannot read inputs file ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    if isinstance(obj, torch.Tensor):
+        return (obj,), {}
+    if isinstance(obj, (tuple, list)) and all(isinstance(x, torch.Tensor) for x in obj):
+        return tuple(obj), {}
+    if isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        return (), dict(obj)
+    raise CaptureError(f"{path}: inputs file must hold a tensor, a tuple/list of tensors or a dict name -> tensor, got {type(obj).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+
+
+def export_module(module: torch.nn.Module, args: tuple, kwargs: dict, *, source: Path) -> torch.export.ExportedProgram:
+    """``torch.export`` (non-strict) with the failure reported as one line."""
+    try:
+        with torch.no_grad():
+            return torch.export.export(module, tuple(args), dict(kwargs), strict=False)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CaptureError(f"{source}: torch.export failed: {type(e).__name__}: {msg[:300]}") from e
+
+
+def check_export(eager: torch.nn.Module, program: torch.export.ExportedProgram, args: tuple, kwargs: dict,
+                 rtol: float = EXPORT_RTOL) -> ExportCheck:
+    """Run the eager model and the exported program on the same inputs and compare outputs."""
+    with torch.no_grad():
+        ref = eager(*args, **kwargs)
+        out = program.module()(*args, **kwargs)
+    return ExportCheck(compare(ref, out), rtol)
+
+
+def _finish_check(captured: Captured, allow_mismatch: bool) -> Captured:
+    chk = captured.export_check
+    if chk is not None:
+        log.info("export vs eager: max abs %.3g, max rel %.3g (%s)", chk.max_abs_err, chk.max_rel_err,
+                 "ok" if chk.ok else "MISMATCH")
+        if not chk.ok and not allow_mismatch:
+            attn = captured.info.get("attn_implementation")
+            raise ExportMismatchError(
+                f"{captured.source}: exported program differs from the eager model by {chk.max_abs_err:.3g} max abs "
+                f"({chk.max_rel_err:.3g} relative > {chk.rtol:g})"
+                + (f" with attn_implementation={attn}" if attn else "")
+                + "; pass --allow-export-mismatch to continue anyway")
+    return captured
+
+
+def _load_archive(path: Path) -> torch.export.ExportedProgram:
+    try:
+        with open(path, "rb") as f:
+            return torch.export.load(f)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CaptureError(f"{path}: cannot load torch.export archive: {type(e).__name__}: {msg[:200]}") from None
+
+
+def load(path: str | Path, *, inputs: str | Path | None = None, trust_pickle: bool = False,
+         allow_export_mismatch: bool = False, seq_len: int | None = None,
+         attn_implementation: str | None = None) -> Captured:
+    """Load and capture a model.
+
+    Args:
+        path: a torch.export archive, a Hugging Face directory, or (with ``trust_pickle``) a
+            pickled ``nn.Module``.
+        inputs: a ``torch.save``d tuple or dict of tensors that replaces the example inputs.
+        trust_pickle: allow unpickling a module file (this runs code from the file).
+        allow_export_mismatch: keep going when the export does not reproduce eager.
+        seq_len: text length of the dummy inputs made for Hugging Face directories.
+        attn_implementation: override the attention implementation of Hugging Face models.
+
+    Raises:
+        CaptureError: with a one-line message naming the file and the reason.
+    """
+    path = Path(path)
+    kind = sniff(path)
+    user_inputs = load_inputs(inputs) if inputs is not None else None
+
+    if kind == "export-archive":
+        program = _load_archive(path)
+        if user_inputs is not None:
+            args, kwargs = user_inputs
+        elif program.example_inputs is not None:
+            args, kwargs = program.example_inputs
+        else:
+            raise CaptureError(f"{path}: the archive carries no example inputs; pass --inputs FILE")
+        return Captured(program, tuple(args), dict(kwargs), path, "export-archive")
+
+    if kind == "hf-dir":
+        from loopify import hf  # transformers is imported only for HF directories
+
+        try:
+            model = hf.load_hf_dir(path, seq_len=seq_len, attn_implementation=attn_implementation)
+        except hf.HFLoadError as e:
+            raise CaptureError(str(e)) from None
+        args, kwargs = user_inputs if user_inputs is not None else ((), dict(model.inputs))
+        program = export_module(model.module, args, kwargs, source=path)
+        info = {"architecture": model.architecture, "model_type": model.model_type,
+                "attn_implementation": model.attn_implementation, "output_names": list(model.output_names),
+                "image_token_id": model.image_token_id, **model.info}
+        cap = Captured(program, tuple(args), dict(kwargs), path, "hf-dir", eager=model.module, info=info)
+        cap.export_check = check_export(model.module, program, cap.args, cap.kwargs)
+        return _finish_check(cap, allow_export_mismatch)
+
+    if kind == "torchscript":
+        raise CaptureError(f"{path}: TorchScript archives are not supported; export the model with torch.export.save (or give its Hugging Face directory)")
+
+    # torch.save file or legacy pickle: find out whether it is plain data before anything runs.
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        obj = None  # holds objects beyond tensors: a pickled module (or worse)
+    except Exception as e:
+        raise CaptureError(f"{path}: truncated or corrupt torch.save file ({type(e).__name__})") from None
+    if obj is not None:
+        what = "a state dict" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+        raise CaptureError(f"{path}: holds {what}, not a model; loopify needs the model itself (a torch.export archive or a Hugging Face directory)")
+    if not trust_pickle:
+        raise CaptureError(
+            f"{path}: pickled nn.Module; loading it runs arbitrary code from the file. "
+            "Re-save it with torch.export.save, or pass --trust-pickle (with --inputs FILE) if you trust its source")
+    if user_inputs is None:
+        raise CaptureError(f"{path}: a pickled module carries no example inputs; pass --inputs FILE")
+    try:
+        module = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as e:
+        raise CaptureError(f"{path}: cannot unpickle module: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    if not isinstance(module, torch.nn.Module):
+        raise CaptureError(f"{path}: unpickled a {type(module).__name__}, not an nn.Module")
+    module.eval()
+    args, kwargs = user_inputs
+    program = export_module(module, args, kwargs, source=path)
+    cap = Captured(program, tuple(args), dict(kwargs), path, "pickle", eager=module,
+                   info={"architecture": type(module).__name__})
+    cap.export_check = check_export(module, program, cap.args, cap.kwargs)
+    return _finish_check(cap, allow_export_mismatch)
+
+
+def save_program(program: torch.export.ExportedProgram, path: str | Path) -> Path:
+    """Write a torch.export archive atomically (temporary file, then rename)."""
+    from loopify.io import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            torch.export.save(program, f)
+    return path

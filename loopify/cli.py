@@ -1,0 +1,173 @@
+"""The ``loopify`` command line. A thin layer: parse, build a config, print the resolved settings,
+call the library. No logic lives here."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from loopify.errors import LoopifyError
+
+log = logging.getLogger("loopify")
+
+
+class _Group(click.Group):
+    """Turns user errors into one line and exit status 2; tracebacks only with --debug."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LoopifyError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"loopify: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("loopify: interrupted", err=True)
+            sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - last line of defence for the user
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            click.echo(f"loopify: internal error: {type(e).__name__}: {first[:300]} (run with --debug for the traceback)",
+                       err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.option("-v", "--verbose", count=True, help="Log progress (-v info, -vv debug).")
+@click.version_option(package_name="loopify")
+@click.pass_context
+def cli(ctx, debug, verbose):
+    """loopify: fold the repeated layers of a transformer or multimodal model into recursive
+    loops with shared weights, compile it with TVM, and measure what it bought.
+
+    \b
+    Commands, in the order of the flow:
+      inspect   capture a model and report the spans of interchangeable layers
+    MODEL is a torch.export archive (.pt2/.pt), a Hugging Face directory, or (with
+    --trust-pickle) a pickled nn.Module.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    if not debug:
+        # Library deprecation chatter (torch pytree, networkx hash notes) is not for the user.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("torch", "transformers", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(level, logging.ERROR))
+
+
+def capture_options(f):
+    """Options shared by every command that captures a model."""
+
+    @click.option("--inputs", "inputs", type=click.Path(dir_okay=False, path_type=Path),
+                  help="torch.save'd tuple or dict of tensors to use as example inputs (never unpickles code).")
+    @click.option("--trust-pickle", is_flag=True,
+                  help="Allow loading a pickled nn.Module: this RUNS CODE from the file. Only for files you trust.")
+    @click.option("--allow-export-mismatch", is_flag=True,
+                  help="Continue when the exported program does not reproduce the eager model.")
+    @click.option("--seq-len", type=click.IntRange(min=1), default=None,
+                  help="Text length of the dummy inputs built for Hugging Face directories.")
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+def pipeline_options(f):
+    """Options of the pass runner."""
+
+    @click.option("--print-after", multiple=True, metavar="PASS",
+                  help="Print the IR after PASS (repeatable; 'all' for every pass).")
+    @click.option("--dump-ir", type=click.Path(file_okay=False, path_type=Path),
+                  help="Write numbered IR dumps (000_input.txt, 001_find-spans.txt ...) to this directory.")
+    @click.option("--timing", is_flag=True, help="Print the time each pass took.")
+    @click.option("--skip", multiple=True, metavar="PASS", help="Skip a pass of the pipeline (repeatable).")
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+def _capture(model, inputs, trust_pickle, allow_export_mismatch, seq_len):
+    from loopify import capture
+
+    click.echo(f"capturing {model} ...", err=True)
+    cap = capture.load(model, inputs=inputs, trust_pickle=trust_pickle,
+                       allow_export_mismatch=allow_export_mismatch, seq_len=seq_len)
+    desc = cap.describe()
+    line = f"captured {cap.format}"
+    if "architecture" in desc:
+        line += f" {desc['architecture']}"
+    if cap.info.get("attn_implementation"):
+        line += f" (attention: {cap.info['attn_implementation']})"
+    if cap.export_check is not None:
+        chk = cap.export_check
+        line += f"; export vs eager max abs err {chk.max_abs_err:.2e} ({'ok' if chk.ok else 'MISMATCH'})"
+    click.echo(line, err=True)
+    return cap
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@capture_options
+@pipeline_options
+@click.option("--stack", "stacks", multiple=True, metavar="PATH", help="Only these layer stacks (module paths).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write layer-by-layer similarity heatmaps (PNG), one row per stack.")
+@click.option("--no-similarity", is_flag=True, help="Skip the activation similarity run on the example inputs.")
+def inspect(model, inputs, trust_pickle, allow_export_mismatch, seq_len, print_after, dump_ir, timing, skip,
+            stacks, json_out, plot, no_similarity):
+    """Capture MODEL and report its layer stacks and the spans of interchangeable layers.
+
+    For every stack (a text decoder's layers, a vision tower's layers ...) it prints the layer
+    count, the maximal runs of interchangeable layers, parameters per layer and how alike the
+    layers are (weight residual against the run mean; block influence on the example inputs).
+    Layers that break a run are listed with the reason.
+    """
+    from loopify import inspection
+    from loopify.pipeline import Pipeline, State, run_pipeline
+    from loopify.passes.find_spans import FindSpans
+
+    cap = _capture(model, inputs, trust_pickle, allow_export_mismatch, seq_len)
+    pipeline = Pipeline.of(FindSpans(stacks=tuple(stacks), similarity=not no_similarity))
+    click.echo(f"pipeline: {pipeline}", err=True)
+    result = run_pipeline(pipeline, State(cap, cap.unflatten()), skip=tuple(skip), print_after=tuple(print_after),
+                          dump_ir=dump_ir, emit=click.echo)
+    if timing:
+        for r in result.records:
+            click.echo(f"  {r.name:<16} {r.seconds * 1000:9.1f} ms", err=True)
+    analysis = result.state.analyses.get("spans")
+    if analysis is None:
+        raise LoopifyError("find-spans was skipped: nothing to report")
+    click.echo(inspection.format_table(analysis))
+    if json_out is not None:
+        inspection.write_json(json_out, cap, analysis)
+        click.echo(f"wrote {json_out}", err=True)
+    if plot is not None:
+        inspection.plot(plot, analysis)
+        click.echo(f"wrote {plot}", err=True)
+
+
+def main(argv=None):
+    """Console entry point."""
+    cli.main(args=argv, prog_name="loopify", obj={})
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

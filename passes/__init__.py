@@ -1,0 +1,19 @@
+"""loopify's passes, one per file, imported lazily by name.
+
+Installed as ``loopify.passes`` (package-dir mapping in pyproject.toml). Nothing here imports a
+backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+#: pass name -> "module:Class", imported on first use.
+REGISTRY: dict[str, str] = {
+    "find-spans": "loopify.passes.find_spans:FindSpans",
+}
+
+
+def load_pass(name: str):
+    module, _, cls = REGISTRY[name].partition(":")
+    return getattr(importlib.import_module(module), cls)

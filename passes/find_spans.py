@@ -1,0 +1,370 @@
+"""find-spans: find the maximal runs of consecutive interchangeable layers in every layer stack.
+
+A *stack* is any module whose children are numbered 0..n-1 (a ModuleList or Sequential: a text
+decoder's layers, a vision tower's encoder layers ...). Two consecutive layers i, i+1 of a stack
+are interchangeable when
+
+1. their op graphs are the same: the Weisfeiler-Lehman hash of the labelled op graph (ops, output
+   shapes and dtypes, constant arguments, parameter names and shapes) agrees, and an exact VF2
+   isomorphism that preserves labels and argument positions exists;
+2. their interfaces chain: under that isomorphism every external input of layer i+1 is either
+   the value layer i received in the same role (a side input: attention mask, rotary tables,
+   position ids ...) or an output of layer i (the hidden state), and the outputs of layer i are
+   used by layer i+1 only;
+3. they hold no depth-specific state: buffers and constants with the same name are equal.
+
+Layers that break a run are reported with the reason. For every run the pass also measures how
+alike its layers are: weight residual against the run's mean (relative Frobenius norm) and cosine
+to that mean; and on the example inputs, the angular distance between each layer's input and
+output hidden state (Gromov et al.) and ShortGPT's block influence (1 - cosine between them).
+
+This is an analysis pass: the module is returned unchanged, the result is in
+``state.analyses["spans"]`` and in the report.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from loopify.graphs import (LayerGraph, ProgramIndex, explain_difference, find_stacks, isomorphisms,
+                            layer_graph, module_paths)
+from loopify.pipeline import Pass, PassResult, State
+
+
+@dataclass
+class PairCheck:
+    ok: bool
+    reason: str = ""
+    state_inputs: list[str] = field(default_factory=list)   # names in layer i+1 fed by layer i
+    side_inputs: list[str] = field(default_factory=list)    # names shared by both layers
+
+
+@dataclass
+class Span:
+    stack: str
+    start: int
+    length: int
+    layers: list[str]
+    params_per_layer: int
+    side_inputs: list[str]
+    similarity: dict[str, Any]
+
+    def to_dict(self) -> dict:
+        return {"stack": self.stack, "start": self.start, "length": self.length, "layers": self.layers,
+                "params_per_layer": self.params_per_layer, "side_inputs": self.side_inputs,
+                "similarity": self.similarity}
+
+
+@dataclass
+class StackReport:
+    path: str
+    layers: list[str]
+    params_per_layer: list[int]
+    hashes: list[str]
+    spans: list[Span]
+    refused: list[dict]
+    matrices: dict[str, list[list[float]]]  # name -> LxL matrix for heatmaps
+    hidden: dict[str, list[float]]           # per-layer activation metrics (NaN where unknown)
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "num_layers": len(self.layers), "params_per_layer": self.params_per_layer,
+                "runs": [[s.start, s.length] for s in self.spans], "hashes": self.hashes,
+                "hidden": self.hidden, "matrices": self.matrices}
+
+
+@dataclass
+class SpanAnalysis:
+    stacks: list[StackReport]
+
+    @property
+    def spans(self) -> list[Span]:
+        return [s for st in self.stacks for s in st.spans]
+
+    @property
+    def refused(self) -> list[dict]:
+        return [r for st in self.stacks for r in st.refused]
+
+    def to_dict(self) -> dict:
+        return {"spans": [s.to_dict() for s in self.spans], "refused": self.refused,
+                "stacks": [st.to_dict() for st in self.stacks]}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_pair(index: ProgramIndex, a: LayerGraph, b: LayerGraph) -> PairCheck:
+    if a.num_ops == 0 or b.num_ops == 0:
+        return PairCheck(False, "layer has no ops in the captured graph (unused)")
+    if a.wl_hash != b.wl_hash:
+        return PairCheck(False, explain_difference(a, b))
+    a_out = set(a.outputs)
+    b_nodes = set(b.nodes)
+    # Outputs of layer a that escape to anything but layer b: the hidden state is tapped mid-run.
+    for o in a.outputs:
+        for u in o.users:
+            if u not in b_nodes and u.op != "output" and u not in set(a.nodes):
+                where = module_paths(u)[-1] if module_paths(u) else u.name
+                return PairCheck(False, f"output of the previous layer is also used outside the stack (by {where or u.name})")
+            if u.op == "output":
+                return PairCheck(False, "output of the previous layer is also a model output")
+    by_name_a = {n.name: n for n in a.inputs}
+    by_name_b = {n.name: n for n in b.inputs}
+    found_any = False
+    last_reason = "no isomorphism preserves the interface"
+    for mapping in isomorphisms(a, b):
+        found_any = True
+        state_in, side, bad = [], [], ""
+        for ka, kb in mapping.items():
+            if not ka.startswith("ext::"):
+                continue
+            na, nb = by_name_a.get(ka[5:]), by_name_b.get(kb[5:])
+            if na is None or nb is None:
+                continue  # parameter/buffer: matched by relative name through the label
+            if nb in a_out:
+                state_in.append(nb.name)
+            elif na is nb:
+                side.append(na.name)
+            else:
+                bad = f"different side inputs ({na.name} vs {nb.name}, {_shape(na)})"
+                break
+        if bad:
+            last_reason = bad
+            continue
+        if not state_in:
+            last_reason = "does not consume the previous layer's output"
+            continue
+        # The outputs of a must play the role in a that b's outputs play in b.
+        out_b = {n.name for n in b.outputs}
+        if any(mapping.get(o.name) not in out_b for o in a.outputs):
+            last_reason = "outputs play different roles in consecutive layers"
+            continue
+        mismatch = _depth_specific_state(index, a, b)
+        if mismatch:
+            return PairCheck(False, mismatch)
+        return PairCheck(True, "", sorted(state_in), sorted(side))
+    if not found_any:
+        return PairCheck(False, explain_difference(a, b) if a.graph.number_of_nodes() == b.graph.number_of_nodes()
+                         else f"different op graph ({a.num_ops} vs {b.num_ops} ops)")
+    return PairCheck(False, last_reason)
+
+
+def _shape(n: torch.fx.Node) -> str:
+    v = n.meta.get("val")
+    return f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+
+
+def _depth_specific_state(index: ProgramIndex, a: LayerGraph, b: LayerGraph) -> str:
+    for rel, (kind, fqn_a) in a.state.items():
+        if kind == "param" or rel.startswith("<outside>"):
+            continue
+        kind_b, fqn_b = b.state[rel]
+        ta, tb = index.state_tensor(kind, fqn_a), index.state_tensor(kind_b, fqn_b)
+        if ta.shape != tb.shape or not torch.equal(ta, tb):
+            return f"depth-specific {kind} '{rel}' differs between the layers"
+    return ""
+
+
+def _param_vector(index: ProgramIndex, lg: LayerGraph) -> tuple[tuple, torch.Tensor | None]:
+    # Matrices only: they are what sharing and LoRA act on; norm scales and biases (vectors of
+    # ones and zeros at init) would otherwise dominate the cosine of randomly initialised layers.
+    own = sorted(r for r, (k, _f) in lg.state.items() if k == "param" and not r.startswith("<outside>"))
+    names = [r for r in own if index.state_tensor("param", lg.state[r][1]).dim() >= 2] or own
+    if not names:
+        return (), None
+    tensors = [index.state_tensor("param", lg.state[r][1]).detach().double().flatten() for r in names]
+    key = tuple((r, tuple(index.state_tensor("param", lg.state[r][1]).shape)) for r in names)
+    return key, torch.cat(tensors)
+
+
+def _cos(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(x, y, dim=0))
+
+
+def _hidden_io(lg: LayerGraph) -> tuple[torch.fx.Node | None, torch.fx.Node | None]:
+    """The layer's hidden-state input and output: a float input and the last output of its shape."""
+    outs = [o for o in lg.outputs if isinstance(o.meta.get("val"), torch.Tensor) and o.meta["val"].is_floating_point()]
+    for inp in sorted(lg.inputs, key=lambda n: -_numel(n)):
+        v = inp.meta.get("val")
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            continue
+        same = [o for o in outs if tuple(o.meta["val"].shape) == tuple(v.shape)]
+        if same:
+            return inp, same[-1]
+    return None, None
+
+
+def _numel(n: torch.fx.Node) -> int:
+    v = n.meta.get("val")
+    return v.numel() if isinstance(v, torch.Tensor) else 0
+
+
+def _record_values(program: torch.export.ExportedProgram, args, kwargs, names: set[str]) -> dict[str, torch.Tensor]:
+    """Run the program on the example inputs and keep the values of the named nodes."""
+    import torch.utils._pytree as pytree
+    from torch.export._tree_utils import reorder_kwargs
+
+    gm = program.module()
+    kept: dict[str, torch.Tensor] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in names and isinstance(out, torch.Tensor):
+                kept[n.name] = out.detach()
+            return out
+
+    # The interpreter feeds placeholders directly, so flatten the inputs as the program's call
+    # spec does (keyword inputs in the order they were exported with).
+    flat = pytree.tree_leaves((tuple(args), reorder_kwargs(dict(kwargs), program.call_spec.in_spec)))
+    with torch.no_grad():
+        Recorder(gm).run(*flat)
+    return kept
+
+
+def _token_cos(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    x = x.double().reshape(-1, x.shape[-1])
+    y = y.double().reshape(-1, y.shape[-1])
+    return torch.nn.functional.cosine_similarity(x, y, dim=-1).clamp(-1.0, 1.0)
+
+
+def _angular(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((torch.arccos(_token_cos(x, y)) / math.pi).mean())
+
+
+def find_spans(captured, *, min_length: int = 2, stacks: tuple[str, ...] = (), similarity: bool = True) -> SpanAnalysis:
+    """Find spans of interchangeable layers in a captured program (see the module docstring)."""
+    program = captured.program
+    index = ProgramIndex.build(program)
+    all_stacks = find_stacks(index.all_module_paths())
+    if stacks:
+        missing = [s for s in stacks if s not in all_stacks]
+        if missing:
+            raise ValueError(f"no layer stack '{missing[0]}'; stacks found: {', '.join(all_stacks) or 'none'}")
+        all_stacks = {s: all_stacks[s] for s in stacks}
+
+    # One sweep over the graph assigns call_function nodes to every layer path they run in.
+    layer_paths = {p for layers in all_stacks.values() for p in layers}
+    members: dict[str, list[torch.fx.Node]] = {p: [] for p in layer_paths}
+    for n in program.graph.nodes:
+        if n.op != "call_function":
+            continue
+        for p in module_paths(n):
+            if p in members:
+                members[p].append(n)
+
+    layer_graphs = {p: layer_graph(index, p, members[p]) for p in layer_paths}
+    reports = []
+    wanted_values: set[str] = set()
+    hidden_nodes: dict[str, tuple] = {}
+    for stack, layers in all_stacks.items():
+        lgs = [layer_graphs[p] for p in layers]
+        checks = [_check_pair(index, lgs[i], lgs[i + 1]) for i in range(len(lgs) - 1)]
+        runs, start = [], 0
+        refused = []
+        for i, chk in enumerate(checks):
+            if not chk.ok:
+                runs.append((start, i + 1 - start))
+                refused.append({"stack": stack, "layer": i + 1,
+                                "reason": f"breaks the run at layer {i + 1} (vs layer {i}): {chk.reason}"})
+                start = i + 1
+        runs.append((start, len(lgs) - start))
+        for i, lg in enumerate(lgs):
+            if lg.num_ops == 0 and not any(r["layer"] == i for r in refused):
+                refused.append({"stack": stack, "layer": i, "reason": "layer has no ops in the captured graph (unused)"})
+
+        params = []
+        vectors = []
+        for lg in lgs:
+            key, vec = _param_vector(index, lg)
+            vectors.append((key, vec))
+            params.append(sum(index.state_tensor("param", f).numel() for r, (k, f) in lg.state.items()
+                              if k == "param" and not r.startswith("<outside>")))
+        n = len(lgs)
+        wcos = [[float("nan")] * n for _ in range(n)]
+        for i in range(n):
+            for j in range(n):
+                ki, vi = vectors[i]
+                kj, vj = vectors[j]
+                if vi is not None and vj is not None and ki == kj:
+                    wcos[i][j] = _cos(vi, vj)
+
+        spans = []
+        for s, length in runs:
+            if length < min_length:
+                continue
+            members_run = list(range(s, s + length))
+            vecs = [vectors[i][1] for i in members_run]
+            sim: dict[str, Any] = {}
+            if all(v is not None for v in vecs):
+                mean = torch.stack(vecs).mean(0)
+                sim["weight_residual"] = [float((v - mean).norm() / v.norm().clamp_min(1e-30)) for v in vecs]
+                sim["weight_cosine_to_mean"] = [_cos(v, mean) for v in vecs]
+            side = checks[s].side_inputs if s < len(checks) else []
+            spans.append(Span(stack, s, length, layers[s:s + length], params[s], side, sim))
+        for lg in lgs:
+            hin, hout = _hidden_io(lg)
+            hidden_nodes[lg.path] = (hin, hout)
+            if hin is not None:
+                wanted_values.update({hin.name, hout.name})
+        reports.append(StackReport(stack, layers, params, [lg.wl_hash[:12] for lg in lgs], spans, refused,
+                                   {"weight_cosine": wcos}, {}))
+
+    if similarity and wanted_values:
+        values = _record_values(program, captured.args, captured.kwargs, wanted_values)
+        for rep in reports:
+            ang, bi = [], []
+            outs = []
+            for p in rep.layers:
+                hin, hout = hidden_nodes[p]
+                if hin is not None and hin.name in values and hout.name in values:
+                    c = _token_cos(values[hin.name], values[hout.name])
+                    ang.append(float((torch.arccos(c) / math.pi).mean()))
+                    bi.append(float(1.0 - c.mean()))
+                    outs.append(values[hout.name])
+                else:
+                    ang.append(float("nan"))
+                    bi.append(float("nan"))
+                    outs.append(None)
+            rep.hidden = {"angular_distance": ang, "block_influence": bi}
+            n = len(outs)
+            adist = [[float("nan")] * n for _ in range(n)]
+            for i in range(n):
+                for j in range(n):
+                    if outs[i] is not None and outs[j] is not None and outs[i].shape == outs[j].shape:
+                        adist[i][j] = _angular(outs[i], outs[j])
+            rep.matrices["hidden_angular_distance"] = adist
+            for sp in rep.spans:
+                sl = slice(sp.start, sp.start + sp.length)
+                sp.similarity["angular_distance"] = ang[sl]
+                sp.similarity["block_influence"] = bi[sl]
+    return SpanAnalysis(reports)
+
+
+@dataclass(frozen=True)
+class FindSpans(Pass):
+    """Find runs of interchangeable layers (analysis only; the module is not changed).
+
+    Attributes:
+        min_length: shortest run reported as a span.
+        stacks: restrict to these stack module paths (``:``-separated in a spec); empty = all.
+        similarity: also measure activation similarity on the example inputs.
+    """
+
+    name: ClassVar[str] = "find-spans"
+    min_length: int = 2
+    stacks: tuple[str, ...] = ()
+    similarity: bool = True
+
+    def __post_init__(self):
+        if self.min_length < 2:
+            raise ValueError("min_length must be >= 2 (a span of one layer has nothing to share)")
+
+    def run(self, state: State) -> PassResult:
+        analysis = find_spans(state.captured, min_length=self.min_length, stacks=self.stacks,
+                              similarity=self.similarity)
+        new = state.replace(analyses={**state.analyses, "spans": analysis})
+        return PassResult(new, False, analysis.to_dict())
