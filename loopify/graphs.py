@@ -14,6 +14,7 @@ Nothing here knows about any model family.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -90,8 +91,12 @@ def find_stacks(paths: set[str]) -> dict[str, list[str]]:
     Returns stack path -> child paths in index order. A stack with a missing index keeps only
     the contiguous prefix.
     """
-    children: dict[str, set[int]] = {}
+    closed = set()
     for p in paths:
+        parts = p.split(".") if p else []
+        closed.update(".".join(parts[:i]) for i in range(len(parts) + 1))
+    children: dict[str, set[int]] = {}
+    for p in closed:
         parent, _, last = p.rpartition(".")
         if p and _INDEX.match(last):
             children.setdefault(parent, set()).add(int(last))
@@ -206,7 +211,9 @@ def layer_graph(index: ProgramIndex, path: str, nodes: list[torch.fx.Node] | Non
     for n in outputs:
         g.nodes[n.name]["label"] += "|out"
     lg = LayerGraph(path, nodes, g, inputs, state, outputs)
-    lg.wl_hash = nx.weisfeiler_lehman_graph_hash(g, node_attr="label", edge_attr="pos", iterations=3)
+    with warnings.catch_warnings():  # networkx notes that its directed hashes changed in 3.5
+        warnings.simplefilter("ignore", UserWarning)
+        lg.wl_hash = nx.weisfeiler_lehman_graph_hash(g, node_attr="label", edge_attr="pos", iterations=3)
     return lg
 
 
@@ -237,8 +244,9 @@ def explain_difference(a: LayerGraph, b: LayerGraph) -> str:
         return "different parameters (" + "; ".join(parts) + ")"
     shape_diff = [r for r in sorted(sa) if sa[r] != sb[r]]
     if shape_diff:
-        r = shape_diff[0]
-        return f"different parameter shapes ({r}: {sa[r]} vs {sb[r]})"
+        listed = "; ".join(f"{r}: {sa[r]} vs {sb[r]}" for r in shape_diff[:3])
+        more = f"; {len(shape_diff) - 3} more" if len(shape_diff) > 3 else ""
+        return f"different parameter shapes ({listed}{more})"
     la = _label_counts(a)
     lb = _label_counts(b)
     ops_a = _op_counts(a)
