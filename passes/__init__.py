@@ -11,6 +11,9 @@ import importlib
 #: pass name -> "module:Class", imported on first use.
 REGISTRY: dict[str, str] = {
     "find-spans": "loopify.passes.find_spans:FindSpans",
+    "fold-loops": "loopify.passes.fold_loops:FoldLoops",
+    "relax": "loopify.passes.relax:Relax",
+    "insert-connectors": "loopify.passes.insert_connectors:InsertConnectors",
 }
 
 

@@ -1,0 +1,108 @@
+"""insert-connectors: put a connector between the recursion steps of every loop.
+
+Kinds (see :mod:`loopify.connectors`): ``recursive`` (RecursiveVLM's Recursive Connector with
+modality-specific projections), ``identity``, ``embedding`` (per-step vector). All are exactly
+neutral at insertion, so the converted model's outputs do not change.
+
+The modality mask for vision-language models is found automatically: when the model has an
+image token id (from its config, or ``image_token_id=``) and an ``input_ids`` input whose
+sequence length equals the loop's hidden-state sequence length, the positions holding the image
+token are image positions; the mask is computed from ``input_ids`` in the graph and threaded down
+to the loop. Otherwise the loop has one modality (text-only models, vision towers).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from loopify.connectors import EmbeddingConnector, IdentityConnector, RecursiveConnector
+from loopify.hierarchy import refresh, thread_input
+from loopify.pipeline import Pass, PassResult, State, mark_node
+from loopify.recursion import Recursion, recursions
+
+#: Name of the model input that carries token ids (the convention of HF models and most others).
+TOKEN_INPUT = "input_ids"
+
+
+@dataclass(frozen=True)
+class InsertConnectors(Pass):
+    """Insert a connector before every recursion step after the first.
+
+    Attributes:
+        kind: recursive, identity or embedding.
+        taps: recursive: hidden states tapped at evenly spaced depths of the previous step.
+        image_token_id: token id marking image positions (-1: from the model's config).
+        max_steps: embedding: number of per-step vectors (steps beyond reuse the last).
+    """
+
+    name: ClassVar[str] = "insert-connectors"
+    kind: Literal["recursive", "identity", "embedding"] = "recursive"
+    taps: int = 2
+    image_token_id: int = -1
+    max_steps: int = 16
+
+    def __post_init__(self):
+        if self.taps < 1:
+            raise ValueError("taps must be >= 1")
+        if self.max_steps < 1:
+            raise ValueError("max_steps must be >= 1")
+
+    def run(self, state: State) -> PassResult:
+        loops = recursions(state.module)
+        if not loops:
+            raise ValueError("no loop to connect: run fold-loops first")
+        module = copy.deepcopy(state.module)
+        token_id = self.image_token_id if self.image_token_id >= 0 else state.captured.info.get("image_token_id")
+        report = []
+        for path, rec in recursions(module).items():
+            report.append(self._insert(module, path, rec, token_id))
+        return PassResult(state.replace(module=module), True, {"kind": self.kind, "loops": report})
+
+    def _insert(self, root, path: str, rec: Recursion, token_id) -> dict:
+        if rec.connector is not None:
+            raise ValueError(f"{path} already has a connector")
+        steps = rec.steps()
+        if len(steps) < 2 and not rec.deepen and rec.spec.max_loops < 2:
+            return {"loop": path, "skipped": "one recursion step: nothing to connect"}
+        if not rec.deepen and rec.spec.sharing != "cycle":
+            raise ValueError(f"{path}: connectors sit between recursion steps, which exist for cycle sharing "
+                             f"and deepen mode, not {rec.spec.sharing}")
+        step_len = rec.spec.layers if rec.deepen else rec.spec.blocks
+        caller_path, _, attr = path.rpartition(".")
+        caller = root.get_submodule(caller_path) if caller_path else root
+        call = next(n for n in caller.graph.nodes if n.op == "call_module" and n.target == attr)
+        hidden = call.args[rec.spec.state_arg].meta.get("val")
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
+            raise ValueError(f"{path}: the hidden state has no known shape")
+        dim = hidden.shape[-1]
+        modalities, mask_note = 1, "one modality"
+        if self.kind == "recursive" and token_id is not None:
+            ids_val = next((n.meta.get("val") for n in root.graph.nodes
+                            if n.op == "placeholder" and n.target == TOKEN_INPUT), None)
+            if isinstance(ids_val, torch.Tensor) and hidden.dim() == 3 and tuple(ids_val.shape) == tuple(hidden.shape[:2]):
+                ids = thread_input(root, TOKEN_INPUT, caller_path)
+                with caller.graph.inserting_before(call):
+                    mask = caller.graph.call_function(torch.ops.aten.eq.Scalar, (ids, int(token_id)))
+                mark_node(mask, self.name, f"{TOKEN_INPUT} == {token_id}")
+                mask.meta["val"] = ids_val == int(token_id)
+                call.args = tuple(call.args) + (mask,)
+                rec.n_extra = 1
+                refresh(caller)
+                modalities = 2
+                mask_note = f"image positions: {TOKEN_INPUT} == {token_id}"
+            else:
+                mask_note = f"one modality (hidden sequence {tuple(hidden.shape[:-1])} is not aligned with {TOKEN_INPUT})"
+        if self.kind == "recursive":
+            rec.connector = RecursiveConnector(dim, step_len, self.taps, modalities)
+        elif self.kind == "identity":
+            rec.connector = IdentityConnector()
+        else:
+            rec.connector = EmbeddingConnector(dim, self.max_steps)
+        call.meta[f"{self.name}"] = self.kind
+        return {"loop": path, "kind": self.kind, "modalities": modalities, "mask": mask_note,
+                "taps": getattr(rec.connector, "positions", []),
+                "params": sum(p.numel() for p in rec.connector.parameters())}

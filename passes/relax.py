@@ -1,0 +1,117 @@
+"""relax: per-depth LoRA on the tied blocks, initialised from the truncated SVD of the residual.
+
+Relaxed Recursive Transformers (arXiv 2410.20672): depth l of a loop sees
+``W_l' = W_shared + s * B_l @ A_l`` for every matrix of the block, where
+``R_l = W_l - W_shared = U S V^T`` and, at rank r,
+
+    B_l = U_r S_r / s,    A_l = V_r^T,
+
+with s the LoRA scale (``alpha / r``), compensated so that ``s * B_l @ A_l = U_r S_r V_r^T``
+whatever s is. At full rank the original layer is reproduced exactly (up to float32 rounding);
+at rank r the reconstruction error ``||R_l - U_r S_r V_r^T||_F`` equals the energy of the dropped
+singular values ``sqrt(sum_{i>r} s_i^2)`` (Eckart-Young), which the report gives per matrix.
+
+"Matrices" are the block's 2-D parameters that are not embedding tables: what linear layers,
+projections and convolutions-as-matmul use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from loopify.pipeline import Pass, PassResult, State
+from loopify.recursion import Recursion, _key, recursions
+
+
+def matrix_params(block: nn.Module) -> list[str]:
+    """2-D parameters of ``block`` that no embedding lookup reads."""
+    embedding_tables = set()
+    for path, mod in block.named_modules():
+        graph = getattr(mod, "graph", None)
+        if not isinstance(graph, torch.fx.Graph):
+            continue
+        prefix = f"{path}." if path else ""
+        for n in graph.nodes:
+            if n.op == "get_attr" and any("embedding" in str(u.target) for u in n.users):
+                embedding_tables.add(prefix + n.target)
+    return [name for name, p in block.named_parameters() if p.dim() == 2 and name not in embedding_tables]
+
+
+@dataclass(frozen=True)
+class Relax(Pass):
+    """Add per-depth LoRA to every loop's matrices, initialised from the SVD of the residual.
+
+    Attributes:
+        rank: LoRA rank r, or ``full`` (reproduces the original model). 0 adds nothing.
+        alpha: LoRA alpha; the scale is alpha / r (0: scale 1). Compensated in the init.
+    """
+
+    name: ClassVar[str] = "relax"
+    rank: int | Literal["full"] = 8
+    alpha: float = 0.0
+
+    def __post_init__(self):
+        if self.rank != "full" and self.rank < 0:
+            raise ValueError("rank must be >= 0 or 'full'")
+        if self.alpha < 0:
+            raise ValueError("alpha must be >= 0")
+
+    def run(self, state: State) -> PassResult:
+        loops = recursions(state.module)
+        if not loops:
+            raise ValueError("no loop to relax: run fold-loops first")
+        if self.rank == 0:
+            return PassResult(state, False, {"rank": 0, "note": "rank 0: nothing to relax"})
+        import copy
+
+        module = copy.deepcopy(state.module)
+        original = state.captured.program.state_dict
+        report = []
+        for path, rec in recursions(module).items():
+            if rec.deepen:
+                report.append({"loop": path, "skipped": "deepen mode keeps each layer's own weights"})
+                continue
+            report.append(self._relax(path, rec, original))
+        return PassResult(state.replace(module=module), True, {"rank": self.rank, "loops": report})
+
+    def _relax(self, path: str, rec: Recursion, original: dict) -> dict:
+        spec = rec.spec
+        sharing = rec.sharing()
+        names = matrix_params(rec.blocks[0])
+        errors = []
+        added = 0
+        ranks = {}
+        for name in names:
+            shared = [dict(b.named_parameters())[name].detach() for b in rec.blocks]
+            out_f, in_f = shared[0].shape
+            r = min(out_f, in_f) if self.rank == "full" else min(int(self.rank), out_f, in_f)
+            ranks[name] = r
+            scale = (self.alpha / r) if self.alpha else 1.0
+            A = torch.zeros(spec.layers, r, in_f)
+            B = torch.zeros(spec.layers, out_f, r)
+            for depth in range(spec.layers):
+                w_orig = original[f"{spec.depth_paths[depth]}.{name}"].detach().double()
+                w_shared = shared[sharing[depth]].double()
+                resid = w_orig - w_shared
+                U, S, Vh = torch.linalg.svd(resid, full_matrices=False)
+                B[depth] = (U[:, :r] * S[:r] / scale).float()
+                A[depth] = Vh[:r].float()
+                recon = resid - scale * (B[depth].double() @ A[depth].double())
+                norm = w_orig.norm().clamp_min(1e-30)
+                errors.append({"depth": depth, "param": name,
+                               "recon_error": float(recon.norm() / norm),
+                               "dropped_energy": float(S[r:].square().sum().sqrt() / norm)})
+            rec.lora_A[_key(name)] = nn.Parameter(A)
+            rec.lora_B[_key(name)] = nn.Parameter(B)
+            added += A.numel() + B.numel()
+            rec.lora_scales[name] = scale
+        worst = max((abs(e["recon_error"] - e["dropped_energy"]) for e in errors), default=0.0)
+        return {"loop": path, "matrices": len(names), "ranks": ranks, "params_added": int(added),
+                "scales": dict(rec.lora_scales),
+                "max_recon_error": max((e["recon_error"] for e in errors), default=0.0),
+                "max_recon_vs_dropped_gap": worst, "per_matrix": errors}
