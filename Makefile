@@ -33,7 +33,8 @@ demo: $(STAMP)
 	@mkdir -p $(OUT)
 	$(PY) -m loopify.examples.zoo $(OUT)/zoo --only $(DEMO_MODEL)
 	$(VENV)/bin/loopify inspect $(OUT)/zoo/$(DEMO_MODEL) --json $(OUT)/$(DEMO_MODEL).inspect.json --plot $(OUT)/$(DEMO_MODEL).inspect.png
-	@echo "demo wrote: $(OUT)/zoo/$(DEMO_MODEL) $(OUT)/$(DEMO_MODEL).inspect.json $(OUT)/$(DEMO_MODEL).inspect.png"
+	$(VENV)/bin/loopify convert $(OUT)/zoo/$(DEMO_MODEL) -o $(OUT)/$(DEMO_MODEL).loop.pt2 --rank 32
+	@echo "demo wrote: $(OUT)/zoo/$(DEMO_MODEL)/ $(OUT)/$(DEMO_MODEL).inspect.json $(OUT)/$(DEMO_MODEL).inspect.png $(OUT)/$(DEMO_MODEL).loop.pt2 $(OUT)/$(DEMO_MODEL).loop.json"
 
 # The test suite (slow cases excluded; LOOPIFY_SLOW=1 includes them).
 test: $(STAMP)

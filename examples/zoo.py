@@ -286,13 +286,12 @@ def write_export(name: str, out_dir, hf_dir=None) -> Path:
         if hf_dir is None:
             tmp = tempfile.mkdtemp(prefix="loopify-zoo-")
             hf_dir = write_hf(name, tmp)
-        m = load(name, hf_dir)
-        with torch.no_grad():
-            ep = torch.export.export(m.module, (), dict(m.inputs), strict=False)
-        path = out_dir / f"{name}.pt"
-        with open(path, "wb") as f:  # a file object: no ".pt2" extension warning
-            torch.export.save(ep, f)
-        return path
+        # capture.load exports the wrapper and checks it against eager; the archive keeps the
+        # model's info (output names, image token id) so that it describes itself.
+        from loopify import capture
+
+        cap = capture.load(hf_dir, seq_len=_entry(name).seq_len)
+        return capture.save_program(cap.program, out_dir / f"{name}.pt", cap.info)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

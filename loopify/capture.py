@@ -16,6 +16,7 @@ Nothing here is specific to one model family: after loading, every format is an
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import zipfile
@@ -214,10 +215,20 @@ def _finish_check(captured: Captured, allow_mismatch: bool) -> Captured:
     return captured
 
 
-def _load_archive(path: Path) -> torch.export.ExportedProgram:
+#: Extra file in archives written by loopify: the model's info (output names, image token id ...).
+INFO_FILE = "loopify_info.json"
+
+
+def _load_archive(path: Path) -> tuple[torch.export.ExportedProgram, dict]:
     try:
+        extra = {INFO_FILE: ""}
         with open(path, "rb") as f:
-            return torch.export.load(f)
+            program = torch.export.load(f, extra_files=extra)
+        try:
+            info = json.loads(extra[INFO_FILE]) if extra.get(INFO_FILE) else {}
+        except json.JSONDecodeError:
+            info = {}
+        return program, info if isinstance(info, dict) else {}
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CaptureError(f"{path}: cannot load torch.export archive: {type(e).__name__}: {msg[:200]}") from None
@@ -245,14 +256,14 @@ def load(path: str | Path, *, inputs: str | Path | None = None, trust_pickle: bo
     user_inputs = load_inputs(inputs) if inputs is not None else None
 
     if kind == "export-archive":
-        program = _load_archive(path)
+        program, info = _load_archive(path)
         if user_inputs is not None:
             args, kwargs = user_inputs
         elif program.example_inputs is not None:
             args, kwargs = program.example_inputs
         else:
             raise CaptureError(f"{path}: the archive carries no example inputs; pass --inputs FILE")
-        return Captured(program, tuple(args), dict(kwargs), path, "export-archive")
+        return Captured(program, tuple(args), dict(kwargs), path, "export-archive", info=info)
 
     if kind == "hf-dir":
         from loopify import hf  # transformers is imported only for HF directories
@@ -304,12 +315,22 @@ def load(path: str | Path, *, inputs: str | Path | None = None, trust_pickle: bo
     return _finish_check(cap, allow_export_mismatch)
 
 
-def save_program(program: torch.export.ExportedProgram, path: str | Path) -> Path:
-    """Write a torch.export archive atomically (temporary file, then rename)."""
+def json_info(info: dict) -> dict:
+    """The JSON-able part of a Captured.info."""
+    return {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))}
+
+
+def save_program(program: torch.export.ExportedProgram, path: str | Path, info: dict | None = None) -> Path:
+    """Write a torch.export archive atomically (temporary file, then rename), with the model's
+    info (output names, image token id ...) as an extra file so that the archive describes itself."""
     from loopify.io import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            torch.export.save(program, f)
+        write_program(program, tmp, info)
     return path
+
+
+def write_program(program: torch.export.ExportedProgram, path: Path, info: dict | None = None) -> None:
+    with open(path, "wb") as f:  # a file object: torch warns about names not ending in .pt2
+        torch.export.save(program, f, extra_files={INFO_FILE: json.dumps(json_info(info or {}))})

@@ -53,6 +53,7 @@ def cli(ctx, debug, verbose):
     \b
     Commands, in the order of the flow:
       inspect   capture a model and report the spans of interchangeable layers
+      convert   fold spans into loops with shared weights, verify, write OUT.pt2 + OUT.json
     MODEL is a torch.export archive (.pt2/.pt), a Hugging Face directory, or (with
     --trust-pickle) a pickled nn.Module.
     """
@@ -162,6 +163,96 @@ def inspect(model, inputs, trust_pickle, allow_export_mismatch, seq_len, print_a
     if plot is not None:
         inspection.plot(plot, analysis)
         click.echo(f"wrote {plot}", err=True)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output archive OUT.pt2 (the manifest OUT.json is written beside it).")
+@click.option("--blocks", type=click.IntRange(min=1), help="Unique blocks K per run (default: half the run).")
+@click.option("--loops", type=click.IntRange(min=1), help="Loops N per run (instead of --blocks).")
+@click.option("--sharing", type=click.Choice(["cycle", "sequence", "middle-cycle", "middle-sequence"]), default="cycle",
+              show_default=True, help="Which block each depth uses.")
+@click.option("--init", "init", type=click.Choice(["stepwise", "average", "lower", "upper"]), default="average",
+              show_default=True, help="How blocks are built from the original layers.")
+@click.option("--rank", default="0", show_default=True, metavar="R|full",
+              help="Per-depth LoRA rank, initialised from the SVD of the residual; 'full' reproduces the original.")
+@click.option("--connector", type=click.Choice(["none", "identity", "recursive", "embedding"]), default=None,
+              help="Connector between recursion steps (default: none; recursive in deepen mode).")
+@click.option("--mode", type=click.Choice(["compress", "deepen"]), default="compress", show_default=True,
+              help="compress: tie layers; deepen: loop the span with its own weights (RecursiveVLM).")
+@click.option("--repeat", type=click.IntRange(min=1), default=2, show_default=True, help="Deepen mode: default loop count.")
+@click.option("--stack", "stacks", multiple=True, metavar="PATH", help="Only these stacks (default: every stack with a run).")
+@click.option("--norms", type=click.Choice(["shared", "per-depth"]), default="shared", show_default=True,
+              help="Norm weights shared by the block or kept per depth.")
+@click.option("--subsample", is_flag=True, help="When K does not divide a run, keep evenly spaced layers.")
+@click.option("--image-token-id", type=int, default=-1, help="Image token id for the modality mask (default: from the config).")
+@click.option("--pipeline", "pipeline_spec", metavar="SPEC", help="Full pipeline spec (overrides the plan options).")
+@click.option("--dry-run", is_flag=True, help="Plan, convert and verify; write nothing.")
+@capture_options
+@pipeline_options
+def convert(model, out, blocks, loops, sharing, init, rank, connector, mode, repeat, stacks, norms, subsample,
+            image_token_id, pipeline_spec, dry_run, inputs, trust_pickle, allow_export_mismatch, seq_len,
+            print_after, dump_ir, timing, skip):
+    """Fold MODEL's spans of interchangeable layers into recursive loops and write OUT.pt2.
+
+    With no options: every run is halved (K = L/2 blocks x 2 loops), cycle sharing, average
+    init. Before writing, original and converted run on the example inputs (max abs error,
+    cosine, KL for logits); a lossless plan (--rank full, or --mode deepen --repeat 1) that does
+    not match within 1e-5 relative writes nothing.
+    """
+    from loopify import convert as conv
+    from loopify.errors import LoopifyError as _LE
+
+    if out is None and not dry_run:
+        raise _LE("give -o OUT.pt2 (or --dry-run)")
+    if rank != "full":
+        try:
+            rank_v = int(rank)
+        except ValueError:
+            raise _LE(f"--rank must be an integer >= 0 or 'full', not {rank!r}") from None
+        if rank_v < 0:
+            raise _LE("--rank must be >= 0")
+    else:
+        rank_v = "full"
+    if blocks and loops:
+        raise _LE("give --blocks or --loops, not both")
+    config = conv.ConvertConfig(blocks=blocks or 0, loops=loops or 0, sharing=sharing, init=init, rank=rank_v,
+                                connector=connector or "none", mode=mode, repeat=repeat, stacks=tuple(stacks),
+                                norms=norms, subsample=subsample, image_token_id=image_token_id,
+                                pipeline=pipeline_spec)
+    pipeline = config.to_pipeline()
+    click.echo(f"plan: {pipeline}", err=True)
+    cap = _capture(model, inputs, trust_pickle, allow_export_mismatch, seq_len)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(pipeline), desc="passes", unit="pass", leave=False, file=sys.stderr,
+               disable=not sys.stderr.isatty())
+
+    def step(spec):
+        bar.set_postfix_str(spec.split("{")[0])
+        bar.update(1)
+
+    try:
+        result = conv.convert_captured(cap, config, skip=tuple(skip), print_after=tuple(print_after),
+                                       dump_ir=dump_ir, emit=click.echo, progress=step)
+    finally:
+        bar.close()
+    m = result.manifest
+    if timing:
+        for p in m["passes"]:
+            click.echo(f"  {p['name']:<18} {p['seconds'] * 1000:9.1f} ms", err=True)
+    click.echo(conv.format_summary(m))
+    if not m["verify"]["ok"]:
+        raise conv.ConvertError(
+            f"{model}: the lossless plan does not reproduce the original: max relative error "
+            f"{m['verify']['rel_err']:.3g} > {conv.LOSSLESS_RTOL:g}; nothing written")
+    if dry_run:
+        click.echo("dry run: nothing written", err=True)
+        return
+    click.echo(f"exporting the converted model ...", err=True)
+    pt2, manifest = conv.save(result, cap, out)
+    click.echo(f"wrote {pt2} ({m['bytes']['converted_file']:,} bytes) and {manifest}")
 
 
 def main(argv=None):

@@ -3,10 +3,42 @@ layers, replace them, thread a root input down to a submodule, keep the modules 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+def clone(module: nn.Module) -> nn.Module:
+    """Deep copy of a module hierarchy that shares graph metadata instead of copying it.
+
+    Node metadata holds fake tensors (``meta["val"]``) and symbolic shapes, which cannot be
+    deep-copied; they describe values and are never mutated, so the copy shares them.
+    """
+    memo: dict[int, object] = {}
+
+    def share(obj, depth=0):
+        if depth > 6:
+            return
+        if isinstance(obj, torch.Tensor) or type(obj).__module__.startswith(("torch.fx.experimental", "sympy")):
+            memo[id(obj)] = obj
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                share(v, depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                share(v, depth + 1)
+        elif isinstance(obj, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            memo[id(obj)] = obj
+
+    for mod in module.modules():
+        share(getattr(mod, "meta", None) if isinstance(getattr(mod, "meta", None), dict) else None)
+        graph = getattr(mod, "graph", None)
+        if isinstance(graph, torch.fx.Graph):
+            for n in graph.nodes:
+                share(n.meta)
+    return copy.deepcopy(module, memo)
 
 
 def own(module: nn.Module) -> nn.Module:
@@ -136,3 +168,4 @@ def _descend(root: nn.Module, src: torch.fx.Node, value: torch.fx.Node, cur_path
             refresh(child)
         return _descend(root, src, ph, child_path, target_path)
     raise ValueError(f"{target_path} is not called from {cur_path or '<root>'}")
+

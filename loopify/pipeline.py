@@ -309,7 +309,8 @@ def lint_module(module: torch.nn.Module) -> None:
 
 def run_pipeline(pipeline: Pipeline, state: State, *, skip: tuple[str, ...] = (),
                  print_after: tuple[str, ...] = (), dump_ir: str | Path | None = None,
-                 emit: Callable[[str], None] | None = None) -> RunResult:
+                 emit: Callable[[str], None] | None = None,
+                 progress: Callable[[str], None] | None = None) -> RunResult:
     """Run passes in order.
 
     Args:
@@ -320,6 +321,7 @@ def run_pipeline(pipeline: Pipeline, state: State, *, skip: tuple[str, ...] = ()
         dump_ir: directory for numbered IR dumps (``001_find-spans.txt`` ...), the input first as
             ``000_input.txt``.
         emit: where printed IR goes (the CLI passes ``click.echo``); passes themselves never print.
+        progress: called with each pass's spec before it runs (the CLI shows a progress bar).
 
     Raises:
         PipelineError: naming the failing pass and the passes that ran before it.
@@ -338,6 +340,8 @@ def run_pipeline(pipeline: Pipeline, state: State, *, skip: tuple[str, ...] = ()
             log.info("skipping %s", p.name)
             continue
         before = [r.name for r in records]
+        if progress is not None:
+            progress(str(item))
         t0 = time.perf_counter()
         try:
             result = p.run(state)

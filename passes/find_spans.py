@@ -184,22 +184,27 @@ def _cos(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(x, y, dim=0))
 
 
+def _static_shape(n: torch.fx.Node) -> tuple[int, ...] | None:
+    """A node's tensor shape if every dimension is a plain int (data-dependent sizes are not)."""
+    v = n.meta.get("val")
+    if not isinstance(v, torch.Tensor) or not all(isinstance(d, int) for d in v.shape):
+        return None
+    return tuple(v.shape)
+
+
 def _hidden_io(lg: LayerGraph) -> tuple[torch.fx.Node | None, torch.fx.Node | None]:
-    """The layer's hidden-state input and output: a float input and the last output of its shape."""
-    outs = [o for o in lg.outputs if isinstance(o.meta.get("val"), torch.Tensor) and o.meta["val"].is_floating_point()]
-    for inp in sorted(lg.inputs, key=lambda n: -_numel(n)):
-        v = inp.meta.get("val")
-        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
-            continue
-        same = [o for o in outs if tuple(o.meta["val"].shape) == tuple(v.shape)]
+    """The layer's hidden-state input and output: the largest float input and the last output
+    of the same static shape."""
+    def is_float(n):
+        v = n.meta.get("val")
+        return isinstance(v, torch.Tensor) and v.is_floating_point() and _static_shape(n) is not None
+
+    outs = [o for o in lg.outputs if is_float(o)]
+    for inp in sorted((i for i in lg.inputs if is_float(i)), key=lambda n: -math.prod(_static_shape(n))):
+        same = [o for o in outs if _static_shape(o) == _static_shape(inp)]
         if same:
             return inp, same[-1]
     return None, None
-
-
-def _numel(n: torch.fx.Node) -> int:
-    v = n.meta.get("val")
-    return v.numel() if isinstance(v, torch.Tensor) else 0
 
 
 def _record_values(program: torch.export.ExportedProgram, args, kwargs, names: set[str]) -> dict[str, torch.Tensor]:

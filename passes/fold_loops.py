@@ -23,15 +23,13 @@ parameters can stay per depth (``norms=per-depth``), stored as [L, ...] tensors.
 
 from __future__ import annotations
 
-import copy
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
-from loopify.hierarchy import locate_calls, refresh, remove_submodule, unique_name
+from loopify.hierarchy import clone, locate_calls, refresh, remove_submodule, unique_name
 from loopify.pipeline import Pass, PassResult, State, mark_node
 from loopify.recursion import Recursion, RecursionSpec, _key, recursions, sharing_map
 
@@ -122,9 +120,13 @@ class FoldLoops(Pass):
             missing = [s for s in self.stacks if s not in known]
             if missing:
                 raise ValueError(f"no foldable run in stack '{missing[0]}'; stacks with runs: {', '.join(sorted(known)) or 'none'}")
+        present = {name for name, _ in state.module.named_modules()}
+        already = [s for s in spans if any(p not in present for p in s.layers)]
+        spans = [s for s in spans if s not in already]
         if not spans:
-            return PassResult(state, False, {"loops": [], "note": "no span of interchangeable layers to fold"})
-        module = copy.deepcopy(state.module)
+            note = "every span is folded already" if already else "no span of interchangeable layers to fold"
+            return PassResult(state, False, {"loops": [], "note": note})
+        module = clone(state.module)
         reports = [self._fold(module, span) for span in spans]
         return PassResult(state.replace(module=module), True, {"loops": reports})
 
@@ -172,7 +174,7 @@ class FoldLoops(Pass):
                 sources = init_sources(self.init, tied, length, k)
         blocks = []
         for src in sources:
-            block = copy.deepcopy(layers[src[0]])
+            block = clone(layers[src[0]])
             if len(src) > 1:
                 with torch.no_grad():
                     named = [dict(layers[i].named_parameters()) for i in src]

@@ -13,14 +13,13 @@ to the loop. Otherwise the loop has one modality (text-only models, vision tower
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
 
 from loopify.connectors import EmbeddingConnector, IdentityConnector, RecursiveConnector
-from loopify.hierarchy import refresh, thread_input
+from loopify.hierarchy import clone, refresh, thread_input
 from loopify.pipeline import Pass, PassResult, State, mark_node
 from loopify.recursion import Recursion, recursions
 
@@ -55,7 +54,7 @@ class InsertConnectors(Pass):
         loops = recursions(state.module)
         if not loops:
             raise ValueError("no loop to connect: run fold-loops first")
-        module = copy.deepcopy(state.module)
+        module = clone(state.module)
         token_id = self.image_token_id if self.image_token_id >= 0 else state.captured.info.get("image_token_id")
         report = []
         for path, rec in recursions(module).items():

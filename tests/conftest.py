@@ -34,3 +34,26 @@ def tiny_capture(tmp_path_factory):
     with open(path, "wb") as f:
         torch.export.save(export(TinyStack()), f)
     return capture.load(path)
+
+
+@pytest.fixture(scope="session")
+def written(tmp_path_factory):
+    """The example zoo (every model not marked large), written once: {name: {"hf", "export"}}."""
+    from loopify.examples import zoo
+
+    return zoo.write_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="session")
+def captured(written):
+    """capture.load of a zoo model, cached: captured(name, form) with form "hf" or "export"."""
+    from loopify import capture
+
+    cache = {}
+
+    def get(name, form="export"):
+        if (name, form) not in cache:
+            cache[(name, form)] = capture.load(written[name][form])
+        return cache[(name, form)]
+
+    return get

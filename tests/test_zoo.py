@@ -19,12 +19,6 @@ TINY_LIMIT = 5 * 2**20  # bytes: every random zoo model stays well under this
 
 
 @pytest.fixture(scope="session")
-def written(tmp_path_factory):
-    out = tmp_path_factory.mktemp("zoo")
-    return zoo.write_zoo(out)
-
-
-@pytest.fixture(scope="session")
 def programs(written):
     loaded = {}
 

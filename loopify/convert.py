@@ -1,0 +1,457 @@
+"""Convert: capture -> passes -> verify -> save.
+
+``convert(path, config, out)`` folds a model's spans into loops according to a
+:class:`ConvertConfig`, checks the result against the original on the example inputs, and writes
+``OUT.pt2`` (torch.export archive of the converted model at its default depth; shared weights are
+stored once) and ``OUT.json`` (the manifest) atomically. A lossless plan that does not reproduce
+the original within :data:`LOSSLESS_RTOL` writes nothing.
+
+``load_converted(OUT.pt2)`` gives the converted model back as a trainable eager module whose loop
+count can be changed (:func:`loopify.recursion.set_loops`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from loopify import __version__
+from loopify.errors import LoopifyError
+from loopify.io import atomic_path, write_json
+from loopify.pipeline import Pipeline, State, parse, run_pipeline
+from loopify.recursion import recursions, set_loops
+from loopify.tensors import flat_tensors
+
+log = logging.getLogger(__name__)
+
+#: Lossless plans (rank full, connectors at zero, deepen x1) must reproduce the original within
+#: this relative error (max abs error / max abs reference): float32 re-association of W + B@A
+#: moves results by ~1e-7 relative; 1e-5 leaves room for that through a deep model.
+LOSSLESS_RTOL = 1e-5
+
+CONFIG_VERSION = 1
+
+
+class ConvertError(LoopifyError):
+    """The conversion could not be done or did not verify."""
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """What to convert and how. Serialises to and from a dict (stored in the manifest).
+
+    Attributes:
+        blocks: unique blocks per run (0: halve the run).
+        loops: loops per run instead of blocks (0: not given).
+        sharing: cycle, sequence, middle-cycle, middle-sequence.
+        init: stepwise, average, lower, upper.
+        rank: LoRA rank of the per-depth relaxation, or "full" (reproduces the original).
+        connector: none, identity, recursive, embedding.
+        mode: compress (tie layers) or deepen (loop the span with its own weights).
+        repeat: deepen mode: default loop count.
+        stacks: only these stacks (module paths); empty: every stack with a run.
+        norms: shared or per-depth.
+        subsample: keep evenly spaced layers when blocks do not divide a run.
+        image_token_id: overrides the image token id used for the connector's modality mask.
+        pipeline: a full pipeline spec; when given, the options above are not used.
+    """
+
+    version: int = CONFIG_VERSION
+    blocks: int = 0
+    loops: int = 0
+    sharing: Literal["cycle", "sequence", "middle-cycle", "middle-sequence"] = "cycle"
+    init: Literal["stepwise", "average", "lower", "upper"] = "average"
+    rank: int | Literal["full"] = 0
+    connector: Literal["none", "identity", "recursive", "embedding"] = "none"
+    mode: Literal["compress", "deepen"] = "compress"
+    repeat: int = 2
+    stacks: tuple[str, ...] = ()
+    norms: Literal["shared", "per-depth"] = "shared"
+    subsample: bool = False
+    image_token_id: int = -1
+    pipeline: str | None = None
+
+    def __post_init__(self):
+        if self.version != CONFIG_VERSION:
+            raise ConvertError(f"config version {self.version} is not supported (this loopify reads version {CONFIG_VERSION})")
+        if self.mode == "deepen" and self.rank not in (0,):
+            raise ConvertError("--rank applies to compress mode; deepen mode keeps every layer's own weights")
+        # The passes validate the rest when the pipeline is built.
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["stacks"] = list(self.stacks)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ConvertConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConvertError(f"unknown config field '{unknown[0]}'; fields: {', '.join(sorted(known))}")
+        d = dict(d)
+        if "stacks" in d:
+            d["stacks"] = tuple(d["stacks"])
+        return cls(**d)
+
+    def to_pipeline(self) -> Pipeline:
+        """The pipeline this config stands for."""
+        if self.pipeline:
+            return parse(self.pipeline)
+        parts = ["find-spans{similarity=false}"]
+        fold = {}
+        if self.mode == "deepen":
+            fold = {"mode": "deepen", "repeat": self.repeat}
+        else:
+            for k in ("blocks", "loops"):
+                if getattr(self, k):
+                    fold[k] = getattr(self, k)
+            if self.sharing != "cycle":
+                fold["sharing"] = self.sharing
+            if self.init != "average":
+                fold["init"] = self.init
+            if self.norms != "shared":
+                fold["norms"] = self.norms
+            if self.subsample:
+                fold["subsample"] = "true"
+        if self.stacks:
+            fold["stacks"] = ":".join(self.stacks)
+        parts.append("fold-loops" + ("{" + ",".join(f"{k}={v}" for k, v in fold.items()) + "}" if fold else ""))
+        if self.rank != 0:
+            parts.append(f"relax{{rank={self.rank}}}")
+        connector = self.connector
+        if connector == "none" and self.mode == "deepen":
+            connector = "recursive"  # RecursiveVLM: deepening goes with connectors
+        if connector != "none":
+            opts = [f"kind={connector}"]
+            if self.image_token_id >= 0:
+                opts.append(f"image_token_id={self.image_token_id}")
+            parts.append("insert-connectors{" + ",".join(opts) + "}")
+        try:
+            return parse(",".join(parts))
+        except LoopifyError as e:
+            raise ConvertError(str(e)) from None
+
+    def lossless(self) -> bool:
+        """Whether the plan reproduces the original exactly by construction."""
+        if self.pipeline:
+            return False
+        if self.mode == "deepen":
+            return self.repeat == 1
+        return self.rank == "full" and not self.subsample
+
+
+# ----------------------------------------------------------------------------------------------
+# Verify
+
+
+def _kl(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Mean KL(softmax(ref) || softmax(out)) over positions, in nats."""
+    lp = torch.log_softmax(ref.double(), -1)
+    lq = torch.log_softmax(out.double(), -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+def verify(reference, candidate, output_names: list[str] | None = None) -> dict:
+    """Per-output max abs error, relative error, cosine; KL for logits."""
+    ref, out = flat_tensors(reference), flat_tensors(candidate)
+    if len(ref) != len(out):
+        raise ConvertError(f"converted model returns {len(out)} outputs, the original {len(ref)}")
+    names = list(output_names or [])
+    names += [f"output{i}" for i in range(len(names), len(ref))]
+    rows = []
+    for name, a, b in zip(names, ref, out):
+        if a.shape != b.shape:
+            raise ConvertError(f"output {name}: shape {tuple(b.shape)} differs from the original {tuple(a.shape)}")
+        a64, b64 = a.detach().double(), b.detach().double()
+        err = float((a64 - b64).abs().max()) if a.numel() else 0.0
+        row = {"name": name, "shape": list(a.shape), "max_abs_err": err,
+               "rel_err": err / max(float(a64.abs().max()) if a.numel() else 0.0, 1e-12),
+               "cosine": float(torch.nn.functional.cosine_similarity(a64.flatten(), b64.flatten(), dim=0))}
+        if name == "logits" and a.dim() >= 2:
+            row["kl"] = _kl(a, b)
+        rows.append(row)
+    summary = {"max_abs_err": max(r["max_abs_err"] for r in rows), "rel_err": max(r["rel_err"] for r in rows),
+               "cosine": min(r["cosine"] for r in rows), "outputs": rows}
+    kls = [r["kl"] for r in rows if "kl" in r]
+    summary["kl"] = max(kls) if kls else None
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes
+
+
+def unique_params(module_or_state) -> tuple[int, int]:
+    """(parameter count, bytes) counting each storage once (shared weights once)."""
+    tensors = module_or_state.values() if isinstance(module_or_state, dict) else \
+        [p for _, p in module_or_state.named_parameters(remove_duplicate=False)]
+    seen, count, nbytes = set(), 0, 0
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        count += t.numel()
+        nbytes += t.numel() * t.element_size()
+    return count, nbytes
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f.relative_to(path).as_posix().encode())
+            h.update(_sha256(f).encode())
+        return h.hexdigest()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict:
+    out = {"loopify": __version__, "torch": torch.__version__}
+    try:
+        import transformers as tf
+
+        out["transformers"] = tf.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Convert
+
+
+@dataclass
+class ConvertResult:
+    module: torch.nn.Module
+    manifest: dict
+    records: list = field(default_factory=list)
+    program: torch.export.ExportedProgram | None = None
+
+
+def convert_captured(captured, config: ConvertConfig, *, progress=None, **runner_options) -> ConvertResult:
+    """Run the config's pipeline on a captured model and verify the result (writes nothing)."""
+    pipeline = config.to_pipeline()
+    t0 = time.perf_counter()
+    result = run_pipeline(pipeline, State(captured, captured.unflatten()), **runner_options)
+    module = result.state.module
+    loops = recursions(module)
+    if not loops:
+        raise ConvertError(f"{captured.source}: nothing to convert: no span of interchangeable layers was found"
+                           " (see `loopify inspect`)")
+    for r in loops.values():
+        _check_ties(r)
+    ref = captured.run()
+    with torch.no_grad():
+        out = module(*captured.args, **captured.kwargs)
+    report = verify(ref, out, captured.info.get("output_names"))
+    report["lossless_plan"] = config.lossless()
+    report["ok"] = (report["rel_err"] <= LOSSLESS_RTOL) if config.lossless() else True
+    orig_n, orig_b = unique_params(captured.program.state_dict)
+    conv_n, conv_b = unique_params(module)
+    plan = {r.name: r.report for r in result.records}
+    manifest = {
+        "format": "loopify-converted", "version": 1,
+        "source": {"path": str(Path(captured.source).resolve()), "format": captured.format,
+                   "sha256": _sha256(Path(captured.source)), **{k: v for k, v in captured.info.items()
+                                                                if isinstance(v, (str, int, float, bool, list, type(None)))}},
+        "config": config.to_dict(), "pipeline": str(pipeline),
+        "plan": _plan_summary(plan, loops),
+        "params": {"original": orig_n, "converted": conv_n, "ratio": conv_n / max(orig_n, 1)},
+        "bytes": {"original": orig_b, "converted": conv_b},
+        "verify": report,
+        "loops": [{"module": p, "stack": r.spec.stack, "min": 0 if r.deepen else 1, "max": None if r.deepen else r.spec.max_loops,
+                   "default": r.spec.max_loops, "mode": r.spec.mode} for p, r in loops.items()],
+        "inputs": _describe(captured),
+        "passes": [{"name": r.name, "spec": r.spec, "modified": r.modified, "seconds": r.seconds} for r in result.records],
+        "seconds": time.perf_counter() - t0,
+    }
+    return ConvertResult(module, manifest, result.records)
+
+
+def _describe(captured) -> list[dict]:
+    from loopify.capture import describe_inputs
+
+    return describe_inputs(captured.args, captured.kwargs)
+
+
+def _plan_summary(plan: dict, loops) -> dict:
+    out = {}
+    fold = plan.get("fold-loops", {})
+    out["loops"] = fold.get("loops", [])
+    if "relax" in plan:
+        rel = plan["relax"]
+        out["relax"] = {"rank": rel.get("rank"), "loops": [
+            {k: v for k, v in l.items() if k != "per_matrix"} for l in rel.get("loops", [])]}
+    if "insert-connectors" in plan:
+        out["connectors"] = plan["insert-connectors"]
+    return out
+
+
+def _check_ties(rec) -> None:
+    """Every depth must see its block's very parameter objects (overrides aside)."""
+    for depth in range(rec.spec.layers):
+        block = rec.blocks[rec.block_for_depth(depth)]
+        own = dict(block.named_parameters())
+        seen = rec.params_at(depth)
+        for name, p in own.items():
+            if name in rec._overrides(depth):
+                continue
+            if seen[name] is not p:
+                raise ConvertError(f"tie broken: depth {depth} does not use block parameter {name}")
+
+
+def export_converted(module: torch.nn.Module, captured) -> torch.export.ExportedProgram:
+    """torch.export of the converted model at its current loop counts."""
+    try:
+        with torch.no_grad():
+            return torch.export.export(module, tuple(captured.args), dict(captured.kwargs), strict=False)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConvertError(f"exporting the converted model failed: {first[:300]}") from e
+
+
+def save(result: ConvertResult, captured, out: str | Path) -> tuple[Path, Path]:
+    """Write OUT.pt2 and OUT.json atomically; returns their paths."""
+    out = Path(out)
+    if out.suffix != ".pt2":
+        raise ConvertError(f"{out}: the output must end in .pt2")
+    program = result.program or export_converted(result.module, captured)
+    manifest_path = out.with_suffix(".json")
+    from loopify.capture import write_program
+
+    with atomic_path(out) as tmp:
+        write_program(program, tmp, captured.info)
+        size = tmp.stat().st_size
+        result.manifest["bytes"]["converted_file"] = size
+        result.manifest["bytes"]["original_file"] = _source_bytes(Path(captured.source))
+        result.manifest["files"] = {out.name: _sha256(tmp)}
+        result.manifest["versions"] = _versions()
+        write_json(manifest_path, result.manifest)
+    return out, manifest_path
+
+
+def _source_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.glob("*.safetensors")) or sum(
+            f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
+def convert(path: str | Path, config: ConvertConfig, out: str | Path | None, *, dry_run: bool = False,
+            capture_options: dict | None = None, **runner_options) -> ConvertResult:
+    """Capture ``path``, convert it, verify, and (unless ``dry_run``) save to ``out``."""
+    from loopify import capture
+
+    captured = capture.load(path, **(capture_options or {}))
+    result = convert_captured(captured, config, **runner_options)
+    rep = result.manifest["verify"]
+    if not rep["ok"]:
+        raise ConvertError(
+            f"{path}: the lossless plan does not reproduce the original: max relative error {rep['rel_err']:.3g} > "
+            f"{LOSSLESS_RTOL:g} (max abs {rep['max_abs_err']:.3g}); nothing written")
+    if not dry_run and out is not None:
+        save(result, captured, out)
+    result.captured = captured  # type: ignore[attr-defined]
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Load back
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    mpath = path.with_suffix(".json")
+    if not mpath.is_file():
+        raise ConvertError(f"{path}: no manifest {mpath.name} beside it (is this a loopify convert output?)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{mpath}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if manifest.get("format") != "loopify-converted":
+        raise ConvertError(f"{mpath}: not a loopify convert manifest")
+    return manifest
+
+
+def load_converted(path: str | Path, *, loops: int | list[int] | None = None):
+    """Load a converted model as a trainable eager module with adjustable loop counts.
+
+    The loop structure is rebuilt by replaying the recorded conversion on the recorded source
+    (its sha256 is checked), then every weight is loaded from OUT.pt2, so trained weights come
+    back as saved. Returns ``(module, captured_original, manifest)``.
+    """
+    from loopify import capture
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    src = Path(manifest["source"]["path"])
+    if not src.exists():
+        raise ConvertError(f"{path}: its source model {src} is gone; the loop structure is rebuilt from it")
+    if _sha256(src) != manifest["source"]["sha256"]:
+        raise ConvertError(f"{path}: its source model {src} changed since conversion (sha256 differs)")
+    expected = manifest.get("files", {}).get(path.name)
+    if expected and _sha256(path) != expected:
+        raise ConvertError(f"{path}: file does not match the sha256 in its manifest (corrupt or replaced)")
+    captured = capture.load(src, allow_export_mismatch=True)
+    config = ConvertConfig.from_dict(manifest["config"])
+    module = run_pipeline(config.to_pipeline(), State(captured, captured.unflatten())).state.module
+    program, _info = capture._load_archive(path)
+    state = program.state_dict
+    own = dict(module.named_parameters())
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise ConvertError(f"{path}: weights for {missing[0]} are missing from the archive")
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(state[k])
+    set_loops(module, loops)
+    return module, captured, manifest
+
+
+def format_summary(m: dict) -> str:
+    """The plan, a before/after table per stack and the verify report, for the terminal."""
+    lines = []
+    rows = [("stack", "layers", "blocks x loops", "sharing", "init", "params before", "params after")]
+    for l in m["plan"].get("loops", []):
+        rows.append((l["stack"], str(l["layers"]), f"{l['blocks']} x {l['loops']}", l["sharing"], l["init"],
+                     f"{l['params_before']:,}", f"{l['params_after']:,}"))
+    rows.append(("whole model", "", "", "", "", f"{m['params']['original']:,}", f"{m['params']['converted']:,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    b = m["bytes"]
+    lines.append(f"parameters: {m['params']['original']:,} -> {m['params']['converted']:,} "
+                 f"({m['params']['ratio']:.1%}); parameter bytes {b['original']:,} -> {b['converted']:,}")
+    relax = m["plan"].get("relax")
+    if relax:
+        for l in relax["loops"]:
+            if "max_recon_error" in l:
+                lines.append(f"relax rank {relax['rank']} on {l['loop']}: {l['params_added']:,} params, max weight "
+                             f"reconstruction error {l['max_recon_error']:.3g} (= dropped singular energy)")
+    conn = m["plan"].get("connectors")
+    if conn:
+        for l in conn["loops"]:
+            lines.append(f"connector {conn['kind']} on {l['loop']}: " + (l.get("skipped") or f"{l['mask']}, {l['params']:,} params"))
+    v = m["verify"]
+    kl = f", KL {v['kl']:.3g}" if v.get("kl") is not None else ""
+    status = ("OK (lossless plan within 1e-5 relative)" if v["ok"] else "FAILED") if v["lossless_plan"] else "lossy plan"
+    lines.append(f"verify vs original: max abs err {v['max_abs_err']:.3g}, rel {v['rel_err']:.3g}, "
+                 f"cosine {v['cosine']:.6f}{kl}: {status}")
+    for o in v["outputs"]:
+        okl = f", KL {o['kl']:.3g}" if "kl" in o else ""
+        lines.append(f"  {o['name']:<20} {str(tuple(o['shape'])):<18} max abs {o['max_abs_err']:.3g}  cosine {o['cosine']:.6f}{okl}")
+    return "\n".join(lines)

@@ -1,0 +1,327 @@
+"""Split a converted model into stages: straight programs and loop bodies with a run-time count.
+
+A converted model (a module hierarchy holding :class:`~loopify.recursion.Recursion` loops)
+becomes ``[straight, loop, straight, loop, ..., straight]``. Every stage maps a flat tuple of
+tensors (the *carry*) to the next; a loop stage's program takes ``(step, *carry)`` (``step`` an
+int64 0-d tensor) and returns a carry of the same shapes, and runs n times with n chosen at run
+time. This is what the TVM backend compiles into a prologue / loop body / epilogue sharing one
+set of weights; :func:`run_stages` runs the same stages in PyTorch.
+
+How: the whole model is exported once with every loop replaced by an opaque ``loopify::boundary``
+op (which receives the loop's arguments), and the flat graph is cut at those nodes; the values
+live across a cut form the carry. Each loop body is exported on its own from a module that holds
+only the loop, under the loop's own module path, so that parameter names match the converted
+model's and a weight shared by several stages is recognisable by name.
+
+Loop bodies select per-depth state (LoRA factors, per-depth norms) with the step tensor
+(``depth = step * K + k``), so one compiled body serves every iteration. Connectors read the
+previous step's taps from the carry; the taps start at zero, which makes every connector kind
+exactly neutral at step 0, as in eager mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from loopify.errors import LoopifyError
+from loopify.recursion import Recursion, _unkey, recursions
+
+
+@torch.library.custom_op("loopify::boundary", mutates_args=())
+def boundary(xs: list[torch.Tensor], index: int, state: int) -> torch.Tensor:
+    """Stands for loop ``index`` in the outer program: returns its hidden-state argument."""
+    return xs[state].clone()
+
+
+@boundary.register_fake
+def _(xs, index, state):
+    return torch.empty_like(xs[state])
+
+
+class StagingError(LoopifyError):
+    """The converted model cannot be split into stages."""
+
+
+@dataclass
+class StageProgram:
+    """One stage: ``kind`` is "straight" or "loop"; loops carry their run-time count range."""
+
+    kind: str
+    program: torch.export.ExportedProgram
+    name: str
+    min_loops: int = 1
+    max_loops: int | None = None
+    default_loops: int | None = None
+    example: tuple = ()
+
+
+@contextlib.contextmanager
+def _markers(loops: dict[str, Recursion]):
+    saved = {}
+    try:
+        for i, (path, rec) in enumerate(loops.items()):
+            saved[path] = rec.__dict__.get("forward")
+            n_args = None
+
+            def fwd(*args, _i=i, _rec=rec):
+                return torch.ops.loopify.boundary(list(args), _i, _rec.spec.state_arg)
+
+            rec.forward = fwd
+        yield
+    finally:
+        for path, rec in loops.items():
+            if saved[path] is None:
+                rec.__dict__.pop("forward", None)
+            else:
+                rec.forward = saved[path]
+
+
+def _tap_count(rec: Recursion) -> int:
+    return len(getattr(rec.connector, "positions", [])) if rec.connector is not None else 0
+
+
+class LoopStep(nn.Module):
+    """One recursion step of a loop, with the depth taken from a step tensor."""
+
+    def __init__(self, rec: Recursion, n_args: int):
+        super().__init__()
+        self.rec = rec
+        self.n_args = n_args
+
+    def forward(self, step: torch.Tensor, *carry):
+        rec = self.rec
+        n_taps = _tap_count(rec)
+        args = list(carry[:self.n_args])
+        taps = list(carry[self.n_args:self.n_args + n_taps])
+        rest = carry[self.n_args + n_taps:]
+        extras = tuple(args[len(args) - rec.n_extra:]) if rec.n_extra else ()
+        layer_args = args[:len(args) - rec.n_extra] if rec.n_extra else args
+        s = rec.spec.state_arg
+        h = layer_args[s]
+        if rec.connector is not None:
+            h = _connector_step(rec.connector, h, taps, step, extras)
+        per = rec.spec.layers if rec.deepen else rec.spec.blocks
+        new_taps = []
+        positions = getattr(rec.connector, "positions", [])
+        for k in range(per):
+            depth = (step * per + k).reshape(1) if not rec.deepen else torch.full((1,), k, dtype=torch.long)
+            over = _overrides_at(rec, k, depth)
+            layer_args[s] = h
+            block = rec.blocks[k]
+            h = torch.func.functional_call(block, over, tuple(layer_args), strict=False) if over else block(*layer_args)
+            if k in positions:
+                new_taps.append(h)
+        layer_args[s] = h
+        out = list(layer_args) + list(extras) + new_taps + list(rest)
+        return tuple(out)
+
+
+def _overrides_at(rec: Recursion, block_index: int, depth: torch.Tensor) -> dict[str, torch.Tensor]:
+    block = rec.blocks[block_index]
+    names = dict(block.named_parameters())
+    over = {}
+    for key, stacked in rec.depth_params.items():
+        over[_unkey(key)] = stacked.index_select(0, depth).squeeze(0)
+    for key in rec.lora_A.keys():
+        name = _unkey(key)
+        A = rec.lora_A[key].index_select(0, depth).squeeze(0)
+        B = rec.lora_B[key].index_select(0, depth).squeeze(0)
+        over[name] = names[name] + rec.lora_scales.get(name, 1.0) * (B @ A)
+    return over
+
+
+def _connector_step(connector, h, taps, step, extras):
+    kind = getattr(connector, "kind", "")
+    if kind == "recursive":
+        return connector(h, taps, 0, *extras)  # zero taps at step 0 make it exactly h
+    if kind == "embedding":
+        idx = step.clamp(max=connector.embedding.shape[0] - 1).reshape(1)
+        e = connector.embedding.index_select(0, idx).squeeze(0)
+        return h + e * (step > 0).to(h.dtype)
+    return h
+
+
+def _holder(path: str, module: nn.Module) -> nn.Module:
+    """A module tree that holds ``module`` at ``path`` and nothing else (names match the model)."""
+    root = nn.Module()
+    cur = root
+    parts = path.split(".")
+    for p in parts[:-1]:
+        child = nn.Module()
+        cur.add_module(p, child)
+        cur = child
+    cur.add_module(parts[-1], module)
+    return root
+
+
+class _StepAt(nn.Module):
+    def __init__(self, path: str, rec: Recursion, n_args: int):
+        super().__init__()
+        self.tree = _holder(path, rec)
+        self.path = path
+        self.n_args = n_args
+
+    def forward(self, step, *carry):
+        return LoopStep(self.tree.get_submodule(self.path), self.n_args)(step, *carry)
+
+
+def _record(gm: torch.fx.GraphModule, flat_inputs: list) -> dict[torch.fx.Node, object]:
+    values = {}
+
+    class Rec(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            values[n] = out
+            return out
+
+    with torch.no_grad():
+        Rec(gm).run(*flat_inputs)
+    return values
+
+
+def stages_of(module: nn.Module, captured) -> list[StageProgram]:
+    """Split a converted model into stage programs (see the module docstring)."""
+    import torch.utils._pytree as pytree
+    from torch.export._tree_utils import reorder_kwargs
+
+    loops = recursions(module)
+    if not loops:
+        raise StagingError("the model has no loop to stage")
+    for path, rec in loops.items():
+        if not rec.deepen and rec.spec.sharing != "cycle":
+            raise StagingError(f"{path}: {rec.spec.sharing} sharing is not staged yet; compile cycle-shared loops "
+                               "(the default) or deepen-mode loops")
+    # Record each loop's call arguments (the body's example carry starts with them).
+    with _markers(loops):
+        try:
+            outer = torch.export.export(module, tuple(captured.args), dict(captured.kwargs), strict=False)
+        except Exception as e:
+            raise StagingError(f"exporting the outer program failed: {str(e).splitlines()[0][:300]}") from e
+    gm = outer.module()
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    markers = [n for n in nodes if n.op == "call_function" and n.target is torch.ops.loopify.boundary.default]
+    markers.sort(key=lambda n: n.args[1])
+    if [m.args[1] for m in markers] != list(range(len(loops))) or any(pos[a] > pos[b] for a, b in zip(markers, markers[1:])):
+        raise StagingError("loops do not appear once each, in order, in the exported program")
+    flat = pytree.tree_leaves((tuple(captured.args), reorder_kwargs(dict(captured.kwargs), outer.call_spec.in_spec)))
+    values = _record(gm, flat)
+
+    loop_list = list(loops.items())
+    carries = []  # per boundary: (marker args, taps count, passthrough nodes)
+    for s, m in enumerate(markers):
+        margs = list(m.args[0])
+        live = [n for n in nodes if pos[n] < pos[m] and n.op not in ("get_attr", "output") and n not in margs
+                and any(pos[u] > pos[m] for u in n.users)]
+        for n in margs + live:
+            if not isinstance(values[n], torch.Tensor):
+                raise StagingError(f"a non-tensor value ({n.name}) crosses loop {s}'s boundary")
+        carries.append((margs, _tap_count(loop_list[s][1]), live))
+
+    stages: list[StageProgram] = []
+    for s in range(len(markers) + 1):
+        start = pos[markers[s - 1]] if s > 0 else -1
+        end = pos[markers[s]] if s < len(markers) else len(nodes)
+        stages.append(_straight_stage(gm, nodes, pos, s, start, end, markers, carries, values, flat))
+        if s < len(markers):
+            path, rec = loop_list[s]
+            margs, n_taps, live = carries[s]
+            carry_vals = [values[n] for n in margs] + [torch.zeros_like(values[margs[rec.spec.state_arg]])] * n_taps + \
+                         [values[n] for n in live]
+            step = torch.zeros((), dtype=torch.long)
+            body = _StepAt(path, rec, len(margs))
+            try:
+                prog = torch.export.export(body, (step, *carry_vals), strict=False)
+            except Exception as e:
+                raise StagingError(f"exporting the body of {path} failed: {str(e).splitlines()[0][:300]}") from e
+            stages.append(StageProgram("loop", prog, f"loop:{path}", min_loops=0 if rec.deepen else 1,
+                                       max_loops=None if rec.deepen else rec.spec.max_loops,
+                                       default_loops=rec.loops, example=(step, *carry_vals)))
+    return stages
+
+
+def _straight_stage(gm, nodes, pos, s, start, end, markers, carries, values, flat) -> StageProgram:
+    g = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    example = []
+    if s == 0:
+        for n in nodes:
+            if n.op == "placeholder":
+                env[n] = g.placeholder(n.name)
+                env[n].meta = dict(n.meta)
+        example = list(flat)
+    else:
+        margs, n_taps, live = carries[s - 1]
+        prev = markers[s - 1]
+        for i, n in enumerate(margs):
+            p = g.placeholder(f"carry_{n.name}")
+            env[n] = p
+            example.append(values[n])
+        state_node = margs[prev.args[2]]
+        env[prev] = env[state_node]  # after the loop, the state slot holds the loop's result
+        for i in range(n_taps):
+            g.placeholder(f"tap_{i}")
+            example.append(torch.zeros_like(values[state_node]))
+        for n in live:
+            env[n] = g.placeholder(f"carry_{n.name}")
+            example.append(values[n])
+    def lookup(x):
+        if x not in env:
+            if x.op != "get_attr":  # parameters are re-read by name in each stage
+                _missing(x, s)
+            env[x] = g.get_attr(x.target)
+            env[x].meta = dict(x.meta)
+        return env[x]
+
+    for n in nodes[start + 1:end]:
+        if n.op == "placeholder":
+            continue
+        if n.op == "output":
+            g.output(tuple(lookup(x) for x in _flatten_output(n.args[0])))
+            break
+        try:
+            env[n] = g.node_copy(n, lookup)
+        except KeyError as e:
+            raise StagingError(str(e)) from None
+    else:
+        margs, n_taps, live = carries[s]
+        outs = [lookup(x) for x in margs]
+        state = env[margs[markers[s].args[2]]]
+        taps = [g.call_function(torch.ops.aten.zeros_like.default, (state,)) for _ in range(n_taps)]
+        outs += taps + [lookup(x) for x in live]
+        g.output(tuple(outs))
+    sub = torch.fx.GraphModule(gm, g)
+    try:
+        prog = torch.export.export(sub, tuple(example), strict=False)
+    except Exception as e:
+        raise StagingError(f"exporting straight stage {s} failed: {str(e).splitlines()[0][:300]}") from e
+    return StageProgram("straight", prog, f"straight:{s}", example=tuple(example))
+
+
+def _flatten_output(out):
+    import torch.utils._pytree as pytree
+
+    return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.fx.Node)]
+
+
+def _missing(node, s):
+    raise KeyError(f"stage {s} uses {node.name}, which is not in its carry")
+
+
+def run_stages(stages: list[StageProgram], inputs: list, loops: list[int] | None = None) -> tuple:
+    """Run stages in PyTorch: the reference for compiled artifacts, with run-time loop counts."""
+    counts = iter(loops or [])
+    carry = tuple(inputs)
+    for st in stages:
+        mod = st.program.module()
+        if st.kind == "straight":
+            carry = tuple(mod(*carry))
+        else:
+            n = next(counts, st.default_loops)
+            for i in range(n):
+                carry = tuple(mod(torch.tensor(i, dtype=torch.long), *carry))
+    return carry
