@@ -145,28 +145,30 @@ def _connector_step(connector, h, taps, step, extras):
     return h
 
 
-def _holder(path: str, module: nn.Module) -> nn.Module:
-    """A module tree that holds ``module`` at ``path`` and nothing else (names match the model)."""
-    root = nn.Module()
-    cur = root
-    parts = path.split(".")
-    for p in parts[:-1]:
-        child = nn.Module()
-        cur.add_module(p, child)
-        cur = child
-    cur.add_module(parts[-1], module)
-    return root
-
-
 class _StepAt(nn.Module):
+    """Holds only the loop, at the loop's own module path, so parameter names match the model's."""
+
     def __init__(self, path: str, rec: Recursion, n_args: int):
         super().__init__()
-        self.tree = _holder(path, rec)
-        self.path = path
-        self.n_args = n_args
+        cur: nn.Module = self
+        parts = path.split(".")
+        for p in parts[:-1]:
+            child = nn.Module()
+            cur.add_module(p, child)
+            cur = child
+        cur.add_module(parts[-1], rec)
+        self._path = path
+        self._n_args = n_args
 
     def forward(self, step, *carry):
-        return LoopStep(self.tree.get_submodule(self.path), self.n_args)(step, *carry)
+        return LoopStep.forward(_Bound(self.get_submodule(self._path), self._n_args), step, *carry)
+
+
+class _Bound:
+    """LoopStep's forward without registering the loop a second time under another name."""
+
+    def __init__(self, rec, n_args):
+        self.rec, self.n_args = rec, n_args
 
 
 def _record(gm: torch.fx.GraphModule, flat_inputs: list) -> dict[torch.fx.Node, object]:

@@ -82,7 +82,8 @@ class InsertConnectors(Pass):
         if self.kind == "recursive" and token_id is not None:
             ids_val = next((n.meta.get("val") for n in root.graph.nodes
                             if n.op == "placeholder" and n.target == TOKEN_INPUT), None)
-            if isinstance(ids_val, torch.Tensor) and hidden.dim() == 3 and tuple(ids_val.shape) == tuple(hidden.shape[:2]):
+            static = isinstance(ids_val, torch.Tensor) and all(isinstance(d, int) for d in (*ids_val.shape, *hidden.shape))
+            if static and hidden.dim() == 3 and tuple(ids_val.shape) == tuple(hidden.shape[:2]):
                 ids = thread_input(root, TOKEN_INPUT, caller_path)
                 with caller.graph.inserting_before(call):
                     mask = caller.graph.call_function(torch.ops.aten.eq.Scalar, (ids, int(token_id)))
@@ -93,6 +94,8 @@ class InsertConnectors(Pass):
                 refresh(caller)
                 modalities = 2
                 mask_note = f"image positions: {TOKEN_INPUT} == {token_id}"
+            elif not static:
+                mask_note = "one modality (the hidden sequence length is data-dependent; give image positions by aligning shapes)"
             else:
                 mask_note = f"one modality (hidden sequence {tuple(hidden.shape[:-1])} is not aligned with {TOKEN_INPUT})"
         if self.kind == "recursive":

@@ -42,10 +42,16 @@ def test_manifest_and_archive(captured, tmp_path):
     assert set(m["verify"]) >= {"max_abs_err", "cosine", "kl"} and m["verify"]["kl"] > 0
     assert m["loops"] == [{"module": "model.model.layers_loop", "stack": "model.model.layers", "min": 1, "max": 4,
                            "default": 4, "mode": "compress"}]
-    # Shared weights are stored once: the archive shrinks like the parameter count does.
-    ratio_params = m["params"]["converted"] / m["params"]["original"]
-    ratio_file = m["bytes"]["converted_file"] / m["bytes"]["original_file"]
-    assert abs(ratio_file - ratio_params) < 0.05, (ratio_file, ratio_params)
+    # Shared weights are stored once: the archive's weight entries are the converted parameter
+    # bytes (the loop calls one block four times) plus buffers (rotary tables: <2%), and the
+    # file is smaller than the original's.
+    import zipfile
+
+    with zipfile.ZipFile(pt2) as z:
+        weight_bytes = sum(i.file_size for i in z.infolist() if "/data/weights/" in i.filename)
+    assert m["bytes"]["converted"] <= weight_bytes < 1.02 * m["bytes"]["converted"]
+    assert m["bytes"]["converted"] < 0.6 * m["bytes"]["original"]
+    assert m["bytes"]["converted_file"] < m["bytes"]["original_file"]
     ep = torch.export.load(pt2)
     assert sum(v.numel() for v in ep.state_dict.values()) == m["params"]["converted"]
     assert not list(tmp_path.glob(".*tmp"))  # no temporary files left behind
