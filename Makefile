@@ -34,7 +34,12 @@ demo: $(STAMP)
 	$(PY) -m loopify.examples.zoo $(OUT)/zoo --only $(DEMO_MODEL)
 	$(VENV)/bin/loopify inspect $(OUT)/zoo/$(DEMO_MODEL) --json $(OUT)/$(DEMO_MODEL).inspect.json --plot $(OUT)/$(DEMO_MODEL).inspect.png
 	$(VENV)/bin/loopify convert $(OUT)/zoo/$(DEMO_MODEL) -o $(OUT)/$(DEMO_MODEL).loop.pt2 --rank 32
-	@echo "demo wrote: $(OUT)/zoo/$(DEMO_MODEL)/ $(OUT)/$(DEMO_MODEL).inspect.json $(OUT)/$(DEMO_MODEL).inspect.png $(OUT)/$(DEMO_MODEL).loop.pt2 $(OUT)/$(DEMO_MODEL).loop.json"
+	$(VENV)/bin/loopify compile $(OUT)/zoo/$(DEMO_MODEL) -o $(OUT)/$(DEMO_MODEL).x86
+	$(VENV)/bin/loopify compile $(OUT)/$(DEMO_MODEL).loop.pt2 -o $(OUT)/$(DEMO_MODEL).loop.x86
+	$(VENV)/bin/loopify bench $(OUT)/zoo/$(DEMO_MODEL) $(OUT)/$(DEMO_MODEL).loop.pt2 $(OUT)/$(DEMO_MODEL).x86 $(OUT)/$(DEMO_MODEL).loop.x86 \
+	    --backends eager,tvm --threads 1 --json $(OUT)/$(DEMO_MODEL).bench.json --plot $(OUT)/$(DEMO_MODEL).bench.png
+	@echo "demo wrote: $(OUT)/zoo/$(DEMO_MODEL)/ $(OUT)/$(DEMO_MODEL).inspect.{json,png} $(OUT)/$(DEMO_MODEL).loop.{pt2,json}"
+	@echo "            $(OUT)/$(DEMO_MODEL).x86/ $(OUT)/$(DEMO_MODEL).loop.x86/ $(OUT)/$(DEMO_MODEL).bench.{json,png}"
 
 # The test suite (slow cases excluded; LOOPIFY_SLOW=1 includes them).
 test: $(STAMP)

@@ -54,6 +54,9 @@ def cli(ctx, debug, verbose):
     Commands, in the order of the flow:
       inspect   capture a model and report the spans of interchangeable layers
       convert   fold spans into loops with shared weights, verify, write OUT.pt2 + OUT.json
+      compile   compile a model or a converted model with TVM into an artifact directory
+      run       run an artifact (TVM) or a .pt2 (PyTorch) with the loop count chosen at run time
+      bench     converted against original, side by side: throughput, latency, memory, size, fidelity
     MODEL is a torch.export archive (.pt2/.pt), a Hugging Face directory, or (with
     --trust-pickle) a pickled nn.Module.
     """
@@ -253,6 +256,138 @@ def convert(model, out, blocks, loops, sharing, init, rank, connector, mode, rep
     click.echo(f"exporting the converted model ...", err=True)
     pt2, manifest = conv.save(result, cap, out)
     click.echo(f"wrote {pt2} ({m['bytes']['converted_file']:,} bytes) and {manifest}")
+
+
+def _loops_option(value):
+    if value is None:
+        return None
+    try:
+        counts = [int(x) for x in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give an integer or comma-separated integers (one per loop)") from None
+    if any(c < 0 for c in counts):
+        raise click.BadParameter("loop counts must be >= 0")
+    return counts[0] if len(counts) == 1 else counts
+
+
+@cli.command("compile")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Artifact directory (written atomically).")
+@click.option("--target", type=click.Choice(["x86", "arm64", "cuda"]), default="x86", show_default=True)
+@click.option("--arch", default=None, help="CUDA architecture (sm_80, sm_90 ...; default sm_90).")
+@click.option("--mcpu", default=None, help="CPU model for x86/arm64 (cortex-a76, neoverse-n1 ...).")
+@click.option("--tune", is_flag=True, help="MetaSchedule tuning before building.")
+@click.option("--trials", type=click.IntRange(min=1), default=64, show_default=True, help="Tuning trials in total.")
+@click.option("--tuning-db", type=click.Path(file_okay=False, path_type=Path),
+              help="Tuning database directory, reused by later compiles and copied into the artifact.")
+@click.option("--rpc", metavar="HOST:PORT:KEY", help="TVM RPC tracker for tuning on a remote device.")
+@click.option("--schedule", type=click.Choice(["loopify", "dlight", "none"]), default="loopify", show_default=True,
+              help="CPU schedule rules (none: TVM's default pipeline, for comparison).")
+@click.option("--no-validate", is_flag=True, help="Skip running the host artifact against PyTorch.")
+@capture_options
+def compile_cmd(model, out, target, arch, mcpu, tune, trials, tuning_db, rpc, schedule, no_validate, inputs,
+                trust_pickle, allow_export_mismatch, seq_len):
+    """Compile MODEL (any model `convert` takes, or its OUT.pt2) with TVM into an artifact directory:
+    lib.so, params.safetensors (shared weights once), manifest.json. A converted model compiles into
+    a prologue, a loop body per loop and an epilogue; the loop count is a run-time argument."""
+    from loopify.compile import compile_model
+
+    click.echo(f"compile {model} -> {out}: target={target} arch={arch or '-'} mcpu={mcpu or '-'} schedule={schedule} "
+               f"tune={tune} trials={trials if tune else '-'} tuning_db={tuning_db or '-'} rpc={rpc or '-'}", err=True)
+    res = compile_model(model, out, target=target, arch=arch, mcpu=mcpu, tune=tune, trials=trials,
+                        tuning_db=str(tuning_db) if tuning_db else None, rpc=rpc, schedule=schedule,
+                        validate=not no_validate,
+                        capture_options=dict(inputs=inputs, trust_pickle=trust_pickle,
+                                             allow_export_mismatch=allow_export_mismatch, seq_len=seq_len))
+    m = res.manifest
+    loops = m.get("loops", [])
+    click.echo(f"wrote {res.path}: target {m.get('target')}, loops {[(l.get('min'), l.get('max'), l.get('default')) for l in loops] or 'none'}")
+    for name, digest in sorted(m.get("files", {}).items()):
+        size = (res.path / name).stat().st_size if (res.path / name).exists() else 0
+        click.echo(f"  {name:<28} {size:>12,} bytes  sha256 {digest[:16]}")
+    if res.checks:
+        for c in res.checks:
+            click.echo(f"  validate loops={c['loops']} output {c['output']}: max abs {c['max_abs_err']:.3g} "
+                       f"rel {c['rel_err']:.3g} {'ok' if c['ok'] else 'NOT OK'}")
+    elif not no_validate:
+        click.echo("  (not validated: the artifact does not run on this machine)")
+
+
+@cli.command("run")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--loops", "loops_s", default=None, metavar="K[,K...]", help="Loop count (one per loop, or one for all).")
+@click.option("--inputs", "inputs", type=click.Path(dir_okay=False, path_type=Path),
+              help="torch.save'd tuple or dict of tensors (default for .pt2: the model's example inputs).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Save the outputs with torch.save (a tuple of tensors).")
+@click.option("--save-inputs", type=click.Path(dir_okay=False, path_type=Path),
+              help="Save the flat inputs used (a tuple of tensors) for running an artifact with the same inputs.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (TVM and PyTorch).")
+def run_cmd(model, loops_s, inputs, out_file, save_inputs, threads):
+    """Run an artifact directory (TVM) or a .pt2/model (PyTorch) with the loop count given."""
+    from loopify import execute
+
+    loops = _loops_option(loops_s)
+    outs, used = execute.run(model, loops=loops, inputs=inputs, threads=threads)
+    for i, o in enumerate(outs):
+        click.echo(f"output {i}: {tuple(o.shape)} {str(o.dtype).replace('torch.', '')} "
+                   f"mean {o.float().mean().item():.6g} max|.| {o.float().abs().max().item():.6g}")
+    if out_file:
+        execute.save_tensors(out_file, tuple(outs))
+        click.echo(f"wrote {out_file}", err=True)
+    if save_inputs:
+        execute.save_tensors(save_inputs, tuple(used))
+        click.echo(f"wrote {save_inputs}", err=True)
+
+
+@cli.command("bench")
+@click.argument("original", type=click.Path(path_type=Path))
+@click.argument("converted", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("artifacts", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--backends", default="eager,compile,tvm", show_default=True, help="Comma-separated: eager, compile, tvm.")
+@click.option("--loops", "loops_s", default=None, metavar="K,K...", help="Loop counts of the converted model (default: 1..max).")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="CPU threads, fixed for every backend.")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True, help="Interleaved timing rounds.")
+@click.option("--per-round", type=click.IntRange(min=1), default=3, show_default=True, help="Timed calls per round.")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Uncounted calls first.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write throughput / Pareto plots (PNG).")
+def bench_cmd(original, converted, artifacts, backends, loops_s, threads, rounds, per_round, warmup, json_out, plot):
+    """Benchmark CONVERTED (a `loopify convert` output) against ORIGINAL, side by side.
+
+    ARTIFACTS: the TVM artifact directories of the original and the converted model (compiled
+    on the fly for the host when not given). Each configuration runs in its own process; timing
+    rounds are interleaved; ratios are converted / original for the same backend.
+    """
+    from tqdm import tqdm
+
+    from loopify import bench
+
+    loops = _loops_option(loops_s)
+    spec = bench.BenchSpec(str(original), str(converted), [str(a) for a in artifacts],
+                           tuple(b.strip() for b in backends.split(",") if b.strip()),
+                           tuple([loops] if isinstance(loops, int) else loops) if loops is not None else None,
+                           threads, warmup, rounds, per_round)
+    click.echo(f"bench: backends={','.join(spec.backends)} loops={spec.loops or 'all'} threads={threads} "
+               f"warmup={warmup} rounds={rounds}x{per_round} (interleaved, one process per configuration)", err=True)
+    bar = tqdm(desc="bench", unit="step", leave=False, file=sys.stderr, disable=not sys.stderr.isatty())
+
+    def step(msg):
+        bar.set_postfix_str(msg)
+        bar.update(1)
+
+    try:
+        report = bench.run(spec, progress=step)
+    finally:
+        bar.close()
+    click.echo(bench.format_table(report))
+    if json_out:
+        bench.write_json(report, json_out)
+        click.echo(f"wrote {json_out}", err=True)
+    if plot:
+        bench.plot(report, plot)
+        click.echo(f"wrote {plot}", err=True)
 
 
 def main(argv=None):

@@ -143,3 +143,24 @@ def test_minilm_fidelity_rises_with_rank(captured, written):
         res = conv.convert_captured(cap, conv.ConvertConfig(blocks=3, rank=rank))
         means.append(float(fidelity.sentence_cosines(ref, fidelity.embed(res.module, inputs)).mean()))
     assert means[0] < means[1] < means[2] and means[2] > 0.9999, means
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SMALL)
+def test_every_zoo_model_with_every_sharing_map_and_init(name, captured):
+    """Every sharing map and every init on every zoo model, each made lossless by rank=full.
+    Middle-* maps need 3+ layers: they apply to the stacks that have them (text decoders)."""
+    cap = captured(name)
+    from loopify.passes.find_spans import find_spans
+
+    long_stacks = tuple(s.stack for s in find_spans(cap, similarity=False).spans if s.length >= 4)
+    inits = ["stepwise", "average", "lower", "upper"]
+    for i, sharing in enumerate(["cycle", "sequence", "middle-cycle", "middle-sequence"]):
+        middle = sharing.startswith("middle")
+        config = conv.ConvertConfig(sharing=sharing, init=inits[i], rank="full",
+                                    blocks=3 if middle else 0, stacks=long_stacks if middle else ())
+        v = conv.convert_captured(cap, config).manifest["verify"]
+        assert v["ok"] and v["rel_err"] < conv.LOSSLESS_RTOL, (sharing, v["rel_err"])
+    for init in inits:
+        res = conv.convert_captured(cap, conv.ConvertConfig(init=init))
+        assert res.manifest["params"]["converted"] < res.manifest["params"]["original"]

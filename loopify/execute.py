@@ -1,0 +1,76 @@
+"""``loopify run``: run an artifact (TVM) or a model file (PyTorch) with a chosen loop count."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loopify.errors import LoopifyError
+from loopify.io import atomic_path
+
+
+def save_tensors(path: Path, tensors: tuple) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(tuple(t.detach().cpu() for t in tensors), tmp)
+
+
+def _flat_from_file(path: Path, names: list[str]) -> list[torch.Tensor]:
+    from loopify.capture import load_inputs
+
+    args, kwargs = load_inputs(path)
+    if kwargs:
+        missing = [n for n in names if n not in kwargs]
+        if missing:
+            raise LoopifyError(f"{path}: inputs lack {missing[0]!r} (the model takes {', '.join(names)})")
+        return list(args) + [kwargs[n] for n in names[len(args):]]
+    return list(args)
+
+
+def run(model: str | Path, *, loops=None, inputs: str | Path | None = None, threads: int | None = None):
+    """Returns (outputs, flat inputs used)."""
+    model = Path(model)
+    if threads:
+        torch.set_num_threads(threads)
+    if model.is_dir() and (model / "manifest.json").is_file():
+        from loopify import runtime
+
+        art = runtime.load(model, num_threads=threads)
+        names = [s["name"] for s in art.inputs]
+        if inputs is None:
+            raise LoopifyError(f"{model}: an artifact needs --inputs FILE (write one with "
+                               "`loopify run MODEL.pt2 --save-inputs FILE`)")
+        flat = _flat_from_file(Path(inputs), names)
+        return list(art(*flat, loops=loops)), flat
+    from loopify.compile import _flat_inputs, is_converted
+
+    if is_converted(model):
+        from loopify.convert import load_converted
+        from loopify.recursion import set_loops
+
+        module, captured, _ = load_converted(model)
+        try:
+            set_loops(module, loops)
+        except ValueError as e:
+            raise LoopifyError(f"--loops: {e}") from None
+    else:
+        from loopify import capture
+
+        captured = capture.load(model)
+        module = captured.module()
+        if loops is not None:
+            raise LoopifyError(f"{model}: not a converted model; it has no loops to set")
+    if inputs is not None:
+        from loopify.capture import load_inputs
+
+        args, kwargs = load_inputs(inputs)
+        if not kwargs and captured.kwargs:  # a flat tuple as saved by --save-inputs
+            names = list(captured.kwargs)
+            kwargs = dict(zip(names, args[len(captured.args):]))
+            args = args[:len(captured.args)]
+        captured.args, captured.kwargs = tuple(args), dict(kwargs)
+    with torch.no_grad():
+        out = module(*captured.args, **captured.kwargs)
+    from loopify.tensors import flat_tensors
+
+    return flat_tensors(out), _flat_inputs(captured)

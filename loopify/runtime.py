@@ -1,0 +1,265 @@
+"""Load and run a compiled loopify artifact (see :mod:`loopify.artifact` for the layout).
+
+    art = loopify.runtime.load("out/model.x86")
+    logits, = art(input_ids, attention_mask, loops=3)       # one count per loop stage, or an int
+
+Only TVM's runtime (the Relax VM) and safetensors are used here: no torch.export, no passes,
+no compiler. Loading verifies the manifest version and the sha256 of every file, and refuses,
+with one line, an artifact built for a target this machine cannot run (arm64 on x86, CUDA
+without a GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+from loopify import artifact as _artifact
+from loopify.artifact import ArtifactError, LoopCountError  # noqa: F401 - re-exported
+from loopify.errors import LoopifyError
+
+log = logging.getLogger(__name__)
+
+
+class ValidationError(LoopifyError):
+    """A compiled artifact does not reproduce its reference within tolerance."""
+
+
+def _machine_arch() -> str:
+    m = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
+
+
+def _ensure_cuda_runtime() -> None:
+    """Load TVM's CUDA runtime sidecar library (runtime-only TVM does not load it itself)."""
+    import tvm.base
+
+    if "tvm_runtime_cuda" in tvm.base._LOADED_LIBS:
+        return
+    try:
+        from tvm_ffi.libinfo import load_lib_ctypes
+
+        runtime_dir = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+        tvm.base._LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir],
+            mode="RTLD_LOCAL")
+    except (OSError, RuntimeError, KeyError, ImportError) as e:
+        log.debug("TVM CUDA runtime not loadable: %s", e)
+
+
+def _check_runnable(manifest: dict, root: Path) -> str:
+    """The device kind to run on ("cpu" / "cuda"), or ArtifactError when this machine cannot."""
+    target = manifest.get("target", {})
+    name = manifest.get("target_name") or target.get("kind")
+    if target.get("kind") == "cuda":
+        import tvm.runtime
+
+        _ensure_cuda_runtime()
+        if not tvm.runtime.cuda(0).exist:
+            raise ArtifactError(f"{root}: built for CUDA ({target.get('arch', '?')}); no CUDA GPU "
+                                "is visible on this machine")
+        return "cuda"
+    triple = str(target.get("mtriple", ""))
+    built = "aarch64" if "aarch64" in triple or name == "arm64" else "x86_64"
+    here = _machine_arch()
+    if built != here:
+        raise ArtifactError(f"{root}: built for {name} ({built}), this machine is {here}; run it "
+                            f"on a {built} machine or rebuild for this one")
+    need = manifest.get("requires_cpu_flags") or []
+    have = _cpu_flags()
+    missing = [f for f in need if have is not None and f not in have]
+    if missing:
+        raise ArtifactError(f"{root}: built for a CPU with {', '.join(missing)} "
+                            f"(mcpu={target.get('mcpu')}), which this one lacks; rebuild with "
+                            "target_for('x86', mcpu=...) for this machine")
+    return "cpu"
+
+
+def _cpu_flags() -> set | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def set_num_threads(n: int) -> None:
+    """Size TVM's CPU thread pool (the artifact's parallel loops use it)."""
+    import tvm
+
+    tvm.get_global_func("runtime.config_threadpool")(1, int(n))
+
+
+class OutputCheck(NamedTuple):
+    """One output of :func:`validate`."""
+
+    ok: bool
+    max_abs_err: float
+    rel_err: float
+
+
+class Artifact:
+    """A loaded artifact: call it like the model, with ``loops=`` for the loop stages."""
+
+    def __init__(self, path, *, device_id: int = 0, verify: bool = True):
+        import tvm.runtime
+        from tvm.runtime.vm import VirtualMachine
+
+        self.path = Path(path)
+        self.manifest = _artifact.read_manifest(self.path, verify=verify)
+        kind = _check_runnable(self.manifest, self.path)
+        self.device = tvm.runtime.cuda(device_id) if kind == "cuda" else tvm.runtime.cpu(0)
+        try:
+            lib = tvm.runtime.load_module(str(self.path / _artifact.LIBRARY))
+        except Exception as e:  # noqa: BLE001 - a loader failure is one line for the user
+            raise ArtifactError(f"{self.path}: cannot load {_artifact.LIBRARY}: "
+                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        self._vm = VirtualMachine(lib, self.device)
+        self._main = self._vm["main"]
+        self.params = self._load_params()
+        self.inputs = self.manifest["inputs"]
+        self.outputs = self.manifest["outputs"]
+
+    def _load_params(self) -> list:
+        import tvm.runtime
+        from safetensors.numpy import load_file
+
+        names = self.manifest.get("params", [])
+        try:
+            arrays = load_file(str(self.path / _artifact.PARAMS))
+        except Exception as e:  # noqa: BLE001
+            raise ArtifactError(f"{self.path}: unreadable {_artifact.PARAMS}: {e}") from None
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise ArtifactError(f"{self.path}: {_artifact.PARAMS} lacks {len(missing)} parameter(s) "
+                                f"the manifest lists, e.g. {missing[0]!r}")
+        return [tvm.runtime.tensor(np.ascontiguousarray(arrays[n]), self.device) for n in names]
+
+    @property
+    def loops(self) -> list[dict]:
+        return self.manifest.get("loops", [])
+
+    def _to_tvm(self, i: int, x) -> Any:
+        import tvm.runtime
+
+        spec = self.inputs[i]
+        if hasattr(x, "detach"):  # torch tensor
+            x = x.detach().cpu().contiguous().numpy()
+        x = np.ascontiguousarray(x)
+        if list(x.shape) != list(spec["shape"]) or str(x.dtype) != spec["dtype"]:
+            raise LoopifyError(f"input {i} ({spec['name']}): expected {spec['dtype']}"
+                               f"{list(spec['shape'])}, got {x.dtype}{list(x.shape)}")
+        return tvm.runtime.tensor(x, self.device)
+
+    def run_tvm(self, *inputs, loops=None):
+        """Run and return TVM tensors (no conversion)."""
+        import tvm.runtime
+
+        if len(inputs) != len(self.inputs):
+            raise LoopifyError(f"expected {len(self.inputs)} inputs "
+                               f"({', '.join(s['name'] for s in self.inputs)}), got {len(inputs)}")
+        counts = _artifact.loop_counts(self.manifest, loops)
+        args = [self._to_tvm(i, x) for i, x in enumerate(inputs)]
+        args += [tvm.runtime.tensor(np.array(k, dtype="int64"), self.device) for k in counts]
+        out = self._main(*args, *self.params)
+        return list(out) if not hasattr(out, "numpy") else [out]
+
+    def __call__(self, *inputs, loops=None, output: str = "torch"):
+        """Run the model. ``output``: ``"torch"`` (default) or ``"numpy"``. Returns a tuple."""
+        outs = self.run_tvm(*inputs, loops=loops)
+        arrays = [o.numpy() for o in outs]
+        if output == "numpy":
+            return tuple(arrays)
+        import torch
+
+        return tuple(torch.from_numpy(a) for a in arrays)
+
+    def benchmark(self, *inputs, loops=None, repeat: int = 10, warmup: int = 2) -> dict:
+        """Median / min wall time of one call in ms (inputs converted once, outside the timing)."""
+        import tvm.runtime
+
+        counts = _artifact.loop_counts(self.manifest, loops)
+        args = [self._to_tvm(i, x) for i, x in enumerate(inputs)]
+        args += [tvm.runtime.tensor(np.array(k, dtype="int64"), self.device) for k in counts]
+        times = []
+        for r in range(warmup + repeat):
+            t = time.perf_counter()
+            self._main(*args, *self.params)
+            self.device.sync()
+            if r >= warmup:
+                times.append((time.perf_counter() - t) * 1e3)
+        return {"median_ms": float(np.median(times)), "min_ms": float(np.min(times)),
+                "repeat": repeat}
+
+
+def load(path, *, device_id: int = 0, verify: bool = True, num_threads: int | None = None) -> Artifact:
+    """Load an artifact directory (checks its manifest, files and target first).
+
+    Args:
+        path: the artifact directory.
+        device_id: which GPU for a CUDA artifact.
+        verify: check every file's sha256 against the manifest (default on).
+        num_threads: size of TVM's CPU thread pool (default: TVM's own choice, or
+            ``TVM_NUM_THREADS``).
+
+    Raises:
+        loopify.artifact.ArtifactError: missing / corrupt / wrong version / wrong target.
+    """
+    if num_threads:
+        os.environ["TVM_NUM_THREADS"] = str(num_threads)
+    art = Artifact(path, device_id=device_id, verify=verify)
+    if num_threads:
+        set_num_threads(num_threads)
+    return art
+
+
+def validate(artifact_or_dir, reference_fn: Callable, inputs, loops=None, *, rtol: float = 1e-4,
+             raise_on_fail: bool = False) -> list[OutputCheck]:
+    """Run an artifact and a reference on the same inputs and compare every output.
+
+    Args:
+        artifact_or_dir: an :class:`Artifact` or its directory.
+        reference_fn: ``reference_fn(*inputs)`` -> tensor or tuple of tensors, the expected
+            outputs for these loop counts.
+        inputs: the model inputs (torch tensors or numpy arrays).
+        loops: loop counts (int, or one per loop stage; None: the manifest's defaults).
+        rtol: relative tolerance, max abs error / max abs reference value. The default 1e-4 is
+            the float32 reordering allowance used for export (TVM fuses and reorders float32
+            reductions: ~1e-6 relative per layer), with room for a few dozen layers.
+        raise_on_fail: raise one :class:`ValidationError` naming every failing output.
+
+    Returns:
+        One :class:`OutputCheck` (ok, max_abs_err, rel_err) per output, in order.
+    """
+    art = artifact_or_dir if isinstance(artifact_or_dir, Artifact) else load(artifact_or_dir)
+    got = art(*inputs, loops=loops, output="numpy")
+    ref = reference_fn(*inputs)
+    if not isinstance(ref, (tuple, list)):
+        ref = (ref,)
+    ref = [r.detach().cpu().numpy() if hasattr(r, "detach") else np.asarray(r) for r in ref]
+    if len(ref) != len(got):
+        raise ValidationError(f"reference has {len(ref)} outputs, the artifact {len(got)}")
+    checks = []
+    for a, b in zip(ref, got):
+        if a.shape != b.shape:
+            checks.append(OutputCheck(False, float("inf"), float("inf")))
+            continue
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        err = float(np.abs(a64 - b64).max()) if a.size else 0.0
+        scale = float(np.abs(a64).max()) if a.size else 0.0
+        rel = err / max(scale, 1e-12)
+        checks.append(OutputCheck(bool(rel <= rtol), err, rel))
+    if raise_on_fail and not all(c.ok for c in checks):
+        bad = "; ".join(f"output {i}: max abs {c.max_abs_err:.3g}, rel {c.rel_err:.3g}"
+                        for i, c in enumerate(checks) if not c.ok)
+        raise ValidationError(f"{art.path}: outputs differ from the reference beyond rtol={rtol}: {bad}")
+    return checks

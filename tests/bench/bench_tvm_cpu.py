@@ -1,0 +1,116 @@
+"""CPU timings of TVM-compiled models against eager PyTorch, in ONE process, side by side.
+
+    .venv/bin/python tests/bench/bench_tvm_cpu.py                       # bench-llama, all variants
+    .venv/bin/python tests/bench/bench_tvm_cpu.py --model llama --schedules loopify dlight
+    .venv/bin/python tests/bench/bench_tvm_cpu.py --schedules loopify --tune --trials 64 \
+        --tuning-db out/tuning-db                                       # MetaSchedule on top
+
+For each thread count (1 and 2) it times eager PyTorch (``torch.set_num_threads(n)``) and each
+compiled variant with TVM's pool sized to n. Each compiled artifact is checked against PyTorch
+first. Timings on a shared machine swing with other load: compare only within one run.
+Writes a JSON report (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+
+def time_fn(fn, repeat, warmup=1):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return {"median_ms": round(statistics.median(ts), 2), "min_ms": round(min(ts), 2)}
+
+
+def load_model(name: str, cache: Path):
+    """The zoo entry's export archive (written once into ``cache``) -> (program, args, kwargs)."""
+    from loopify import capture
+    from loopify.examples import zoo
+
+    path = cache / f"{name}.pt"
+    if not path.exists():
+        zoo.write_export(name, cache)
+    cap = capture.load(path)
+    return cap
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="bench-llama")
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "loopify-bench-zoo")
+    ap.add_argument("--schedules", nargs="+", default=["loopify", "dlight"],
+                    help="CPU schedule variants to build (loopify, dlight, none)")
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--trials", type=int, default=64)
+    ap.add_argument("--tuning-db", default=None)
+    ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "loopify-bench-art")
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args(argv)
+
+    import loopify.runtime as rt
+    from loopify.backends.tvm import compile_program
+
+    a.cache.mkdir(parents=True, exist_ok=True)
+    cap = load_model(a.model, a.cache)
+    ep = cap.program
+    args = tuple(cap.args) + tuple(cap.kwargs.values())
+    eager = ep.module()
+    report = {"model": a.model, "inputs": [list(x.shape) for x in args], "variants": {},
+              "timings": {}}
+    with torch.no_grad():
+        ref = eager(*cap.args, **cap.kwargs)
+
+    variants = list(a.schedules) + (["tuned"] if a.tune else [])
+    arts = {}
+    for v in variants:
+        t = time.time()
+        opts = {"schedule": "loopify" if v == "tuned" else v}
+        if v == "tuned":
+            opts.update(tune=True, trials=a.trials, tuning_db=a.tuning_db)
+        res = compile_program(ep, "x86", a.out / v, **opts)
+        art = rt.load(res.path)
+        checks = rt.validate(art, lambda *i: ref, args)
+        arts[v] = art
+        report["variants"][v] = {"build_s": round(time.time() - t, 1), "timings": res.timings,
+                                 "checks": [c._asdict() for c in checks]}
+        print(f"built {v}: {report['variants'][v]}", flush=True)
+
+    for n in a.threads:
+        torch.set_num_threads(n)
+        rt.set_num_threads(n)
+        row = {}
+        with torch.no_grad():
+            row["eager"] = time_fn(lambda: eager(*cap.args, **cap.kwargs), a.repeat)
+        for v, art in arts.items():
+            reps = 1 if v == "none" else a.repeat
+            row[v] = art.benchmark(*args, repeat=reps, warmup=0 if v == "none" else 1)
+        report["timings"][f"threads={n}"] = row
+        print(f"threads={n}: " + ", ".join(f"{k} {r['median_ms']:.1f} ms" for k, r in row.items()),
+              flush=True)
+    if a.json:
+        a.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

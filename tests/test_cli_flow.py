@@ -1,0 +1,97 @@
+"""The user's flow through the CLI: convert -> compile (x86, arm64) -> run (TVM and PyTorch,
+same inputs, loop count at run time) -> bench.
+
+Tolerance artifact vs PyTorch: 1e-4 relative (TVM reorders float32 reductions, ~1e-6 measured)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from loopify.cli import cli
+
+
+@pytest.fixture(scope="module")
+def flow(written, tmp_path_factory):
+    d = tmp_path_factory.mktemp("flow")
+    r = CliRunner().invoke(cli, ["convert", str(written["llama"]["hf"]), "-o", str(d / "llama.pt2"), "--blocks", "1",
+                                 "--rank", "4"])
+    assert r.exit_code == 0, r.output
+    return d
+
+
+def _ok(r):
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def test_compile_converted_x86_validates_every_loop_count(flow):
+    out = _ok(CliRunner().invoke(cli, ["compile", str(flow / "llama.pt2"), "-o", str(flow / "x86")]))
+    for k in (1, 2, 3, 4):
+        assert f"validate loops=[{k}] output 0" in out
+    assert "NOT OK" not in out
+    m = json.loads((flow / "x86" / "manifest.json").read_text())
+    assert m["loop"] == {"min": 1, "max": 4, "default": 4}
+    assert set(m["files"]) == {"lib.so", "params.safetensors"}
+    # Shared weights once: the artifact's parameters are the converted model's unique parameters.
+    conv = json.loads((flow / "llama.json").read_text())
+    from safetensors.numpy import load_file
+
+    n = sum(a.size for a in load_file(str(flow / "x86" / "params.safetensors")).values())
+    # At most the converted model's unique parameters plus the rotary table (32 floats); fewer when
+    # tensors are identical by content (a random-init model's norm scales are all ones).
+    assert 0.95 * conv["params"]["converted"] <= n <= conv["params"]["converted"] + 64, (n, conv["params"]["converted"])
+
+
+def test_run_tvm_and_pytorch_on_the_same_inputs(flow):
+    runner = CliRunner()
+    if not (flow / "x86").exists():
+        _ok(runner.invoke(cli, ["compile", str(flow / "llama.pt2"), "-o", str(flow / "x86"), "--no-validate"]))
+    _ok(runner.invoke(cli, ["run", str(flow / "llama.pt2"), "--loops", "2", "--out", str(flow / "pt.out"),
+                            "--save-inputs", str(flow / "in.pt")]))
+    _ok(runner.invoke(cli, ["run", str(flow / "x86"), "--loops", "2", "--inputs", str(flow / "in.pt"),
+                            "--out", str(flow / "tvm.out")]))
+    (a,), (b,) = torch.load(flow / "pt.out"), torch.load(flow / "tvm.out")
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-4
+    # Loop counts outside the artifact's range are refused in one line.
+    r = runner.invoke(cli, ["run", str(flow / "x86"), "--loops", "9", "--inputs", str(flow / "in.pt")])
+    assert r.exit_code == 2 and "loopify: error:" in r.output
+
+
+def test_compile_arm64_gives_an_aarch64_shared_object(flow):
+    _ok(CliRunner().invoke(cli, ["compile", str(flow / "llama.pt2"), "-o", str(flow / "arm"), "--target", "arm64"]))
+    head = (flow / "arm" / "lib.so").read_bytes()[:20]
+    assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
+
+
+def test_corrupt_artifact_is_refused(flow, tmp_path):
+    import shutil
+
+    if not (flow / "x86").exists():
+        _ok(CliRunner().invoke(cli, ["compile", str(flow / "llama.pt2"), "-o", str(flow / "x86"), "--no-validate"]))
+    bad = tmp_path / "bad"
+    shutil.copytree(flow / "x86", bad)
+    data = bytearray((bad / "params.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (bad / "params.safetensors").write_bytes(bytes(data))
+    torch.save((torch.zeros(1, 24, dtype=torch.long), torch.ones(1, 24, dtype=torch.long)), tmp_path / "in.pt")
+    r = CliRunner().invoke(cli, ["run", str(bad), "--inputs", str(tmp_path / "in.pt")])
+    assert r.exit_code == 2 and "sha256" in r.output
+
+
+def test_bench_smoke(written, flow, tmp_path):
+    r = CliRunner().invoke(cli, ["bench", str(written["llama"]["hf"]), str(flow / "llama.pt2"), "--backends", "eager",
+                                 "--loops", "1,4", "--rounds", "2", "--per-round", "2", "--warmup", "1",
+                                 "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "b.json").read_text())
+    assert {(x["model"], x["loops"]) for x in rep["results"]} == {("original", None), ("converted", 1), ("converted", 4)}
+    for x in rep["results"]:
+        assert x["latency_ms"]["median"] > 0 and x["latency_ms"]["n"] == 4 and x["unit"] == "tokens/s"
+    full = next(x for x in rep["results"] if x["loops"] == 4)
+    assert full["params"] < rep["results"][0]["params"]
+    assert {q["loops"] for q in rep["ratios"]} == {1, 4}
+    assert (tmp_path / "b.png").stat().st_size > 1000
