@@ -46,7 +46,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -m "not bench" --timeout=900 $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) -m pytest -q tests/bench --benchmark-only $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests/bench -m bench --benchmark-only --benchmark-columns=min,median,max,rounds $(PYTEST_ARGS)
 
 zoo: $(STAMP)
 	$(PY) -m loopify.examples.zoo $(OUT)/zoo

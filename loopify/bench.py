@@ -16,7 +16,6 @@ Method (what a performance engineer would check):
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing as mp
 import os
@@ -71,26 +70,23 @@ def machine() -> dict:
     return info
 
 
-def _rss_mb() -> float:
+def _status_mb(key: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak), in MB."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
 
 
-def _peak_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
+def _rss_mb() -> float:
+    return _status_mb("VmRSS")
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def _peak_mb() -> float:
+    return _status_mb("VmHWM")
 
 
 def _reset_peak() -> None:
@@ -113,11 +109,14 @@ def _build(cfg: Config, spec: BenchSpec):
     torch.set_num_threads(spec.threads)
     from loopify import capture
     from loopify.compile import _flat_inputs
-    from loopify.convert import load_converted, unique_params
+    from loopify.convert import load_converted, read_manifest, unique_params
     from loopify.recursion import set_loops
 
     if cfg.model == "original":
-        cap = capture.load(spec.original)
+        # The original runs on the inputs the converted model was captured with (same text length).
+        src = read_manifest(spec.converted)["source"]
+        same = Path(spec.original).resolve() == Path(src["path"])
+        cap = capture.load(spec.original, seq_len=src.get("text_len") if same and src.get("format") == "hf-dir" else None)
         program = cap.program
         params = unique_params(program.state_dict)[0]
         disk = _disk_bytes(Path(spec.original))
@@ -170,13 +169,12 @@ def _disk_bytes(path: Path) -> int:
 
 
 def _worker(conn, cfg: Config, spec: BenchSpec):
-    import torch
 
     try:
         base = _rss_mb()
         call, params, disk, (units, unit) = _build(cfg, spec)
         for _ in range(spec.warmup):
-            out = call()
+            call()
         _reset_peak()
         conn.send({"ready": True, "params": params, "disk": disk, "units": units, "unit": unit})
         while True:
@@ -319,7 +317,6 @@ def _run(spec: BenchSpec, progress, man: dict, max_loops: int, notes: list[str])
 
 
 def _fidelity(reference, outs, manifest) -> dict:
-    import torch
 
     from loopify.convert import verify
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -406,7 +405,8 @@ def load_converted(path: str | Path, *, loops: int | list[int] | None = None):
     expected = manifest.get("files", {}).get(path.name)
     if expected and _sha256(path) != expected:
         raise ConvertError(f"{path}: file does not match the sha256 in its manifest (corrupt or replaced)")
-    captured = capture.load(src, allow_export_mismatch=True)
+    text_len = manifest["source"].get("text_len") if manifest["source"].get("format") == "hf-dir" else None
+    captured = capture.load(src, allow_export_mismatch=True, seq_len=text_len)
     config = ConvertConfig.from_dict(manifest["config"])
     module = run_pipeline(config.to_pipeline(), State(captured, captured.unflatten())).state.module
     program, _info = capture._load_archive(path)

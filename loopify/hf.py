@@ -252,7 +252,6 @@ def _check_safetensors_file(path: Path, f: Path) -> None:
 
 
 def _load_registered(path: Path, arch: str, config: dict, seq_len: int | None) -> HFModel:
-    from safetensors.torch import load_model
 
     entry = _REGISTRY[arch]
     try:

@@ -60,6 +60,17 @@ def refresh(module: nn.Module) -> None:
             module.recompile()
 
 
+def graph_nodes(root: nn.Module):
+    """Every node of every FX graph in the hierarchy, as ``(module path prefix, node)``; the
+    prefix ("a.b." or "") turns a node's target into a path from ``root``."""
+    for path, mod in root.named_modules():
+        graph = getattr(mod, "graph", None)
+        if isinstance(graph, torch.fx.Graph):
+            prefix = f"{path}." if path else ""
+            for n in graph.nodes:
+                yield prefix, n
+
+
 @dataclass
 class CallSite:
     caller_path: str          # module whose graph holds the call nodes
@@ -78,17 +89,13 @@ def locate_calls(root: nn.Module, layer_paths: list[str]) -> CallSite:
     """
     wanted = {p: i for i, p in enumerate(layer_paths)}
     found: dict[int, tuple[str, nn.Module, torch.fx.Node]] = {}
-    for path, mod in root.named_modules():
-        graph = getattr(mod, "graph", None)
-        if not isinstance(graph, torch.fx.Graph):
-            continue
-        prefix = f"{path}." if path else ""
-        for n in graph.nodes:
-            if n.op == "call_module" and (prefix + n.target) in wanted:
-                i = wanted[prefix + n.target]
-                if i in found:
-                    raise ValueError(f"layer {layer_paths[i]} is called more than once")
-                found[i] = (path, mod, n)
+    for prefix, n in graph_nodes(root):
+        if n.op == "call_module" and (prefix + n.target) in wanted:
+            i = wanted[prefix + n.target]
+            if i in found:
+                raise ValueError(f"layer {layer_paths[i]} is called more than once")
+            path = prefix[:-1]
+            found[i] = (path, root.get_submodule(path) if path else root, n)
     missing = [layer_paths[i] for i in range(len(layer_paths)) if i not in found]
     if missing:
         raise ValueError(f"no call of {missing[0]} in the unflattened graph")

@@ -65,7 +65,6 @@ def _markers(loops: dict[str, Recursion]):
     try:
         for i, (path, rec) in enumerate(loops.items()):
             saved[path] = rec.__dict__.get("forward")
-            n_args = None
 
             def fwd(*args, _i=i, _rec=rec):
                 return torch.ops.loopify.boundary(list(args), _i, _rec.spec.state_arg)

@@ -31,7 +31,7 @@ from torch import nn
 
 from loopify.hierarchy import clone, locate_calls, refresh, remove_submodule, unique_name
 from loopify.pipeline import Pass, PassResult, State, mark_node
-from loopify.recursion import Recursion, RecursionSpec, _key, recursions, sharing_map
+from loopify.recursion import Recursion, RecursionSpec, _key, sharing_map
 
 INITS = ("stepwise", "average", "lower", "upper")
 

@@ -20,29 +20,21 @@ LoRA wins back (see the README's fidelity table). At ``rank=full`` they are alwa
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
-from loopify.hierarchy import clone
+from loopify.hierarchy import clone, graph_nodes
 from loopify.pipeline import Pass, PassResult, State
 from loopify.recursion import Recursion, _key, recursions
 
 
 def matrix_params(block: nn.Module) -> list[str]:
     """2-D parameters of ``block`` that no embedding lookup reads."""
-    embedding_tables = set()
-    for path, mod in block.named_modules():
-        graph = getattr(mod, "graph", None)
-        if not isinstance(graph, torch.fx.Graph):
-            continue
-        prefix = f"{path}." if path else ""
-        for n in graph.nodes:
-            if n.op == "get_attr" and any("embedding" in str(u.target) for u in n.users):
-                embedding_tables.add(prefix + n.target)
+    embedding_tables = {prefix + n.target for prefix, n in graph_nodes(block)
+                        if n.op == "get_attr" and any("embedding" in str(u.target) for u in n.users)}
     return [name for name, p in block.named_parameters() if p.dim() == 2 and name not in embedding_tables]
 
 

@@ -14,10 +14,8 @@ import torch
 from loopify.errors import PipelineError
 from loopify.passes.find_spans import find_spans
 from loopify.passes.fold_loops import FoldLoops, default_blocks
-from loopify.passes.insert_connectors import InsertConnectors
-from loopify.passes.relax import Relax
 from loopify.pipeline import State, parse, run_pipeline
-from loopify.recursion import Recursion, recursions, schedule, set_loops, sharing_map
+from loopify.recursion import recursions, schedule, set_loops, sharing_map
 from tests.models import TinyStack
 
 RTOL = 1e-5
