@@ -169,8 +169,18 @@ def _disk_bytes(path: Path) -> int:
 
 
 def _worker(conn, cfg: Config, spec: BenchSpec):
+    import warnings
 
+    for category in (FutureWarning, DeprecationWarning, UserWarning):  # a spawned process starts afresh
+        warnings.filterwarnings("ignore", category=category)
     try:
+        # The baseline is taken after the libraries are imported: what is measured is the model
+        # (weights, activations, compiled code), not torch's or TVM's own footprint.
+        import torch  # noqa: F401
+
+        import loopify.capture  # noqa: F401
+        if cfg.backend == "tvm":
+            import tvm.runtime  # noqa: F401
         base = _rss_mb()
         call, params, disk, (units, unit) = _build(cfg, spec)
         for _ in range(spec.warmup):
@@ -389,6 +399,8 @@ def plot(report: dict, path: Path) -> Path:
         if orig:
             a2.scatter([orig[0]["throughput"]], [1.0], marker="*", s=120, color=line.get_color(), label=f"original ({b})")
     unit = report["results"][0]["unit"] if report["results"] else ""
+    ks = sorted({r["loops"] for r in report["results"] if r["loops"] is not None})
+    a1.set_xticks(ks)
     a1.set_xlabel("loops")
     a1.set_ylabel(f"throughput ({unit})")
     a1.set_title("throughput against loop count")
