@@ -128,13 +128,19 @@ def _build(cfg: Config, spec: BenchSpec):
         disk = Path(spec.converted).stat().st_size
     flat = _flat_inputs(cap)
     tokens = _tokens(cap)
+    args, kwargs = cap.args, cap.kwargs
+    if cfg.model == "converted":  # drop the re-captured original and the eager loop module
+        import gc
+
+        del module, cap
+        gc.collect()
     if cfg.backend in ("eager", "compile"):
         gm = program.module()
         fn = gm if cfg.backend == "eager" else torch.compile(gm, dynamic=False)
 
         def call():
             with torch.no_grad():
-                return fn(*cap.args, **cap.kwargs)
+                return fn(*args, **kwargs)
         return call, params, disk, tokens
     # tvm
     from loopify import runtime

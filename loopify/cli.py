@@ -57,6 +57,7 @@ def cli(ctx, debug, verbose):
       compile   compile a model or a converted model with TVM into an artifact directory
       run       run an artifact (TVM) or a .pt2 (PyTorch) with the loop count chosen at run time
       bench     converted against original, side by side: throughput, latency, memory, size, fidelity
+      train     uptrain a converted model by distillation with the Monotonic Recursion Loss
     MODEL is a torch.export archive (.pt2/.pt), a Hugging Face directory, or (with
     --trust-pickle) a pickled nn.Module.
     """
@@ -388,6 +389,54 @@ def bench_cmd(original, converted, artifacts, backends, loops_s, threads, rounds
     if plot:
         bench.plot(report, plot)
         click.echo(f"wrote {plot}", err=True)
+
+
+@cli.command("train")
+@click.argument("converted", type=click.Path(path_type=Path))
+@click.option("--teacher", type=click.Path(path_type=Path), default=None,
+              help="The original model (default: the source recorded in CONVERTED's manifest).")
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help='Text file (one text per line) or JSON lines (.jsonl: a string or {"text": ..., "image": PATH}).')
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output OUT.pt2 (+ OUT.json).")
+@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Examples per step per process (gradient accumulation).")
+@click.option("--loss", type=click.Choice(["mrl", "last"]), default="mrl", show_default=True,
+              help="mrl: every depth supervised, a depth worse than the previous weighted by beta; last: final depth only.")
+@click.option("--beta", type=float, default=2.0, show_default=True, help="MRL weight of a depth worse than the previous one (>= 1).")
+@click.option("--train", "groups", default="base,lora,connector", show_default=True, help="Parameter groups to train.")
+@click.option("--objective", type=click.Choice(["auto", "kl", "cosine", "mse"]), default="auto", show_default=True,
+              help="auto: KL on logits, cosine on pooled embeddings for encoders.")
+@click.option("--eval-data", type=click.Path(path_type=Path), default=None, help="Held-out data (default: part of --data).")
+@click.option("--holdout", type=float, default=0.1, show_default=True)
+@click.option("--eval-every", type=int, default=0, show_default=True, help="0: before and after only.")
+@click.option("--eval-size", type=int, default=0, show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
+@click.option("--warmup", type=int, default=0, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--grad-clip", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Default: OUT.ckpt.")
+@click.option("--checkpoint-every", type=int, default=50, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint (same step, optimizer state, data position).")
+@click.option("--tokenizer", default="auto", show_default=True, help="auto (the model's own), bytes, or a tokenizer directory.")
+@click.option("--max-seconds", type=float, default=0.0, help="Stop training after this long and write the output (0: no limit).")
+@click.option("--threads", type=int, default=0)
+def train_cmd(converted, teacher, data, out, groups, **kw):
+    """Uptrain CONVERTED (a `loopify convert` output) by distillation from the original, with
+    RecursiveVLM's Monotonic Recursion Loss over every recursion depth. Writes OUT.pt2 + OUT.json
+    like `convert`, with the training report. Runs under torchrun (DDP, gloo on CPU)."""
+    from loopify import train as tr
+
+    config = tr.TrainConfig(converted=str(converted), teacher=str(teacher) if teacher else None, data=str(data),
+                            out=str(out), train=groups,
+                            **{k: (str(v) if isinstance(v, Path) else v) for k, v in kw.items()})
+    click.echo("train: " + " ".join(f"{k}={v}" for k, v in config.to_dict().items() if v not in (None, "", ())), err=True)
+    res = tr.train(config, progress=tr.ConsoleProgress())
+    if res.out is not None:  # rank 0 only under torchrun
+        click.echo(tr.format_report(res.report))
+        click.echo(f"wrote {res.out} and {res.manifest_path}")
 
 
 def main(argv=None):

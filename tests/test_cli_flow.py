@@ -95,3 +95,19 @@ def test_bench_smoke(written, flow, tmp_path):
     assert full["params"] < rep["results"][0]["params"]
     assert {q["loops"] for q in rep["ratios"]} == {1, 4}
     assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_train_cli(flow, tmp_path):
+    from loopify import texts
+
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(texts.sentences()[:12]) + "\n")
+    out = tmp_path / "trained.pt2"
+    r = CliRunner().invoke(cli, ["train", str(flow / "llama.pt2"), "--data", str(data), "-o", str(out), "--steps", "1",
+                                 "--batch", "1", "--tokenizer", "bytes"])
+    assert r.exit_code == 0, r.output
+    assert "monotonic over depth after training" in r.output and out.exists()
+    assert json.loads(out.with_suffix(".json").read_text())["train"]["config"]["loss"] == "mrl"
+    r = CliRunner().invoke(cli, ["train", str(flow / "llama.pt2"), "--data", str(tmp_path / "none.txt"), "-o",
+                                 str(tmp_path / "x.pt2"), "--tokenizer", "bytes"])
+    assert r.exit_code == 2 and "loopify: error:" in r.output and not (tmp_path / "x.pt2").exists()
