@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 
 from loopify import __version__
+from loopify.config import fields_from_dict
 from loopify.errors import LoopifyError
 from loopify.io import atomic_path, write_json
 from loopify.pipeline import Pipeline, State, parse, run_pipeline
@@ -93,14 +94,7 @@ class ConvertConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ConvertConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConvertError(f"unknown config field '{unknown[0]}'; fields: {', '.join(sorted(known))}")
-        d = dict(d)
-        if "stacks" in d:
-            d["stacks"] = tuple(d["stacks"])
-        return cls(**d)
+        return cls(**fields_from_dict(cls, d, ConvertError))
 
     def to_pipeline(self) -> Pipeline:
         """The pipeline this config stands for."""

@@ -75,6 +75,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from loopify.config import fields_from_dict
 from loopify.errors import LoopifyError
 from loopify.io import atomic_path
 
@@ -222,14 +223,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise TrainError(f"unknown train config field '{unknown[0]}'; fields: {', '.join(sorted(known))}")
-        d = dict(d)
-        if "train" in d and not isinstance(d["train"], str):
-            d["train"] = tuple(d["train"])
-        return cls(**d)
+        return cls(**fields_from_dict(cls, d, TrainError, "train config"))
 
 
 def _choice(name, value, allowed):
