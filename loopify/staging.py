@@ -279,7 +279,9 @@ def _straight_stage(gm, nodes, pos, s, start, end, markers, carries, values, fla
         return env[x]
 
     for n in nodes[start + 1:end]:
-        if n.op == "placeholder":
+        # Parameters are created on first use (lookup): an unused get_attr would make the stage
+        # carry weights it never reads, which the backend then also lays out for this stage.
+        if n.op in ("placeholder", "get_attr"):
             continue
         if n.op == "output":
             g.output(tuple(lookup(x) for x in _flatten_output(n.args[0])))
