@@ -164,3 +164,18 @@ def test_every_zoo_model_with_every_sharing_map_and_init(name, captured):
     for init in inits:
         res = conv.convert_captured(cap, conv.ConvertConfig(init=init))
         assert res.manifest["params"]["converted"] < res.manifest["params"]["original"]
+
+
+def test_convert_never_imports_tvm(written):
+    """The convert path (capture, passes, verify) must not import TVM (DESIGN.md layering);
+    checked in a fresh interpreter so that other tests' imports cannot hide it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from click.testing import CliRunner; from loopify.cli import cli; "
+            f"r = CliRunner().invoke(cli, ['convert', {str(written['llama']['export'])!r}, '--dry-run', '--rank', '4']); "
+            "assert r.exit_code == 0, r.output; "
+            "print(any(m == 'tvm' or m.startswith('tvm.') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
