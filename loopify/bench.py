@@ -48,6 +48,7 @@ class BenchSpec:
     warmup: int = 2
     rounds: int = 5
     per_round: int = 3
+    seq: int | None = None                                 # text length (HF sources); default: the capture's
 
 
 def machine() -> dict:
@@ -116,12 +117,13 @@ def _build(cfg: Config, spec: BenchSpec):
         # The original runs on the inputs the converted model was captured with (same text length).
         src = read_manifest(spec.converted)["source"]
         same = Path(spec.original).resolve() == Path(src["path"])
-        cap = capture.load(spec.original, seq_len=src.get("text_len") if same and src.get("format") == "hf-dir" else None)
+        recorded = src.get("text_len") if same and src.get("format") == "hf-dir" else None
+        cap = capture.load(spec.original, seq_len=spec.seq or recorded)
         program = cap.program
         params = unique_params(program.state_dict)[0]
         disk = _disk_bytes(Path(spec.original))
     else:
-        module, cap, manifest = load_converted(spec.converted)
+        module, cap, manifest = load_converted(spec.converted, seq_len=spec.seq)
         set_loops(module, cfg.loops)
         program = torch.export.export(module, tuple(cap.args), dict(cap.kwargs), strict=False)
         params = manifest["params"]["converted"]
@@ -247,8 +249,13 @@ def run(spec: BenchSpec, progress=None) -> dict:
         tmpdir = tempfile.mkdtemp(prefix="loopify-bench-")
         if progress:
             progress("compiling TVM artifacts for the host")
-        spec.artifacts = [str(compile_model(spec.original, Path(tmpdir) / "original", validate=False).path),
-                          str(compile_model(spec.converted, Path(tmpdir) / "converted", validate=False).path)]
+        src = man["source"]
+        same = Path(spec.original).resolve() == Path(src["path"])
+        seq = spec.seq or (src.get("text_len") if same and src.get("format") == "hf-dir" else None)
+        spec.artifacts = [str(compile_model(spec.original, Path(tmpdir) / "original", validate=False,
+                                            capture_options={"seq_len": seq}).path),
+                          str(compile_model(spec.converted, Path(tmpdir) / "converted", validate=False,
+                                            capture_options={"seq_len": spec.seq}).path)]
         notes.append("tvm artifacts compiled on the fly for the host (default schedules, untuned)")
     try:
         import torch
@@ -313,7 +320,7 @@ def _run(spec: BenchSpec, progress, man: dict, max_loops: int, notes: list[str])
             med = statistics.median(ts)
             results.append({
                 "model": c.model, "backend": c.backend, "loops": c.loops,
-                "throughput": hello["units"] / (med / 1e3), "unit": hello["unit"],
+                "throughput": hello["units"] / (med / 1e3), "unit": hello["unit"], "units_per_call": hello["units"],
                 "latency_ms": {"median": med, "p90": ts[min(len(ts) - 1, math.ceil(0.9 * len(ts)) - 1)],
                                "min": ts[0], "max": ts[-1], "n": len(ts)},
                 "peak_mb": peaks[c], "params": hello["params"], "bytes_on_disk": hello["disk"],
@@ -327,7 +334,7 @@ def _run(spec: BenchSpec, progress, man: dict, max_loops: int, notes: list[str])
                 pass
             w[0].join(5)
     return {"machine": {**machine(), "threads": spec.threads}, "method": {
-        "warmup": spec.warmup, "rounds": spec.rounds, "per_round": spec.per_round,
+        "warmup": spec.warmup, "rounds": spec.rounds, "per_round": spec.per_round, "seq": spec.seq,
         "interleaved": True, "process_per_config": True},
         "results": results, "ratios": ratios(results), "notes": notes}
 

@@ -254,7 +254,7 @@ def convert(model, out, blocks, loops, sharing, init, rank, connector, mode, rep
     if dry_run:
         click.echo("dry run: nothing written", err=True)
         return
-    click.echo(f"exporting the converted model ...", err=True)
+    click.echo("exporting the converted model ...", err=True)
     pt2, manifest = conv.save(result, cap, out)
     click.echo(f"wrote {pt2} ({m['bytes']['converted_file']:,} bytes) and {manifest}")
 
@@ -349,12 +349,14 @@ def run_cmd(model, loops_s, inputs, out_file, save_inputs, threads):
 @click.option("--backends", default="eager,compile,tvm", show_default=True, help="Comma-separated: eager, compile, tvm.")
 @click.option("--loops", "loops_s", default=None, metavar="K,K...", help="Loop counts of the converted model (default: 1..max).")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="CPU threads, fixed for every backend.")
+@click.option("--seq", type=click.IntRange(min=2), default=None,
+              help="Text length for both models (Hugging Face sources; default: the length the model was converted at).")
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True, help="Interleaved timing rounds.")
 @click.option("--per-round", type=click.IntRange(min=1), default=3, show_default=True, help="Timed calls per round.")
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Uncounted calls first.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write throughput / Pareto plots (PNG).")
-def bench_cmd(original, converted, artifacts, backends, loops_s, threads, rounds, per_round, warmup, json_out, plot):
+def bench_cmd(original, converted, artifacts, backends, loops_s, threads, seq, rounds, per_round, warmup, json_out, plot):
     """Benchmark CONVERTED (a `loopify convert` output) against ORIGINAL, side by side.
 
     ARTIFACTS: the TVM artifact directories of the original and the converted model (compiled
@@ -369,8 +371,8 @@ def bench_cmd(original, converted, artifacts, backends, loops_s, threads, rounds
     spec = bench.BenchSpec(str(original), str(converted), [str(a) for a in artifacts],
                            tuple(b.strip() for b in backends.split(",") if b.strip()),
                            tuple([loops] if isinstance(loops, int) else loops) if loops is not None else None,
-                           threads, warmup, rounds, per_round)
-    click.echo(f"bench: backends={','.join(spec.backends)} loops={spec.loops or 'all'} threads={threads} "
+                           threads, warmup, rounds, per_round, seq)
+    click.echo(f"bench: backends={','.join(spec.backends)} loops={spec.loops or 'all'} threads={threads} seq={seq or 'as converted'} "
                f"warmup={warmup} rounds={rounds}x{per_round} (interleaved, one process per configuration)", err=True)
     bar = tqdm(desc="bench", unit="step", leave=False, file=sys.stderr, disable=not sys.stderr.isatty())
 

@@ -86,7 +86,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
         from loopify.recursion import set_loops
         from loopify.staging import stages_of
 
-        module, captured, _manifest = load_converted(model)
+        module, captured, _manifest = load_converted(model, seq_len=(capture_options or {}).get("seq_len"))
         staged = stages_of(module, captured)
         stages = [Stage(s.kind, s.program, min_loops=s.min_loops, max_loops=s.max_loops,
                         default_loops=s.default_loops, name=s.name) for s in staged]

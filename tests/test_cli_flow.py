@@ -84,13 +84,14 @@ def test_corrupt_artifact_is_refused(flow, tmp_path):
 
 def test_bench_smoke(written, flow, tmp_path):
     r = CliRunner().invoke(cli, ["bench", str(written["llama"]["hf"]), str(flow / "llama.pt2"), "--backends", "eager",
-                                 "--loops", "1,4", "--rounds", "2", "--per-round", "2", "--warmup", "1",
+                                 "--loops", "1,4", "--rounds", "2", "--per-round", "2", "--warmup", "1", "--seq", "16",
                                  "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")])
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "b.json").read_text())
     assert {(x["model"], x["loops"]) for x in rep["results"]} == {("original", None), ("converted", 1), ("converted", 4)}
     for x in rep["results"]:
         assert x["latency_ms"]["median"] > 0 and x["latency_ms"]["n"] == 4 and x["unit"] == "tokens/s"
+        assert x["units_per_call"] == 16  # --seq 16 for both models (converted at the default 24)
     full = next(x for x in rep["results"] if x["loops"] == 4)
     assert full["params"] < rep["results"][0]["params"]
     assert {q["loops"] for q in rep["ratios"]} == {1, 4}
