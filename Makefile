@@ -45,6 +45,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not bench" --timeout=900 $(PYTEST_ARGS)
 
+# Everything, slow cases included (the all-sharing-maps sweep, the large benchmark model export).
+test-all: $(STAMP)
+	LOOPIFY_SLOW=1 $(PY) -m pytest -q -m "not bench" --timeout=3600 $(PYTEST_ARGS)
+
 bench: $(STAMP)
 	$(PY) -m pytest -q tests/bench -m bench --benchmark-only --benchmark-columns=min,median,max,rounds $(PYTEST_ARGS)
 
