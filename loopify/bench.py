@@ -124,8 +124,7 @@ def _build(cfg: Config, spec: BenchSpec):
 
     torch.set_num_threads(spec.threads)
     from loopify import capture
-    from loopify.compile import _flat_inputs
-    from loopify.convert import load_converted, read_manifest, unique_params
+    from loopify.convert import load_converted, read_manifest, source_bytes, unique_params
     from loopify.recursion import set_loops
 
     if cfg.model == "original":
@@ -136,14 +135,14 @@ def _build(cfg: Config, spec: BenchSpec):
         cap = capture.load(spec.original, seq_len=spec.seq or recorded)
         program = cap.program
         params = unique_params(program.state_dict)[0]
-        disk = _disk_bytes(Path(spec.original))
+        disk = source_bytes(Path(spec.original))
     else:
         module, cap, manifest = load_converted(spec.converted, seq_len=spec.seq)
         set_loops(module, cfg.loops)
         program = torch.export.export(module, tuple(cap.args), dict(cap.kwargs), strict=False)
         params = manifest["params"]["converted"]
         disk = Path(spec.converted).stat().st_size
-    flat = _flat_inputs(cap)
+    flat = cap.flat_inputs()
     tokens = _tokens(cap)
     args, kwargs = cap.args, cap.kwargs
     if cfg.model == "converted":  # drop the re-captured original and the eager loop module
@@ -182,13 +181,6 @@ def _tokens(cap) -> tuple[int, str]:
     if pix is not None:
         return int(pix.shape[0]), "images/s"
     return 1, "calls/s"
-
-
-def _disk_bytes(path: Path) -> int:
-    if path.is_dir():
-        return sum(f.stat().st_size for f in path.glob("*.safetensors")) or sum(
-            f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return path.stat().st_size
 
 
 def _worker(conn, cfg: Config, spec: BenchSpec):

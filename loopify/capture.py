@@ -89,12 +89,24 @@ class Captured:
         with torch.no_grad():
             return module(*self.args, **self.kwargs)
 
+    def flat_inputs(self) -> list:
+        """The example inputs flattened as the program's placeholders take them."""
+        return flat_inputs(self.program, self.args, self.kwargs)
+
     def describe(self) -> dict:
         d = {"source": str(self.source), "format": self.format, **self.info,
              "inputs": describe_inputs(self.args, self.kwargs)}
         if self.export_check is not None:
             d["export_check"] = self.export_check.to_dict()
         return d
+
+
+def flat_inputs(program: torch.export.ExportedProgram, args: tuple, kwargs: dict) -> list:
+    """The inputs as the program's flat placeholders take them (keyword inputs in export order)."""
+    import torch.utils._pytree as pytree
+    from torch.export._tree_utils import reorder_kwargs
+
+    return pytree.tree_leaves((tuple(args), reorder_kwargs(dict(kwargs), program.call_spec.in_spec)))
 
 
 def describe_inputs(args: tuple, kwargs: dict) -> list[dict]:

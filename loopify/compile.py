@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.utils._pytree as pytree
 
 from loopify.errors import LoopifyError
 
@@ -37,13 +36,6 @@ class CompiledModel:
     @property
     def ok(self) -> bool:
         return all(c["ok"] for c in self.checks)
-
-
-def _flat_inputs(captured) -> list[torch.Tensor]:
-    from torch.export._tree_utils import reorder_kwargs
-
-    return pytree.tree_leaves((tuple(captured.args), reorder_kwargs(dict(captured.kwargs),
-                                                                    captured.program.call_spec.in_spec)))
 
 
 def is_converted(path: Path) -> bool:
@@ -109,7 +101,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
 
     compiled = CompiledModel(Path(result.path), read_manifest(Path(result.path), verify=False))
     if validate and _runs_here(compiled.manifest):
-        compiled.checks = validate_artifact(compiled.path, reference, _flat_inputs(captured),
+        compiled.checks = validate_artifact(compiled.path, reference, captured.flat_inputs(),
                                             compiled.manifest.get("loops", []))
         if not compiled.ok:
             bad = next(c for c in compiled.checks if not c["ok"])

@@ -300,8 +300,9 @@ def _check_ties(rec) -> None:
         block = rec.blocks[rec.block_for_depth(depth)]
         own = dict(block.named_parameters())
         seen = rec.params_at(depth)
+        overridden = rec._overrides(depth)
         for name, p in own.items():
-            if name in rec._overrides(depth):
+            if name in overridden:
                 continue
             if seen[name] is not p:
                 raise ConvertError(f"tie broken: depth {depth} does not use block parameter {name}")
@@ -330,14 +331,15 @@ def save(result: ConvertResult, captured, out: str | Path) -> tuple[Path, Path]:
         write_program(program, tmp, captured.info)
         size = tmp.stat().st_size
         result.manifest["bytes"]["converted_file"] = size
-        result.manifest["bytes"]["original_file"] = _source_bytes(Path(captured.source))
+        result.manifest["bytes"]["original_file"] = source_bytes(Path(captured.source))
         result.manifest["files"] = {out.name: _sha256(tmp)}
         result.manifest["versions"] = _versions()
         write_json(manifest_path, result.manifest)
     return out, manifest_path
 
 
-def _source_bytes(path: Path) -> int:
+def source_bytes(path: Path) -> int:
+    """Bytes of a model on disk: its safetensors for a directory (else every file), or the file."""
     if path.is_dir():
         return sum(f.stat().st_size for f in path.glob("*.safetensors")) or sum(
             f.stat().st_size for f in path.rglob("*") if f.is_file())

@@ -42,7 +42,7 @@ def run(model: str | Path, *, loops=None, inputs: str | Path | None = None, thre
                                "`loopify run MODEL.pt2 --save-inputs FILE`)")
         flat = _flat_from_file(Path(inputs), names)
         return list(art(*flat, loops=loops)), flat
-    from loopify.compile import _flat_inputs, is_converted
+    from loopify.compile import is_converted
 
     if is_converted(model):
         from loopify.convert import load_converted
@@ -73,4 +73,4 @@ def run(model: str | Path, *, loops=None, inputs: str | Path | None = None, thre
         out = module(*captured.args, **captured.kwargs)
     from loopify.tensors import flat_tensors
 
-    return flat_tensors(out), _flat_inputs(captured)
+    return flat_tensors(out), captured.flat_inputs()

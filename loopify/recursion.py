@@ -152,14 +152,18 @@ class Recursion(nn.Module):
         return out
 
     def _overrides(self, depth: int) -> dict[str, torch.Tensor]:
-        block = self.blocks[self.block_for_depth(depth)]
-        names = dict(block.named_parameters())
+        return self.overrides(self.block_for_depth(depth), lambda stacked: stacked[depth])
+
+    def overrides(self, block_index: int, pick) -> dict[str, torch.Tensor]:
+        """Per-depth parameter overrides for block ``block_index``; ``pick`` takes one depth's
+        slice of a [L, ...] tensor (an int index in eager mode, a step tensor in staged bodies)."""
+        names = dict(self.blocks[block_index].named_parameters())
         over: dict[str, torch.Tensor] = {}
         for key, stacked in self.depth_params.items():
-            over[_unkey(key)] = stacked[depth]
+            over[_unkey(key)] = pick(stacked)
         for key in self.lora_A.keys():
             name = _unkey(key)
-            A, B = self.lora_A[key][depth], self.lora_B[key][depth]  # [r, in], [out, r]
+            A, B = pick(self.lora_A[key]), pick(self.lora_B[key])  # [r, in], [out, r]
             over[name] = names[name] + self.lora_scales.get(name, 1.0) * (B @ A)
         return over
 

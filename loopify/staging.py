@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from loopify.errors import LoopifyError
-from loopify.recursion import Recursion, _unkey, recursions
+from loopify.recursion import Recursion, recursions
 
 
 @torch.library.custom_op("loopify::boundary", mutates_args=())
@@ -83,54 +83,36 @@ def _tap_count(rec: Recursion) -> int:
     return len(getattr(rec.connector, "positions", [])) if rec.connector is not None else 0
 
 
-class LoopStep(nn.Module):
-    """One recursion step of a loop, with the depth taken from a step tensor."""
+def loop_step(rec: Recursion, n_args: int, step: torch.Tensor, *carry) -> tuple:
+    """One recursion step of ``rec``, with the depth taken from the step tensor.
 
-    def __init__(self, rec: Recursion, n_args: int):
-        super().__init__()
-        self.rec = rec
-        self.n_args = n_args
-
-    def forward(self, step: torch.Tensor, *carry):
-        rec = self.rec
-        n_taps = _tap_count(rec)
-        args = list(carry[:self.n_args])
-        taps = list(carry[self.n_args:self.n_args + n_taps])
-        rest = carry[self.n_args + n_taps:]
-        extras = tuple(args[len(args) - rec.n_extra:]) if rec.n_extra else ()
-        layer_args = args[:len(args) - rec.n_extra] if rec.n_extra else args
-        s = rec.spec.state_arg
-        h = layer_args[s]
-        if rec.connector is not None:
-            h = _connector_step(rec.connector, h, taps, step, extras)
-        per = rec.spec.layers if rec.deepen else rec.spec.blocks
-        new_taps = []
-        positions = getattr(rec.connector, "positions", [])
-        for k in range(per):
-            depth = (step * per + k).reshape(1) if not rec.deepen else torch.full((1,), k, dtype=torch.long)
-            over = _overrides_at(rec, k, depth)
-            layer_args[s] = h
-            block = rec.blocks[k]
-            h = torch.func.functional_call(block, over, tuple(layer_args), strict=False) if over else block(*layer_args)
-            if k in positions:
-                new_taps.append(h)
+    The carry is the loop's ``n_args`` call arguments, then the connector's taps of the previous
+    step, then values passed through unchanged.
+    """
+    n_taps = _tap_count(rec)
+    args = list(carry[:n_args])
+    taps = list(carry[n_args:n_args + n_taps])
+    rest = carry[n_args + n_taps:]
+    extras = tuple(args[len(args) - rec.n_extra:]) if rec.n_extra else ()
+    layer_args = args[:len(args) - rec.n_extra] if rec.n_extra else args
+    s = rec.spec.state_arg
+    h = layer_args[s]
+    if rec.connector is not None:
+        h = _connector_step(rec.connector, h, taps, step, extras)
+    per = rec.spec.layers if rec.deepen else rec.spec.blocks
+    new_taps = []
+    positions = getattr(rec.connector, "positions", [])
+    for k in range(per):
+        depth = (step * per + k).reshape(1) if not rec.deepen else torch.full((1,), k, dtype=torch.long)
+        over = rec.overrides(k, lambda stacked, d=depth: stacked.index_select(0, d).squeeze(0))
         layer_args[s] = h
-        out = list(layer_args) + list(extras) + new_taps + list(rest)
-        return tuple(out)
-
-
-def _overrides_at(rec: Recursion, block_index: int, depth: torch.Tensor) -> dict[str, torch.Tensor]:
-    block = rec.blocks[block_index]
-    names = dict(block.named_parameters())
-    over = {}
-    for key, stacked in rec.depth_params.items():
-        over[_unkey(key)] = stacked.index_select(0, depth).squeeze(0)
-    for key in rec.lora_A.keys():
-        name = _unkey(key)
-        A = rec.lora_A[key].index_select(0, depth).squeeze(0)
-        B = rec.lora_B[key].index_select(0, depth).squeeze(0)
-        over[name] = names[name] + rec.lora_scales.get(name, 1.0) * (B @ A)
-    return over
+        block = rec.blocks[k]
+        h = torch.func.functional_call(block, over, tuple(layer_args), strict=False) if over else block(*layer_args)
+        if k in positions:
+            new_taps.append(h)
+    layer_args[s] = h
+    out = list(layer_args) + list(extras) + new_taps + list(rest)
+    return tuple(out)
 
 
 def _connector_step(connector, h, taps, step, extras):
@@ -160,14 +142,7 @@ class _StepAt(nn.Module):
         self._n_args = n_args
 
     def forward(self, step, *carry):
-        return LoopStep.forward(_Bound(self.get_submodule(self._path), self._n_args), step, *carry)
-
-
-class _Bound:
-    """LoopStep's forward without registering the loop a second time under another name."""
-
-    def __init__(self, rec, n_args):
-        self.rec, self.n_args = rec, n_args
+        return loop_step(self.get_submodule(self._path), self._n_args, step, *carry)
 
 
 def _record(gm: torch.fx.GraphModule, flat_inputs: list) -> dict[torch.fx.Node, object]:
@@ -186,8 +161,7 @@ def _record(gm: torch.fx.GraphModule, flat_inputs: list) -> dict[torch.fx.Node, 
 
 def stages_of(module: nn.Module, captured) -> list[StageProgram]:
     """Split a converted model into stage programs (see the module docstring)."""
-    import torch.utils._pytree as pytree
-    from torch.export._tree_utils import reorder_kwargs
+    from loopify.capture import flat_inputs
 
     loops = recursions(module)
     if not loops:
@@ -209,7 +183,7 @@ def stages_of(module: nn.Module, captured) -> list[StageProgram]:
     markers.sort(key=lambda n: n.args[1])
     if [m.args[1] for m in markers] != list(range(len(loops))) or any(pos[a] > pos[b] for a, b in zip(markers, markers[1:])):
         raise StagingError("loops do not appear once each, in order, in the exported program")
-    flat = pytree.tree_leaves((tuple(captured.args), reorder_kwargs(dict(captured.kwargs), outer.call_spec.in_spec)))
+    flat = flat_inputs(outer, captured.args, captured.kwargs)
     values = _record(gm, flat)
 
     loop_list = list(loops.items())

@@ -102,11 +102,11 @@ def _check_pair(index: ProgramIndex, a: LayerGraph, b: LayerGraph) -> PairCheck:
     if a.wl_hash != b.wl_hash:
         return PairCheck(False, explain_difference(a, b))
     a_out = set(a.outputs)
-    b_nodes = set(b.nodes)
+    a_nodes, b_nodes = set(a.nodes), set(b.nodes)
     # Outputs of layer a that escape to anything but layer b: the hidden state is tapped mid-run.
     for o in a.outputs:
         for u in o.users:
-            if u not in b_nodes and u.op != "output" and u not in set(a.nodes):
+            if u not in b_nodes and u.op != "output" and u not in a_nodes:
                 where = module_paths(u)[-1] if module_paths(u) else u.name
                 return PairCheck(False, f"output of the previous layer is also used outside the stack (by {where or u.name})")
             if u.op == "output":
@@ -209,8 +209,7 @@ def _hidden_io(lg: LayerGraph) -> tuple[torch.fx.Node | None, torch.fx.Node | No
 
 def _record_values(program: torch.export.ExportedProgram, args, kwargs, names: set[str]) -> dict[str, torch.Tensor]:
     """Run the program on the example inputs and keep the values of the named nodes."""
-    import torch.utils._pytree as pytree
-    from torch.export._tree_utils import reorder_kwargs
+    from loopify.capture import flat_inputs
 
     gm = program.module()
     kept: dict[str, torch.Tensor] = {}
@@ -222,9 +221,7 @@ def _record_values(program: torch.export.ExportedProgram, args, kwargs, names: s
                 kept[n.name] = out.detach()
             return out
 
-    # The interpreter feeds placeholders directly, so flatten the inputs as the program's call
-    # spec does (keyword inputs in the order they were exported with).
-    flat = pytree.tree_leaves((tuple(args), reorder_kwargs(dict(kwargs), program.call_spec.in_spec)))
+    flat = flat_inputs(program, args, kwargs)  # the interpreter feeds placeholders directly
     with torch.no_grad():
         Recorder(gm).run(*flat)
     return kept

@@ -8,16 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.utils._pytree as pytree
-from torch.export._tree_utils import reorder_kwargs
 
 from loopify.convert import ConvertConfig, convert_captured
 from loopify.recursion import set_loops
 from loopify.staging import StagingError, run_stages, stages_of
-
-
-def _flat(cap):
-    return pytree.tree_leaves((tuple(cap.args), reorder_kwargs(dict(cap.kwargs), cap.program.call_spec.in_spec)))
 
 
 @pytest.mark.parametrize("name,config,counts,kinds", [
@@ -36,7 +30,7 @@ def test_stages_match_the_converted_model_at_every_loop_count(captured, name, co
         set_loops(res.module, n)
         with torch.no_grad():
             ref = res.module(*cap.args, **cap.kwargs)[0]
-        out = run_stages(stages, _flat(cap), [n] * n_loops)[0]
+        out = run_stages(stages, cap.flat_inputs(), [n] * n_loops)[0]
         assert float((out - ref).abs().max()) <= 1e-6 * float(ref.abs().max()), n
 
 

@@ -66,8 +66,6 @@ def test_compile_x86(benchmark, caps, name, tmp_path):
 @pytest.mark.parametrize("backend", ["eager", "compile", "tvm"])
 @pytest.mark.parametrize("name", MODELS)
 def test_forward(benchmark, caps, name, backend, tmp_path_factory):
-    from loopify.compile import _flat_inputs
-
     cap = caps[name]
     torch.set_num_threads(1)
     if backend == "tvm":
@@ -77,7 +75,7 @@ def test_forward(benchmark, caps, name, backend, tmp_path_factory):
         d = tmp_path_factory.mktemp(f"fwd-{name}") / "art"
         compile_program(cap.program, "x86", d)
         art = runtime.load(d, num_threads=1)
-        flat = _flat_inputs(cap)
+        flat = cap.flat_inputs()
         fn = lambda: art(*flat)  # noqa: E731
     else:
         gm = cap.program.module()
