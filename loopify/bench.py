@@ -50,6 +50,7 @@ class BenchSpec:
     rounds: int = 5
     per_round: int = 3
     seq: int | None = None                                 # text length (HF sources); default: the capture's
+    batch: int | None = None                               # batch size (HF sources); default: the capture's
 
 
 def machine() -> dict:
@@ -131,13 +132,15 @@ def _build(cfg: Config, spec: BenchSpec):
         # The original runs on the inputs the converted model was captured with (same text length).
         src = read_manifest(spec.converted)["source"]
         same = Path(spec.original).resolve() == Path(src["path"])
-        recorded = src.get("text_len") if same and src.get("format") == "hf-dir" else None
-        cap = capture.load(spec.original, seq_len=spec.seq or recorded)
+        hf_same = same and src.get("format") == "hf-dir"
+        recorded = src.get("text_len") if hf_same else None
+        cap = capture.load(spec.original, seq_len=spec.seq or recorded,
+                           batch=spec.batch or (src.get("batch") if hf_same else None))
         program = cap.program
         params = unique_params(program.state_dict)[0]
         disk = source_bytes(Path(spec.original))
     else:
-        module, cap, manifest = load_converted(spec.converted, seq_len=spec.seq)
+        module, cap, manifest = load_converted(spec.converted, seq_len=spec.seq, batch=spec.batch)
         set_loops(module, cfg.loops)
         program = torch.export.export(module, tuple(cap.args), dict(cap.kwargs), strict=False)
         params = manifest["params"]["converted"]
@@ -259,11 +262,13 @@ def run(spec: BenchSpec, progress=None) -> dict:
             progress("compiling TVM artifacts for the host")
         src = man["source"]
         same = Path(spec.original).resolve() == Path(src["path"])
-        seq = spec.seq or (src.get("text_len") if same and src.get("format") == "hf-dir" else None)
+        hf_same = same and src.get("format") == "hf-dir"
+        seq = spec.seq or (src.get("text_len") if hf_same else None)
+        batch = spec.batch or (src.get("batch") if hf_same else None)
         spec.artifacts = [str(compile_model(spec.original, Path(tmpdir) / "original", validate=False,
-                                            capture_options={"seq_len": seq}).path),
+                                            capture_options={"seq_len": seq, "batch": batch}).path),
                           str(compile_model(spec.converted, Path(tmpdir) / "converted", validate=False,
-                                            capture_options={"seq_len": spec.seq}).path)]
+                                            capture_options={"seq_len": spec.seq, "batch": spec.batch}).path)]
         notes.append("tvm artifacts compiled on the fly for the host (default schedules, untuned)")
     try:
         import torch
@@ -342,7 +347,7 @@ def _run(spec: BenchSpec, progress, man: dict, max_loops: int, notes: list[str])
                 pass
             w[0].join(5)
     return {"machine": {**machine(), "threads": spec.threads}, "method": {
-        "warmup": spec.warmup, "rounds": spec.rounds, "per_round": spec.per_round, "seq": spec.seq,
+        "warmup": spec.warmup, "rounds": spec.rounds, "per_round": spec.per_round, "seq": spec.seq, "batch": spec.batch,
         "interleaved": True, "process_per_config": True},
         "results": results, "ratios": ratios(results), "notes": notes}
 

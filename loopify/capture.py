@@ -248,7 +248,7 @@ def _load_archive(path: Path) -> tuple[torch.export.ExportedProgram, dict]:
 
 def load(path: str | Path, *, inputs: str | Path | None = None, trust_pickle: bool = False,
          allow_export_mismatch: bool = False, seq_len: int | None = None,
-         attn_implementation: str | None = None) -> Captured:
+         attn_implementation: str | None = None, batch: int | None = None) -> Captured:
     """Load and capture a model.
 
     Args:
@@ -259,6 +259,7 @@ def load(path: str | Path, *, inputs: str | Path | None = None, trust_pickle: bo
         allow_export_mismatch: keep going when the export does not reproduce eager.
         seq_len: text length of the dummy inputs made for Hugging Face directories.
         attn_implementation: override the attention implementation of Hugging Face models.
+        batch: batch size of the dummy inputs made for Hugging Face directories (default 1).
 
     Raises:
         CaptureError: with a one-line message naming the file and the reason.
@@ -266,6 +267,9 @@ def load(path: str | Path, *, inputs: str | Path | None = None, trust_pickle: bo
     path = Path(path)
     kind = sniff(path)
     user_inputs = load_inputs(inputs) if inputs is not None else None
+    if batch is not None and batch != 1 and (kind != "hf-dir" or user_inputs is not None):
+        raise CaptureError(f"{path}: a batch size applies to the dummy inputs loopify builds for Hugging Face "
+                           "directories; for other models give batched example inputs with --inputs")
 
     if kind == "export-archive":
         program, info = _load_archive(path)
@@ -281,7 +285,7 @@ def load(path: str | Path, *, inputs: str | Path | None = None, trust_pickle: bo
         from loopify import hf  # transformers is imported only for HF directories
 
         try:
-            model = hf.load_hf_dir(path, seq_len=seq_len, attn_implementation=attn_implementation)
+            model = hf.load_hf_dir(path, seq_len=seq_len, attn_implementation=attn_implementation, batch=batch)
         except hf.HFLoadError as e:
             raise CaptureError(str(e)) from None
         args, kwargs = user_inputs if user_inputs is not None else ((), dict(model.inputs))

@@ -85,6 +85,9 @@ def capture_options(f):
                   help="Continue when the exported program does not reproduce the eager model.")
     @click.option("--seq-len", type=click.IntRange(min=1), default=None,
                   help="Text length of the dummy inputs built for Hugging Face directories.")
+    @click.option("--batch", type=click.IntRange(min=1), default=None,
+                  help="Batch size of the dummy inputs built for Hugging Face directories (default 1; "
+                       "each row a different text and image).")
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
         return f(*args, **kwargs)
@@ -108,12 +111,12 @@ def pipeline_options(f):
     return wrapper
 
 
-def _capture(model, inputs, trust_pickle, allow_export_mismatch, seq_len):
+def _capture(model, inputs, trust_pickle, allow_export_mismatch, seq_len, batch=None):
     from loopify import capture
 
     click.echo(f"capturing {model} ...", err=True)
     cap = capture.load(model, inputs=inputs, trust_pickle=trust_pickle,
-                       allow_export_mismatch=allow_export_mismatch, seq_len=seq_len)
+                       allow_export_mismatch=allow_export_mismatch, seq_len=seq_len, batch=batch)
     desc = cap.describe()
     line = f"captured {cap.format}"
     if "architecture" in desc:
@@ -136,7 +139,7 @@ def _capture(model, inputs, trust_pickle, allow_export_mismatch, seq_len):
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Write layer-by-layer similarity heatmaps (PNG), one row per stack.")
 @click.option("--no-similarity", is_flag=True, help="Skip the activation similarity run on the example inputs.")
-def inspect(model, inputs, trust_pickle, allow_export_mismatch, seq_len, print_after, dump_ir, timing, skip,
+def inspect(model, inputs, trust_pickle, allow_export_mismatch, seq_len, batch, print_after, dump_ir, timing, skip,
             stacks, json_out, plot, no_similarity):
     """Capture MODEL and report its layer stacks and the spans of interchangeable layers.
 
@@ -149,7 +152,7 @@ def inspect(model, inputs, trust_pickle, allow_export_mismatch, seq_len, print_a
     from loopify.pipeline import Pipeline, State, run_pipeline
     from loopify.passes.find_spans import FindSpans
 
-    cap = _capture(model, inputs, trust_pickle, allow_export_mismatch, seq_len)
+    cap = _capture(model, inputs, trust_pickle, allow_export_mismatch, seq_len, batch)
     pipeline = Pipeline.of(FindSpans(stacks=tuple(stacks), similarity=not no_similarity))
     click.echo(f"pipeline: {pipeline}", err=True)
     result = run_pipeline(pipeline, State(cap, cap.unflatten()), skip=tuple(skip), print_after=tuple(print_after),
@@ -196,7 +199,7 @@ def inspect(model, inputs, trust_pickle, allow_export_mismatch, seq_len, print_a
 @capture_options
 @pipeline_options
 def convert(model, out, blocks, loops, sharing, init, rank, connector, mode, repeat, stacks, norms, subsample,
-            image_token_id, pipeline_spec, dry_run, inputs, trust_pickle, allow_export_mismatch, seq_len,
+            image_token_id, pipeline_spec, dry_run, inputs, trust_pickle, allow_export_mismatch, seq_len, batch,
             print_after, dump_ir, timing, skip):
     """Fold MODEL's spans of interchangeable layers into recursive loops and write OUT.pt2.
 
@@ -227,7 +230,7 @@ def convert(model, out, blocks, loops, sharing, init, rank, connector, mode, rep
                                 pipeline=pipeline_spec)
     pipeline = config.to_pipeline()
     click.echo(f"plan: {pipeline}", err=True)
-    cap = _capture(model, inputs, trust_pickle, allow_export_mismatch, seq_len)
+    cap = _capture(model, inputs, trust_pickle, allow_export_mismatch, seq_len, batch)
     from tqdm import tqdm
 
     bar = tqdm(total=len(pipeline), desc="passes", unit="pass", leave=False, file=sys.stderr,
@@ -288,7 +291,7 @@ def _loops_option(value):
 @click.option("--no-validate", is_flag=True, help="Skip running the host artifact against PyTorch.")
 @capture_options
 def compile_cmd(model, out, target, arch, mcpu, tune, trials, tuning_db, rpc, schedule, no_validate, inputs,
-                trust_pickle, allow_export_mismatch, seq_len):
+                trust_pickle, allow_export_mismatch, seq_len, batch):
     """Compile MODEL (any model `convert` takes, or its OUT.pt2) with TVM into an artifact directory:
     lib.so, params.safetensors (shared weights once), manifest.json. A converted model compiles into
     a prologue, a loop body per loop and an epilogue; the loop count is a run-time argument."""
@@ -300,7 +303,7 @@ def compile_cmd(model, out, target, arch, mcpu, tune, trials, tuning_db, rpc, sc
                         tuning_db=str(tuning_db) if tuning_db else None, rpc=rpc, schedule=schedule,
                         validate=not no_validate,
                         capture_options=dict(inputs=inputs, trust_pickle=trust_pickle,
-                                             allow_export_mismatch=allow_export_mismatch, seq_len=seq_len))
+                                             allow_export_mismatch=allow_export_mismatch, seq_len=seq_len, batch=batch))
     m = res.manifest
     loops = m.get("loops", [])
     click.echo(f"wrote {res.path}: target {m.get('target')}, loops {[(l.get('min'), l.get('max'), l.get('default')) for l in loops] or 'none'}")
@@ -351,12 +354,15 @@ def run_cmd(model, loops_s, inputs, out_file, save_inputs, threads):
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="CPU threads, fixed for every backend.")
 @click.option("--seq", type=click.IntRange(min=2), default=None,
               help="Text length for both models (Hugging Face sources; default: the length the model was converted at).")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="Batch size for both models (Hugging Face sources; default: the batch the model was converted at, 1).")
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True, help="Interleaved timing rounds.")
 @click.option("--per-round", type=click.IntRange(min=1), default=3, show_default=True, help="Timed calls per round.")
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Uncounted calls first.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write throughput / Pareto plots (PNG).")
-def bench_cmd(original, converted, artifacts, backends, loops_s, threads, seq, rounds, per_round, warmup, json_out, plot):
+def bench_cmd(original, converted, artifacts, backends, loops_s, threads, seq, batch, rounds, per_round, warmup, json_out,
+              plot):
     """Benchmark CONVERTED (a `loopify convert` output) against ORIGINAL, side by side.
 
     ARTIFACTS: the TVM artifact directories of the original and the converted model (compiled
@@ -371,8 +377,9 @@ def bench_cmd(original, converted, artifacts, backends, loops_s, threads, seq, r
     spec = bench.BenchSpec(str(original), str(converted), [str(a) for a in artifacts],
                            tuple(b.strip() for b in backends.split(",") if b.strip()),
                            tuple([loops] if isinstance(loops, int) else loops) if loops is not None else None,
-                           threads, warmup, rounds, per_round, seq)
-    click.echo(f"bench: backends={','.join(spec.backends)} loops={spec.loops or 'all'} threads={threads} seq={seq or 'as converted'} "
+                           threads, warmup, rounds, per_round, seq, batch)
+    click.echo(f"bench: backends={','.join(spec.backends)} loops={spec.loops or 'all'} threads={threads} "
+               f"seq={seq or 'as converted'} batch={batch or 'as converted'} "
                f"warmup={warmup} rounds={rounds}x{per_round} (interleaved, one process per configuration)", err=True)
     bar = tqdm(desc="bench", unit="step", leave=False, file=sys.stderr, disable=not sys.stderr.isatty())
 

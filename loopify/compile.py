@@ -78,10 +78,12 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
         from loopify.recursion import set_loops
         from loopify.staging import stages_of
 
-        module, captured, _manifest = load_converted(model, seq_len=(capture_options or {}).get("seq_len"))
+        opts = capture_options or {}
+        module, captured, _manifest = load_converted(model, seq_len=opts.get("seq_len"), batch=opts.get("batch"))
         staged = stages_of(module, captured)
         stages = [Stage(s.kind, s.program, min_loops=s.min_loops, max_loops=s.max_loops,
-                        default_loops=s.default_loops, name=s.name) for s in staged]
+                        default_loops=s.default_loops, name=s.name, example=s.example, group=s.group)
+                  for s in staged]
 
         def reference(loops: list[int]):
             set_loops(module, loops if loops else None)
@@ -91,7 +93,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
             return out_
     else:
         captured = capture.load(model, **(capture_options or {}))
-        stages = [Stage("straight", captured.program, name="model")]
+        stages = [Stage("straight", captured.program, name="model", example=tuple(captured.flat_inputs()))]
 
         def reference(loops: list[int]):
             return captured.run()

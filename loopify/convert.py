@@ -382,13 +382,14 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def load_converted(path: str | Path, *, loops: int | list[int] | None = None, seq_len: int | None = None):
+def load_converted(path: str | Path, *, loops: int | list[int] | None = None, seq_len: int | None = None,
+                   batch: int | None = None):
     """Load a converted model as a trainable eager module with adjustable loop counts.
 
     The loop structure is rebuilt by replaying the recorded conversion on the recorded source
     (its sha256 is checked), then every weight is loaded from OUT.pt2, so trained weights come
     back as saved. ``seq_len`` rebuilds it for another text length (Hugging Face sources: the
-    weights do not depend on it). Returns ``(module, captured_original, manifest)``.
+    weights do not depend on it); ``batch`` likewise for another batch size. Returns ``(module, captured_original, manifest)``.
     """
     from loopify import capture
 
@@ -403,10 +404,13 @@ def load_converted(path: str | Path, *, loops: int | list[int] | None = None, se
     if expected and _sha256(path) != expected:
         raise ConvertError(f"{path}: file does not match the sha256 in its manifest (corrupt or replaced)")
     hf_dir = manifest["source"].get("format") == "hf-dir"
-    if seq_len is not None and not hf_dir:
-        raise ConvertError(f"{path}: --seq needs a Hugging Face directory source (this one is {manifest['source'].get('format')})")
+    for flag, value in (("--seq", seq_len), ("--batch", batch)):
+        if value is not None and not hf_dir:
+            raise ConvertError(f"{path}: {flag} needs a Hugging Face directory source "
+                               f"(this one is {manifest['source'].get('format')})")
     text_len = (seq_len or manifest["source"].get("text_len")) if hf_dir else None
-    captured = capture.load(src, allow_export_mismatch=True, seq_len=text_len)
+    n_batch = (batch or manifest["source"].get("batch")) if hf_dir else None
+    captured = capture.load(src, allow_export_mismatch=True, seq_len=text_len, batch=n_batch)
     config = ConvertConfig.from_dict(manifest["config"])
     module = run_pipeline(config.to_pipeline(), State(captured, captured.unflatten())).state.module
     program, _info = capture._load_archive(path)

@@ -172,8 +172,12 @@ def is_hf_dir(path) -> bool:
     return p.is_dir() and (p / "config.json").is_file()
 
 
-def load_hf_dir(path, *, seq_len: int | None = None, attn_implementation: str | None = None) -> HFModel:
-    """Load a Hugging Face directory for export; raises ``HFLoadError`` with a one-line reason."""
+def load_hf_dir(path, *, seq_len: int | None = None, attn_implementation: str | None = None,
+                batch: int | None = None) -> HFModel:
+    """Load a Hugging Face directory for export; raises ``HFLoadError`` with a one-line reason.
+
+    ``seq_len``: text length of the example inputs; ``batch``: their batch size (default 1;
+    each row is a different text / image)."""
     path = Path(path)
     if not path.exists():
         raise HFLoadError(f"{path}: no such directory")
@@ -195,10 +199,12 @@ def load_hf_dir(path, *, seq_len: int | None = None, attn_implementation: str | 
     _check_weights(path)
     if seq_len is not None and seq_len < 2:
         raise HFLoadError(f"{path}: seq_len must be at least 2 (got {seq_len})")
+    if batch is not None and batch < 1:
+        raise HFLoadError(f"{path}: batch must be at least 1 (got {batch})")
 
     if arch in _REGISTRY:
-        return _load_registered(path, arch, config, seq_len)
-    return _load_transformers(path, arch, config, seq_len, attn_implementation)
+        return _load_registered(path, arch, config, seq_len, batch or 1)
+    return _load_transformers(path, arch, config, seq_len, attn_implementation, batch or 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,7 +257,7 @@ def _check_safetensors_file(path: Path, f: Path) -> None:
         raise HFLoadError(f"{path}: {f.name} is truncated or corrupt ({_one_line(e)})") from None
 
 
-def _load_registered(path: Path, arch: str, config: dict, seq_len: int | None) -> HFModel:
+def _load_registered(path: Path, arch: str, config: dict, seq_len: int | None, batch: int = 1) -> HFModel:
 
     entry = _REGISTRY[arch]
     try:
@@ -266,6 +272,9 @@ def _load_registered(path: Path, arch: str, config: dict, seq_len: int | None) -
     _load_registered_weights(path, arch, model)
     model.eval()
     inputs = inputs_fn(config, seq_len)
+    if batch > 1:  # registered input builders make one example: repeat it
+        inputs = {k: v.repeat(batch, *[1] * (v.dim() - 1)) if isinstance(v, torch.Tensor) and v.dim() else v
+                  for k, v in inputs.items()}
     wrapper = ExportWrapper(model, entry.output_names).eval()
     with torch.no_grad():
         try:
@@ -273,7 +282,7 @@ def _load_registered(path: Path, arch: str, config: dict, seq_len: int | None) -
         except Exception as e:
             raise HFLoadError(f"{path}: the {arch} model fails on its example inputs ({type(e).__name__}: {_one_line(e)})") from None
     info = {"modalities": ["text"], "seq_len": int(inputs["input_ids"].shape[-1]) if "input_ids" in inputs else None,
-            "num_parameters": _num_params(model), "source": "registry",
+            "batch": int(batch), "num_parameters": _num_params(model), "source": "registry",
             "output_shapes": {n: list(o.shape) for n, o in zip(entry.output_names, outs)}}
     return HFModel(wrapper, inputs, list(entry.output_names), arch, str(config.get("model_type", arch.lower())),
                    entry.attn_implementation, None, info)
@@ -311,7 +320,7 @@ def _num_params(model: torch.nn.Module) -> int:
 
 
 def _load_transformers(path: Path, arch: str, config_dict: dict, seq_len: int | None,
-                       attn_implementation: str | None) -> HFModel:
+                       attn_implementation: str | None, batch: int = 1) -> HFModel:
     try:
         import transformers
     except ImportError:
@@ -345,7 +354,7 @@ def _load_transformers(path: Path, arch: str, config_dict: dict, seq_len: int | 
 
     info: dict[str, Any] = {"num_parameters": _num_params(model), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
                             "source": "transformers"}
-    inputs, image_token_id = _make_inputs(path, model, config, model_type, fwd_params, seq_len, info)
+    inputs, image_token_id = _make_inputs(path, model, config, model_type, fwd_params, seq_len, info, batch)
 
     # One eager forward: checks the inputs (HF verifies the image-token count) and names the outputs.
     try:
@@ -498,8 +507,22 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model"))
 
 
+def _batch_texts(batch: int) -> list[str]:
+    """``batch`` different real sentences, the first being SENTENCE (so batch 1 is unchanged)."""
+    if batch == 1:
+        return [SENTENCE]
+    from loopify import texts
+
+    try:
+        pool = [t for t in texts.sentences(min_words=12) if t != SENTENCE]
+    except Exception:  # noqa: BLE001 - no licence texts on this system
+        pool = []
+    pool = pool or [f"{SENTENCE} ({i})" for i in range(batch)]
+    return [SENTENCE] + [pool[i % len(pool)] for i in range(batch - 1)]
+
+
 def _make_inputs(path: Path, model, config, model_type: str, fwd_params: list[str], seq_len: int | None,
-                 info: dict) -> tuple[dict[str, torch.Tensor], int | None]:
+                 info: dict, batch: int = 1) -> tuple[dict[str, torch.Tensor], int | None]:
     tc = _text_config(config)
     vocab = int(getattr(tc, "vocab_size", 0) or getattr(config, "vocab_size", 0) or 0)
     image_token_id = getattr(config, "image_token_id", None)
@@ -516,16 +539,25 @@ def _make_inputs(path: Path, model, config, model_type: str, fwd_params: list[st
         try:
             from transformers import AutoTokenizer
             tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            text = SENTENCE if seq_len is None else " ".join([SENTENCE] * (seq_len // 8 + 1))
-            enc = tok(text, return_tensors="pt", truncation=seq_len is not None, max_length=seq_len)
+            texts_ = [t if seq_len is None else " ".join([t] * (seq_len // 8 + 1)) for t in _batch_texts(batch)]
+            enc = tok(texts_[0], return_tensors="pt", truncation=seq_len is not None, max_length=seq_len)
+            if batch > 1:  # every row at the first row's length: padded (masked) or truncated
+                n = int(enc["input_ids"].shape[-1])
+                if getattr(tok, "pad_token", None) is None:
+                    tok.pad_token = tok.eos_token or tok.unk_token
+                enc = tok(texts_, return_tensors="pt", padding="max_length", truncation=True, max_length=n)
         except Exception as e:
             raise HFLoadError(f"{path}: its tokenizer fails ({type(e).__name__}: {_one_line(e)})") from None
         inputs = {k: v for k, v in enc.items() if k in fwd_params}
-        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        if batch == 1 or "attention_mask" not in enc:
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        else:
+            inputs["attention_mask"] = enc["attention_mask"]
         if "token_type_ids" in fwd_params and "token_type_ids" not in inputs:
             inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
         info["text"] = "tokenizer"
         info["seq_len"] = int(inputs["input_ids"].shape[-1])
+        info["batch"] = int(batch)
         return _ordered(inputs, fwd_params), None
 
     if not vocab:
@@ -535,20 +567,23 @@ def _make_inputs(path: Path, model, config, model_type: str, fwd_params: list[st
     if bos is None:
         bos = getattr(config, "bos_token_id", None)
     bos = bos if isinstance(bos, int) and 0 <= bos < vocab else None
-    body = _random_ids(n_text - (1 if bos is not None else 0), vocab, avoid, gen)
-    text = torch.cat([torch.tensor([bos]), body]) if bos is not None else body
+    rows = []
+    for _ in range(batch):  # row 0 is what batch 1 gets
+        body = _random_ids(n_text - (1 if bos is not None else 0), vocab, avoid, gen)
+        rows.append(torch.cat([torch.tensor([bos]), body]) if bos is not None else body)
+    text = rows[0]
     info["text"] = "random ids (seed 0)"
 
     n_img = 0
     if is_vlm:
         h, w = _image_size(vc)
         ch = int(getattr(vc, "num_channels", 3) or 3)
-        shape = (1, 1, ch, h, w) if model_type in _PIXELS_5D else (1, ch, h, w)
+        shape = (batch, 1, ch, h, w) if model_type in _PIXELS_5D else (batch, ch, h, w)
         pixel_values = torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
         dtype = next(model.parameters()).dtype
         pixel_values = pixel_values.to(dtype)
         from_config = _image_token_count(config, model_type)
-        measured = _measured_image_tokens(model, pixel_values)
+        measured = _measured_image_tokens(model, pixel_values[:1])
         n_img = measured if measured is not None else from_config
         if n_img is None:
             raise HFLoadError(f"{path}: cannot tell how many image tokens an image becomes for {model_type}")
@@ -558,17 +593,18 @@ def _make_inputs(path: Path, model, config, model_type: str, fwd_params: list[st
         info["image_size"] = [h, w]
         img = torch.full((n_img,), int(image_token_id), dtype=torch.long)
         if model_type in _IMAGE_FIRST:
-            ids = torch.cat([img, text])
+            all_ids = [torch.cat([img, t]) for t in rows]
             prefix_len = n_img + max(1, (2 * len(text)) // 3)
         else:
             k = min(len(text), 1 + (1 if bos is not None else 0) + 2)  # BOS + a few prompt tokens
-            ids = torch.cat([text[:k], img, text[k:]])
-            prefix_len = len(ids)
-        inputs["input_ids"] = ids[None]
+            all_ids = [torch.cat([t[:k], img, t[k:]]) for t in rows]
+            prefix_len = len(all_ids[0])
+        ids = all_ids[0]
+        inputs["input_ids"] = torch.stack(all_ids)
         inputs["pixel_values"] = pixel_values
         info["image_token_positions"] = [int((ids == image_token_id).nonzero()[0]), int((ids == image_token_id).nonzero()[-1])]
     else:
-        inputs["input_ids"] = text[None]
+        inputs["input_ids"] = torch.stack(rows)
         prefix_len = len(text)
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     if "token_type_ids" in fwd_params:
@@ -579,6 +615,7 @@ def _make_inputs(path: Path, model, config, model_type: str, fwd_params: list[st
         inputs["token_type_ids"] = tti
     info["seq_len"] = int(inputs["input_ids"].shape[-1])
     info["text_len"] = int(len(text))
+    info["batch"] = int(batch)
     return _ordered(inputs, fwd_params), (int(image_token_id) if is_vlm else None)
 
 

@@ -177,11 +177,24 @@ class Artifact:
         """Run the model. ``output``: ``"torch"`` (default) or ``"numpy"``. Returns a tuple."""
         outs = self.run_tvm(*inputs, loops=loops)
         arrays = [o.numpy() for o in outs]
+        self._check_assumptions(arrays)
         if output == "numpy":
             return tuple(arrays)
         import torch
 
         return tuple(torch.from_numpy(a) for a in arrays)
+
+    def _check_assumptions(self, arrays) -> None:
+        """A compile-time assumption (a boolean mask's count, see the manifest's ``assumptions``)
+        that these inputs break makes the artifact's float outputs NaN: say so in one line."""
+        assumed = self.manifest.get("assumptions") or []
+        if not assumed:
+            return
+        if any(a.dtype.kind == "f" and np.isnan(a).any() for a in arrays):
+            what = "; ".join(f"{a['node']}: a boolean mask of shape {a['mask_shape']} with {a['count']} true "
+                             f"({a.get('source', '')})" for a in assumed)
+            raise LoopifyError(f"{self.path}: NaN outputs: these inputs likely break what the artifact was "
+                               f"compiled for ({what}); compile again with such inputs")
 
     def benchmark(self, *inputs, loops=None, repeat: int = 10, warmup: int = 2) -> dict:
         """Median / min wall time of one call in ms (inputs converted once, outside the timing)."""

@@ -98,6 +98,18 @@ def test_bench_smoke(written, flow, tmp_path):
     assert (tmp_path / "b.png").stat().st_size > 1000
 
 
+def test_bench_batch(written, flow, tmp_path):
+    # --batch 2 rebuilds both models' inputs at batch 2: twice the tokens per call
+    r = CliRunner().invoke(cli, ["bench", str(written["llama"]["hf"]), str(flow / "llama.pt2"), "--backends", "eager",
+                                 "--loops", "1", "--rounds", "1", "--per-round", "1", "--warmup", "0", "--seq", "16",
+                                 "--batch", "2", "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "b.json").read_text())
+    assert rep["method"]["batch"] == 2
+    assert all(x["units_per_call"] == 32 for x in rep["results"])
+    assert all(x["fidelity"]["cosine"] > 0 for x in rep["results"] if x["model"] == "converted")
+
+
 def test_train_cli(flow, tmp_path):
     from loopify import texts
 

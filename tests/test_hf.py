@@ -137,6 +137,39 @@ def test_explicit_attn_implementation_and_seq_len(hf_dir):
     assert _rel_err(ref, out) <= EXPORT_RTOL
 
 
+@pytest.mark.parametrize("name", ["llava-clip", "minilm", "idefics3"])
+def test_batch_rows_differ_and_row_zero_is_batch_one(name, hf_dir):
+    # --batch B: B different examples (text and image), the first one what batch 1 gets; the
+    # batched export must reproduce eager like batch 1 does.
+    one = hf.load_hf_dir(hf_dir(name))
+    m = hf.load_hf_dir(hf_dir(name), batch=3)
+    assert m.info["batch"] == 3
+    for k, v in m.inputs.items():
+        assert v.shape[0] == 3 and v.shape[1:] == one.inputs[k].shape[1:], k
+        assert torch.equal(v[:1], one.inputs[k]), k
+    assert not torch.equal(m.inputs["input_ids"][0], m.inputs["input_ids"][1])
+    if "pixel_values" in m.inputs:
+        assert not torch.equal(m.inputs["pixel_values"][0], m.inputs["pixel_values"][1])
+    _, ref, out = _export_and_compare(m)
+    assert ref[0].shape[0] == 3
+    assert _rel_err(ref, out) <= EXPORT_RTOL
+
+
+def test_batch_of_a_registered_architecture_repeats_its_example(hf_dir):
+    m = hf.load_hf_dir(hf_dir("nanogpt"), batch=2)
+    ids = m.inputs["input_ids"]
+    assert ids.shape[0] == 2 and torch.equal(ids[0], ids[1])
+
+
+def test_batch_needs_a_hugging_face_directory(hf_dir, tmp_path):
+    from loopify import capture
+
+    path = zoo.write_export("llama", tmp_path)
+    with pytest.raises(capture.CaptureError, match="batch size applies to the dummy inputs") as err:
+        capture.load(path, batch=2)
+    assert "\n" not in str(err.value)
+
+
 def test_random_ids_avoid_special_tokens_and_are_deterministic(hf_dir):
     a = hf.load_hf_dir(hf_dir("llava-clip"))
     b = hf.load_hf_dir(hf_dir("llava-clip"))

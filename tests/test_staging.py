@@ -19,13 +19,21 @@ from loopify.staging import StagingError, run_stages, stages_of
     ("llava-clip", ConvertConfig(rank=4, connector="recursive"), (1, 2),
      ["straight", "loop", "straight", "loop", "straight"]),
     ("llama", ConvertConfig(mode="deepen", repeat=2, connector="embedding"), (0, 1, 3), ["straight", "loop", "straight"]),
+    # sequence: one loop per block, all with the loop's one count; middle-*: the first and last
+    # layers are straight pieces around the middle loop(s). LoRA makes every depth distinct, so a
+    # wrong depth or block would show.
+    ("llama", ConvertConfig(rank=4, sharing="sequence", blocks=2), (1, 2), ["straight", "loop", "loop", "straight"]),
+    ("llama", ConvertConfig(rank=4, sharing="middle-cycle", blocks=3), (1, 2),
+     ["straight", "straight", "loop", "straight", "straight"]),
+    ("llama", ConvertConfig(rank=4, sharing="middle-sequence", blocks=3), (1, 2),
+     ["straight", "straight", "loop", "straight", "straight"]),
 ])
 def test_stages_match_the_converted_model_at_every_loop_count(captured, name, config, counts, kinds):
     cap = captured(name)
     res = convert_captured(cap, config)
     stages = stages_of(res.module, cap)
     assert [s.kind for s in stages] == kinds
-    n_loops = kinds.count("loop")
+    n_loops = len({s.group for s in stages if s.kind == "loop"})  # one count per converted loop
     for n in counts:
         set_loops(res.module, n)
         with torch.no_grad():
@@ -43,8 +51,9 @@ def test_loop_body_stores_shared_weights_once(captured):
     assert body.max_loops == 4 and body.min_loops == 1
 
 
-def test_sequence_sharing_is_refused_with_a_reason(captured):
+def test_loops_of_one_span_share_one_count(captured):
     cap = captured("llama")
-    res = convert_captured(cap, ConvertConfig(sharing="sequence"))
-    with pytest.raises(StagingError, match="sequence sharing is not staged yet"):
-        stages_of(res.module, cap)
+    res = convert_captured(cap, ConvertConfig(sharing="sequence", blocks=2))
+    loops = [s for s in stages_of(res.module, cap) if s.kind == "loop"]
+    assert len(loops) == 2 and len({s.group for s in loops}) == 1
+    assert [s.max_loops for s in loops] == [2, 2]

@@ -145,15 +145,74 @@ def test_converters_cover_zoo_ops():
             "sym_not"} <= set(custom_convert_map())
 
 
-def test_bool_mask_index_is_refused_with_reason():
-    # Idefics3 selects real images with a boolean mask: a data-dependent shape TVM cannot import.
+class MaskIndex(torch.nn.Module):
+    """Boolean-mask selections as Idefics3 drops padding images: data-dependent sizes."""
+
+    def forward(self, x, keep, cols):
+        rows = x[keep]                      # mask over dim 0
+        picked = x[:, cols]                 # mask over dim 1 (index list [None, mask])
+        return (rows * 2, picked + 1, x[x.sum(-1) > 0].sum(0, keepdim=True))
+
+
+def _mask_inputs():
+    torch.manual_seed(0)
+    x = torch.randn(4, 5).abs()
+    x[2] = -x[2]  # row 2 sums < 0: three rows kept
+    keep = torch.tensor([True, False, True, True])
+    cols = torch.tensor([False, True, True, False, True])
+    return x, keep, cols
+
+
+def test_bool_mask_index_without_example_is_refused_with_reason():
     from loopify.backends.tvm.errors import CompileError
 
-    class MaskIndex(torch.nn.Module):
-        def forward(self, x):
-            return (x[x.sum(-1) > 0] * 2,)
-
-    ep = _export(MaskIndex(), torch.randn(4, 3))
+    x, keep, cols = _mask_inputs()
+    ep = _export(MaskIndex(), x, keep, cols)
     with pytest.raises(CompileError, match="boolean-mask indexing") as err:
         import_program(ep)
     assert "\n" not in str(err.value)
+
+
+def test_bool_mask_index_is_specialised_to_the_example_count(tmp_path):
+    # The selections become static gathers of the example's true positions: exact (atol 0);
+    # the counts are recorded as assumptions in the manifest.
+    import loopify.runtime as rt
+
+    x, keep, cols = _mask_inputs()
+    ep = _export(MaskIndex(), x, keep, cols)
+    res = compile_program(ep, "x86", tmp_path / "art", example=(x, keep, cols))
+    art = rt.load(res.path)
+    for got, want in zip(art(x, keep, cols), MaskIndex()(x, keep, cols)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    counts = sorted(a["count"] for a in art.manifest["assumptions"])
+    assert counts == [3, 3, 3]
+    # other values with the same counts: still exact
+    x2 = torch.randn(4, 5)
+    x2[0] = -x2[0].abs()
+    x2[1:] = x2[1:].abs()
+    keep2 = torch.tensor([False, True, True, True])
+    cols2 = torch.tensor([True, True, False, False, True])
+    for got, want in zip(art(x2, keep2, cols2), MaskIndex()(x2, keep2, cols2)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # another count breaks the assumption: one clear error, not silently wrong numbers
+    from loopify.errors import LoopifyError
+
+    with pytest.raises(LoopifyError, match="break what the artifact was compiled for") as err:
+        art(x, torch.tensor([True, True, True, True]), cols)
+    assert "\n" not in str(err.value)
+
+
+class IntReciprocal(torch.nn.Module):
+    def forward(self, m):
+        n = (m > 0).sum(-1)             # int64 count
+        return (torch.arange(4.0) * n.reciprocal()[:, None], torch.exp(n)[:, None] * 1.0)
+
+
+def test_float_ops_on_integers_promote_as_torch_does(tmp_path):
+    # TVM's converters keep the input dtype: 1/int64 was integer division (0), which broke
+    # Idefics3's patch positions. loopify casts to the float result dtype first.
+    m = torch.tensor([[1.0, 2.0, -1.0, 3.0], [1.0, -1.0, -1.0, -1.0]])
+    ep = _export(IntReciprocal(), m)
+    got = _run_compiled(ep, (m,), tmp_path)
+    for g, w in zip(got, IntReciprocal()(m)):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=0)

@@ -57,7 +57,7 @@ def test_loop_counts_change_the_result(split, looped):
 def test_manifest_describes_loops_and_shared_weights(looped):
     m = json.loads((looped.path / "manifest.json").read_text())
     assert m["format"] == "loopify-artifact" and m["version"] == 1
-    assert m["loops"] == [{"stage": 1, "name": "layers", "min": 0, "max": 5, "default": 5}]
+    assert m["loops"] == [{"stage": 1, "stages": [1], "name": "layers", "min": 0, "max": 5, "default": 5}]
     assert m["loop"] == {"min": 0, "max": 5, "default": 5}
     assert set(m["versions"]) >= {"torch", "tvm", "loopify"}
     assert set(m["files"]) >= {"lib.so", "params.safetensors"}

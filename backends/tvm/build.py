@@ -231,6 +231,7 @@ def compile_stages(stages: list[Stage], target="x86", out=None, *, options: Comp
             "inputs": staged.inputs,
             "outputs": staged.outputs,
             "loops": staged.loops,
+            "assumptions": staged.assumptions,
             "params": staged.params.names,
             "stages": [{"kind": s.kind, "name": s.name or f"stage{i}"} for i, s in enumerate(stages)],
             "versions": _versions(),
@@ -289,6 +290,11 @@ def compile_stages(stages: list[Stage], target="x86", out=None, *, options: Comp
         shutil.rmtree(work, ignore_errors=True)
 
 
-def compile_program(ep: torch.export.ExportedProgram, target="x86", out=None, **kw) -> CompileResult:
-    """Compile one plain program (a single straight stage). See :func:`compile_stages`."""
-    return compile_stages([Stage("straight", ep)], target, out, **kw)
+def compile_program(ep: torch.export.ExportedProgram, target="x86", out=None, *, example=None,
+                    **kw) -> CompileResult:
+    """Compile one plain program (a single straight stage). See :func:`compile_stages`.
+
+    ``example``: the program's flat example inputs, needed only by programs with boolean-mask
+    indexing (their count is taken from the example and recorded as an assumption)."""
+    return compile_stages([Stage("straight", ep, example=None if example is None else tuple(example))],
+                          target, out, **kw)

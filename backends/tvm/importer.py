@@ -172,19 +172,172 @@ def _logical(py_op: Callable, relax_name: str):
     return convert
 
 
-def _index_tensor(node, importer):
-    """``aten.index.Tensor``: refuse boolean-mask indices (data-dependent result size) clearly,
-    else TVM's own converter."""
+#: ``node.meta`` key holding the count a boolean mask had on the example inputs (see
+#: :func:`specialise_mask_counts`).
+MASK_COUNT = "loopify_mask_count"
+
+
+def _bool_mask_index(node):
+    """``(position, mask node)`` when ``node`` is ``aten.index.Tensor`` with one boolean index."""
+    if node.op != "call_function" or node.target is not torch.ops.aten.index.Tensor:
+        return None
+    indices = list(node.args[1])
+    masks = [(i, idx) for i, idx in enumerate(indices)
+             if idx is not None and getattr(getattr(idx, "meta", {}).get("val"), "dtype", None) == torch.bool]
+    if not masks:
+        return None
+    if len(masks) > 1 or any(idx is not None for i, idx in enumerate(indices) if i != masks[0][0]):
+        return (-1, None)  # a boolean mask combined with other indices: not specialised
+    return masks[0]
+
+
+def _example_run(ep: torch.export.ExportedProgram, example, names: set[str]) -> dict[str, object]:
+    """Values of the nodes ``names`` when ``ep`` runs on ``example`` (its flat user inputs)."""
+    values = {}
+    gm = ep.module()
+
+    class Rec(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in names:
+                values[n.name] = out
+            return out
+
+    with torch.no_grad():
+        Rec(gm).run(*example)
+    return values
+
+
+def _source_line(node) -> str:
+    """``file.py:LINE: code`` of the innermost frame in the node's stack trace ("" if none)."""
+    import re
+
+    lines = node.meta.get("stack_trace", "").strip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        m = re.match(r'\s*File "([^"]+)", line (\d+)', lines[i])
+        if m:
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            return f"{m.group(1).rsplit('/', 1)[-1]}:{m.group(2)}: {code}"
+    return ""
+
+
+def specialise_mask_counts(ep: torch.export.ExportedProgram, example) -> tuple[torch.export.ExportedProgram, list[dict]]:
+    """Give every boolean-mask ``x[mask]`` the static size it has on the example inputs.
+
+    ``x[mask]`` has as many rows as ``mask`` has true elements: a data-dependent size that a
+    static-shape artifact cannot express. Idefics3 does this to drop padding images
+    (``pixel_values[real_images_inds]``); with an artifact's fixed input shapes every image is
+    real, so the count is the example's. The count is recorded on the node (the converter then
+    gathers exactly those positions) and returned as an *assumption* for the manifest. At run
+    time a mask with another count makes the (float) selection NaN, so a violated assumption
+    shows in the outputs (and :mod:`loopify.runtime` reports it) instead of passing silently.
+
+    Returns ``(program, assumptions)``; the program is ``ep`` itself with node metadata added.
+    """
     from .errors import CompileError
 
-    for idx in node.args[1]:
-        val = getattr(idx, "meta", {}).get("val") if idx is not None else None
-        if val is not None and getattr(val, "dtype", None) == torch.bool:
-            raise CompileError(
-                f"node {node.name}: boolean-mask indexing (aten.index.Tensor with a bool mask) has a "
-                "data-dependent result size; TVM's static-shape import cannot express it (rewrite "
-                "the model to index with a static number of positions)")
-    return importer._index_tensor(node)
+    found = {}
+    for node in ep.graph_module.graph.nodes:
+        hit = _bool_mask_index(node)
+        if hit is None:
+            continue
+        if hit[1] is None:
+            raise CompileError(f"node {node.name}: boolean-mask indexing combined with other indices has a "
+                               "data-dependent result size that loopify cannot make static")
+        found[node.name] = (node, hit)
+    if not found:
+        return ep, []
+    if example is None:
+        raise CompileError(
+            f"node {next(iter(found))}: boolean-mask indexing (aten.index.Tensor with a bool mask) has a "
+            "data-dependent result size; making it static needs the example inputs")
+    names = {hit[1].name for _, hit in found.values()}
+    try:
+        values = _example_run(ep, example, names)
+    except Exception as e:  # noqa: BLE001
+        raise CompileError(f"running the program on its example inputs to size boolean masks failed: "
+                           f"{str(e).splitlines()[0][:200]}") from e
+    assumptions = []
+    for name, (node, (pos, mask)) in found.items():
+        if mask.name not in values:
+            raise CompileError(f"node {name}: the boolean mask {mask.name} was not computed on the example inputs")
+        m = values[mask.name]
+        count = int(m.sum())
+        node.meta[MASK_COUNT] = count
+        assumptions.append({"node": name, "kind": "mask-count", "mask_shape": list(m.shape),
+                            "count": count, "source": _source_line(node)})
+        log.info("boolean mask %s at %s: %d of %d true on the example inputs; specialised", mask.name, name,
+                 count, m.numel())
+    return ep, assumptions
+
+
+def _index_tensor(node, importer):
+    """``aten.index.Tensor``; a boolean mask sized by :func:`specialise_mask_counts` becomes a
+    static gather of its true positions (row-major), else TVM's own converter."""
+    from tvm import relax
+
+    from .errors import CompileError
+
+    hit = _bool_mask_index(node)
+    if hit is None:
+        return importer._index_tensor(node)
+    if MASK_COUNT not in node.meta:
+        raise CompileError(
+            f"node {node.name}: boolean-mask indexing (aten.index.Tensor with a bool mask) has a "
+            "data-dependent result size; TVM's static-shape import cannot express it without example inputs")
+    pos, _ = hit
+    count = int(node.meta[MASK_COUNT])
+    bb = importer.block_builder
+    x = importer.env[node.args[0]]
+    mask = importer.env[node.args[1][pos]]
+    shape = [int(s) for s in x.ty.shape]
+    mdims = len(mask.ty.shape)
+    m = int(np.prod(shape[pos:pos + mdims]))
+    merged = bb.emit(relax.op.reshape(x, shape[:pos] + [m] + shape[pos + mdims:]))
+    flat = bb.emit(relax.op.astype(relax.op.reshape(mask, (m,)), "int64"))
+    # the k-th true position = the number of positions whose inclusive cumsum is <= k
+    csum = bb.emit(relax.op.cumsum(flat, axis=0))
+    ks = relax.const(np.arange(count, dtype="int64").reshape(count, 1))
+    below = bb.emit(relax.op.astype(relax.op.less_equal(relax.op.reshape(csum, (1, m)), ks), "int64"))
+    idx = bb.emit(relax.op.clip(relax.op.sum(below, axis=[1]), 0, max(m - 1, 0)))
+    out = bb.emit(relax.op.take(merged, idx, axis=pos))
+    if "float" in str(x.ty.dtype):
+        ok = bb.emit(relax.op.equal(relax.op.sum(flat), relax.const(count, "int64")))
+        out = bb.emit(relax.op.where(ok, out, relax.const(float("nan"), str(x.ty.dtype))))
+    return out
+
+
+def _sym_size_int(node, importer):
+    """``aten.sym_size.int``: a Python int when the dimension is static (as every dimension is
+    once boolean masks are sized), so shape arguments built from it stay static."""
+    x = importer.env[node.args[0]]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    shape = importer.shape_of(x)
+    if shape is not None and hasattr(shape[dim], "value"):
+        return int(shape[dim].value)
+    return importer._sym_size_int(node)
+
+
+def _float_unary(relax_name: str | None):
+    """A float unary op (``None``: reciprocal) with torch's promotion: an integer or bool input
+    is cast to the result's float dtype first. TVM's converters keep the input dtype, so
+    ``reciprocal`` of an int64 count (Idefics3's patch positions) became integer division."""
+
+    def convert(node, importer):
+        from tvm import relax
+
+        bb = importer.block_builder
+        x = importer.env[node.args[0]]
+        want = node.meta.get("val")
+        dtype = str(x.ty.dtype)
+        if want is not None and want.dtype.is_floating_point and "float" not in dtype:
+            dtype = str(want.dtype).replace("torch.", "")
+            x = bb.emit(relax.op.astype(x, dtype))
+        if relax_name is None:
+            return bb.emit(relax.op.divide(relax.const(1.0, dtype), x))
+        return bb.emit(getattr(relax.op, relax_name)(x))
+
+    return convert
 
 
 def custom_convert_map() -> dict[str, Callable]:
@@ -198,6 +351,9 @@ def custom_convert_map() -> dict[str, Callable]:
         "and_": _logical(operator.and_, "logical_and"),
         "sym_not": _logical(operator.not_, "logical_not"),
         "index.Tensor": _index_tensor,
+        "sym_size.int": _sym_size_int,
+        "reciprocal.default": _float_unary(None),
+        **{f"{op}.default": _float_unary(op) for op in ("exp", "log", "sin", "cos", "tanh", "sigmoid", "rsqrt")},
     }
 
 
@@ -213,7 +369,8 @@ def user_input_names(ep: torch.export.ExportedProgram) -> list[str]:
 
 
 def import_program(ep: torch.export.ExportedProgram, *, keep_params_as_input: bool = True,
-                   unwrap_unit_return_tuple: bool = True, func_name: str = "main"):
+                   unwrap_unit_return_tuple: bool = True, func_name: str = "main", example=None,
+                   assumptions: list | None = None):
     """Import ``ep`` as a Relax IRModule, with loopify's legalisation.
 
     Args:
@@ -223,6 +380,9 @@ def import_program(ep: torch.export.ExportedProgram, *, keep_params_as_input: bo
             order of :func:`parameter_names`. Buffers and constants are bound as constants.
         unwrap_unit_return_tuple: a single output is returned bare rather than as a 1-tuple.
         func_name: the name of the imported function in the returned module.
+        example: the program's flat user inputs; needed only to give boolean-mask indexing a static
+            size (:func:`specialise_mask_counts`).
+        assumptions: a list that receives what the import assumed of the inputs (for the manifest).
 
     Raises:
         loopify.backends.tvm.errors.CompileError: an op the importer (with loopify's converters) cannot handle.
@@ -231,12 +391,19 @@ def import_program(ep: torch.export.ExportedProgram, *, keep_params_as_input: bo
 
     from .errors import CompileError
 
+    # Decompose here (as the importer would) so that the sizes recorded on nodes survive; the
+    # re-trace re-inserts run-time assertions, so strip after it.
+    ep = ep.run_decompositions()
     ep, removed = strip_assertions(ep)
     log.debug("removed %d assertion nodes", removed)
+    ep, assumed = specialise_mask_counts(ep, example)
+    if assumptions is not None:
+        assumptions.extend(assumed)
     try:
         mod = from_exported_program(ep, keep_params_as_input=keep_params_as_input,
                                     unwrap_unit_return_tuple=unwrap_unit_return_tuple,
-                                    custom_convert_map=custom_convert_map())
+                                    custom_convert_map=custom_convert_map(),
+                                    run_ep_decomposition=False)
     except CompileError:
         raise
     except AssertionError as e:  # the importer reports unsupported ops by assertion

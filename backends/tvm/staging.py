@@ -8,7 +8,7 @@ given at run time. The module built here::
     main(*inputs, n_0, n_1, ..., *params) -> tuple(outputs)   # attrs num_input = inputs + loops
       carry = stage_0(*inputs, *params_of_0)                  # straight stage
       carry = loop_1(0, n_0, *carry, *params_of_1)            # loop stage
-      ...
+      ...                                                     # (stages of one group share n_j)
     loop_1(step, n, *carry, *p):                              # recursive, relax.If on step < n
       if step < n: return loop_1(step + 1, n, *stage_1(step, *carry, *p), *p)
       else:        return carry
@@ -51,6 +51,12 @@ class Stage:
     max_loops: int | None = None
     default_loops: int | None = None
     name: str = ""
+    #: the program's flat example inputs, for the few imports that must look at values
+    #: (boolean-mask sizes, see ``importer.specialise_mask_counts``)
+    example: tuple | None = None
+    #: loop stages with the same group share one run-time count (e.g. the per-block loops of a
+    #: sequence-shared span); None: the stage has its own count
+    group: str | None = None
 
     def __post_init__(self):
         if self.kind not in STAGE_KINDS:
@@ -121,6 +127,8 @@ class StagedModule:
     inputs: list[dict]   # [{"name", "shape", "dtype"}]
     outputs: list[dict]
     loops: list[dict]    # [{"stage", "min", "max", "default", "name"}]
+    #: what the import assumed of the inputs (e.g. a boolean mask's count), for the manifest
+    assumptions: list[dict] = field(default_factory=list)
 
 
 def _tensor_types(ty) -> list:
@@ -288,8 +296,9 @@ def build_module(stages: list[Stage], *, pretranspose: bool = True,
     imported = []
     layouts: dict = {}  # tensor key -> "raw" | "T" | "panels"
     rank = {"panels": 0, "T": 1, "raw": 2}
+    assumptions: list[dict] = []
     for i, st in enumerate(stages):
-        mod = import_program(st.program)
+        mod = import_program(st.program, example=st.example, assumptions=assumptions)
         f = mod["main"]
         num_input = int(f.attrs["num_input"])
         pnames = parameter_names(st.program)
@@ -374,6 +383,8 @@ def build_module(stages: list[Stage], *, pretranspose: bool = True,
 
     loops = []
     loop_gvs = {}
+    loop_of_stage: dict[int, int] = {}  # loop stage -> index of its run-time count
+    groups: dict = {}
     for i, st in enumerate(stages):
         if st.kind != "loop":
             continue
@@ -413,9 +424,19 @@ def build_module(stages: list[Stage], *, pretranspose: bool = True,
         loop_gvs[i] = gv
         default = st.default_loops if st.default_loops is not None else (
             st.max_loops if st.max_loops is not None else max(st.min_loops, 1))
-        loops.append({"stage": i, "name": st.name or f"stage{i}", "min": int(st.min_loops),
-                      "max": None if st.max_loops is None else int(st.max_loops),
-                      "default": int(default)})
+        entry = {"stage": i, "stages": [i], "name": st.group or st.name or f"stage{i}",
+                 "min": int(st.min_loops), "max": None if st.max_loops is None else int(st.max_loops),
+                 "default": int(default)}
+        key = st.group if st.group is not None else ("stage", i)
+        if key in groups:
+            first = loops[groups[key]]
+            if any(first[f] != entry[f] for f in ("min", "max", "default")):
+                raise CompileError(f"loop stages of group {st.group!r} disagree on their count range")
+            first["stages"].append(i)
+        else:
+            groups[key] = len(loops)
+            loops.append(entry)
+        loop_of_stage[i] = groups[key]
 
     # main
     input_types = stage_info[0][1][1:] if stages[0].kind == "loop" else stage_info[0][1]
@@ -431,14 +452,12 @@ def build_module(stages: list[Stage], *, pretranspose: bool = True,
         return v
 
     carry = list(inputs)
-    j = 0
     for i, st in enumerate(stages):
         gv_stage, in_types, idx, out_types, _ = stage_info[i]
         ps = [param_vars[k] for k in idx]
         if st.kind == "loop":
             zero = memit(relax.const(0, "int64"), f"zero_{i}")
-            r = memit(relax.Call(loop_gvs[i], [zero, counts[j]] + carry + ps), f"s{i}")
-            j += 1
+            r = memit(relax.Call(loop_gvs[i], [zero, counts[loop_of_stage[i]]] + carry + ps), f"s{i}")
             carry = [memit(relax.TupleGetItem(r, q), f"s{i}_{q}") for q in range(len(out_types))]
         else:
             r = memit(relax.Call(gv_stage, carry + ps), f"s{i}")
@@ -459,4 +478,5 @@ def build_module(stages: list[Stage], *, pretranspose: bool = True,
     in_desc = [_describe(nm, v.ty) for nm, v in zip(input_names, inputs)]
     log.info("staged module: %d stages, %d loops, %d params (%d references, %.1f MB)",
              len(stages), len(loops), len(params.tensors), params.references, params.nbytes / 1e6)
-    return StagedModule(mod=mod, params=params, inputs=in_desc, outputs=outputs, loops=loops)
+    return StagedModule(mod=mod, params=params, inputs=in_desc, outputs=outputs, loops=loops,
+                        assumptions=assumptions)

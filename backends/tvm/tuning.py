@@ -38,6 +38,33 @@ def parse_rpc(spec: str) -> tuple[str, int, str]:
     return parts[0], int(parts[1]), parts[2]
 
 
+def check_rpc(spec: str, timeout: float = 10.0) -> dict:
+    """Fail early, in one line, when the tracker is unreachable or has no free device for the key.
+
+    Returns the key's queue summary (``{"free": ..., "pending": ...}``).
+    """
+    import socket
+
+    host, port, key = parse_rpc(spec)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise CompileError(f"cannot reach the RPC tracker at {host}:{port} ({e.strerror or e})") from None
+    from tvm import rpc
+
+    try:
+        summary = rpc.connect_tracker(host, port).summary()
+    except Exception as e:  # noqa: BLE001
+        raise CompileError(f"the RPC tracker at {host}:{port} does not answer as a TVM tracker "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    queues = summary.get("queue_info", {})
+    if key not in queues:
+        have = ", ".join(sorted(queues)) or "none"
+        raise CompileError(f"the RPC tracker at {host}:{port} has no device registered as {key!r} (keys: {have})")
+    return queues[key]
+
+
 def _export(rt_mod, target, path: str) -> str:
     from .targets import fcompile_for
 
@@ -144,6 +171,9 @@ def tune_and_apply(mod, target, options, work_dir: Path | None):
 
     from . import schedules
 
+    if options.rpc:
+        queue = check_rpc(options.rpc)
+        log.info("tuning through the RPC tracker %s: %s", options.rpc, queue)
     db_dir = Path(options.tuning_db) if options.tuning_db else Path(work_dir or tempfile.mkdtemp()) / "tuning"
     db_dir.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(work_dir=str(db_dir))
