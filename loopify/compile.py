@@ -98,17 +98,24 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
         def reference(loops: list[int]):
             return captured.run()
 
-    result = tvm_backend.compile_stages(stages, tgt, out, options=options)
     from loopify.artifact import read_manifest
+    from loopify.io import atomic_path
 
-    compiled = CompiledModel(Path(result.path), read_manifest(Path(result.path), verify=False))
-    if validate and _runs_here(compiled.manifest):
-        compiled.checks = validate_artifact(compiled.path, reference, captured.flat_inputs(),
-                                            compiled.manifest.get("loops", []))
-        if not compiled.ok:
-            bad = next(c for c in compiled.checks if not c["ok"])
-            raise LoopifyError(f"{compiled.path}: artifact does not match PyTorch at loops={bad['loops']}: output "
-                               f"{bad['output']} rel err {bad['rel_err']:.3g} > {ARTIFACT_RTOL:g}")
+    out = Path(out)
+    # Built and validated beside OUT; moved into place only when it matches PyTorch.
+    with atomic_path(out, directory=True) as tmp:
+        result = tvm_backend.compile_stages(stages, tgt, tmp, options=options)
+        manifest = read_manifest(Path(result.path), verify=False)
+        checks: list[dict] = []
+        if validate and _runs_here(manifest):
+            checks = validate_artifact(Path(result.path), reference, captured.flat_inputs(), manifest.get("loops", []))
+            bad = next((c for c in checks if not c["ok"]), None)
+            if bad is not None:
+                raise LoopifyError(f"{out}: artifact does not match PyTorch at loops={bad['loops']}: output "
+                                   f"{bad['output']} rel err {bad['rel_err']:.3g} > {ARTIFACT_RTOL:g}; nothing "
+                                   "written (--no-validate keeps it)")
+    compiled = CompiledModel(out, manifest)
+    compiled.checks = checks
     return compiled
 
 

@@ -1,10 +1,12 @@
-"""Which zoo models import into TVM and build for which targets (and whether x86 matches PyTorch).
+"""Which zoo models compile for which targets, original and converted, and whether x86 matches.
 
     .venv/bin/python tests/bench/zoo_tvm_report.py [--targets x86 arm64 cuda] [--only NAME ...]
 
-For every model: import (loopify's legalisation), then for each target a full build to an
-artifact; the x86 artifact is run and compared with the exported program (rel. tol 1e-4).
-Prints one line per model and target with the exact reason of any failure; ``--json`` saves it.
+For every model: its Hugging Face directory and its default conversion (`loopify convert`
+with no options), each compiled with `loopify.compile.compile_model` for every target. The x86
+artifacts are validated against PyTorch at every loop count (rel. tol 1e-4); arm64 must be an
+aarch64 ELF and cuda must carry device code for the arch. One line per model, form and target
+with the exact reason of any failure; ``--json`` saves it.
 """
 
 from __future__ import annotations
@@ -34,11 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
 
-    import torch
-
-    import loopify.runtime as rt
-    from loopify import capture
-    from loopify.backends.tvm import compile_program, import_program
+    from loopify.compile import compile_model
+    from loopify.convert import ConvertConfig, convert
     from loopify.examples import zoo
 
     a.cache.mkdir(parents=True, exist_ok=True)
@@ -46,39 +45,39 @@ def main(argv=None) -> int:
     for name in a.only:
         row = report.setdefault(name, {})
         try:
-            path = a.cache / f"{name}.pt"
-            if not path.exists():
-                zoo.write_export(name, a.cache)
-            cap = capture.load(path)
+            hf = a.cache / name
+            if not (hf / "config.json").exists():
+                hf = zoo.write_hf(name, a.cache)
+            conv = a.cache / f"{name}.loop.pt2"
+            if not conv.exists():
+                convert(hf, ConvertConfig(), conv)
         except Exception as e:  # noqa: BLE001
-            row["capture"] = f"FAIL {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            row["convert"] = f"FAIL {type(e).__name__}: {str(e).splitlines()[0][:300]}"
             print(name, row, flush=True)
             continue
-        t = time.time()
-        try:
-            import_program(cap.program)
-            row["import"] = f"ok ({time.time() - t:.1f}s)"
-        except Exception as e:  # noqa: BLE001
-            row["import"] = f"FAIL {str(e).splitlines()[0][:400]}"
-            print(f"{name}: import {row['import']}", flush=True)
-            continue
-        args = tuple(cap.args) + tuple(cap.kwargs.values())
-        with torch.no_grad():
-            ref = cap.program.module()(*cap.args, **cap.kwargs)
-        for tgt in a.targets:
-            t = time.time()
-            try:
-                res = compile_program(cap.program, tgt, a.out / f"{name}.{tgt}")
-                msg = f"built ({time.time() - t:.1f}s)"
-                if tgt == "x86":
-                    checks = rt.validate(res.path, lambda *i: ref, args)
-                    worst = max(c.rel_err for c in checks)
-                    msg += f", {'matches' if all(c.ok for c in checks) else 'DIFFERS'} " \
-                           f"(max rel err {worst:.1e} over {len(checks)} outputs)"
-                row[tgt] = msg
-            except Exception as e:  # noqa: BLE001
-                row[tgt] = f"FAIL {str(e).splitlines()[0][:400]}"
-            print(f"{name}: {tgt} {row[tgt]}", flush=True)
+        for form, src in (("original", hf), ("converted", conv)):
+            for tgt in a.targets:
+                t = time.time()
+                key = f"{form} {tgt}"
+                try:
+                    res = compile_model(src, a.out / f"{name}.{form}.{tgt}", target=tgt)
+                    m = res.manifest
+                    msg = f"built ({time.time() - t:.1f}s)"
+                    if res.checks:
+                        worst = max(c["rel_err"] for c in res.checks)
+                        counts = sorted({str(c["loops"]) for c in res.checks})
+                        msg += f", matches at loops {' '.join(counts)} (max rel err {worst:.1e})"
+                    if tgt == "arm64":
+                        head = (res.path / "lib.so").read_bytes()[:20]
+                        msg += f", ELF e_machine {int.from_bytes(head[18:20], 'little')}"
+                    if tgt == "cuda":
+                        msg += f", device code {m.get('device_code', {}).get('arch', '?')}"
+                    if m.get("assumptions"):
+                        msg += f", assumes {[(x['node'], x['count']) for x in m['assumptions']]}"
+                    row[key] = msg
+                except Exception as e:  # noqa: BLE001
+                    row[key] = f"FAIL {str(e).splitlines()[0][:400]}"
+                print(f"{name}: {key}: {row[key]}", flush=True)
     if a.json:
         a.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
