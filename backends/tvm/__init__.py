@@ -9,6 +9,8 @@ Everything TVM is imported lazily: importing this package does not import tvm.
 
 from __future__ import annotations
 
+import loopify.runtime  # noqa: F401 - sizes TVM's CPU thread pool before anything runs (see there)
+
 from .errors import CompileError, TargetError
 from .staging import Stage
 from .targets import TARGET_NAMES, target_for

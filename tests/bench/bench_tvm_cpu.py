@@ -6,8 +6,9 @@
         --tuning-db out/tuning-db                                       # MetaSchedule on top
 
 For each thread count (1 and 2) it times eager PyTorch (``torch.set_num_threads(n)``) and each
-compiled variant with TVM's pool sized to n. Each compiled artifact is checked against PyTorch
-first. Timings on a shared machine swing with other load: compare only within one run.
+compiled variant with TVM's pool sized to n, in interleaved rounds. Each compiled artifact is
+checked against PyTorch first. ``--artifact NAME=DIR`` adds a prebuilt artifact (e.g. tuned by
+``loopify compile --tune``). Timings on a shared machine swing with other load: compare only within one run.
 Writes a JSON report (``--json``).
 """
 
@@ -65,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tuning-db", default=None)
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "loopify-bench-art")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--artifact", action="append", default=[], metavar="NAME=DIR",
+                    help="also time a prebuilt artifact of the same model (e.g. a tuned one)")
     a = ap.parse_args(argv)
 
     import loopify.runtime as rt
@@ -82,6 +85,14 @@ def main(argv=None) -> int:
 
     variants = list(a.schedules) + (["tuned"] if a.tune else [])
     arts = {}
+    for spec in a.artifact:  # prebuilt artifacts, e.g. one tuned earlier: NAME=DIR
+        name, _, path = spec.partition("=")
+        art = rt.load(path)
+        checks = rt.validate(art, lambda *i: ref, args)
+        arts[name] = art
+        report["variants"][name] = {"path": path, "tuning": art.manifest.get("tuning"),
+                                    "checks": [c._asdict() for c in checks]}
+        print(f"loaded {name}: {path}, matches: {all(c.ok for c in checks)}", flush=True)
     for v in variants:
         t = time.time()
         opts = {"schedule": "loopify" if v == "tuned" else v}
@@ -98,12 +109,27 @@ def main(argv=None) -> int:
     for n in a.threads:
         torch.set_num_threads(n)
         rt.set_num_threads(n)
-        row = {}
-        with torch.no_grad():
-            row["eager"] = time_fn(lambda: eager(*cap.args, **cap.kwargs), a.repeat)
+
+        def eager_call():
+            with torch.no_grad():
+                eager(*cap.args, **cap.kwargs)
+
+        calls = {"eager": eager_call}
         for v, art in arts.items():
-            reps = 1 if v == "none" else a.repeat
-            row[v] = art.benchmark(*args, repeat=reps, warmup=0 if v == "none" else 1)
+            calls[v] = (lambda art=art: art(*args))
+        for fn in calls.values():  # warm-up, not counted
+            fn()
+        # Interleaved rounds, alternating direction, so every variant sees the same conditions
+        # (TVM's naive "none" schedule takes seconds: once per round at most).
+        times = {k: [] for k in calls}
+        order = list(calls)
+        for r in range(a.repeat):
+            for k in (order if r % 2 == 0 else order[::-1]):
+                t = time.perf_counter()
+                calls[k]()
+                times[k].append((time.perf_counter() - t) * 1e3)
+        row = {k: {"median_ms": round(statistics.median(v), 2), "min_ms": round(min(v), 2), "n": len(v)}
+               for k, v in times.items()}
         report["timings"][f"threads={n}"] = row
         print(f"threads={n}: " + ", ".join(f"{k} {r['median_ms']:.1f} ms" for k, r in row.items()),
               flush=True)
