@@ -25,6 +25,23 @@ from networkx.algorithms.isomorphism import DiGraphMatcher
 _INDEX = re.compile(r"^\d+$")
 
 
+def record_values(gm: torch.fx.GraphModule, flat_inputs, names: set[str] | None = None) -> dict[str, Any]:
+    """Run ``gm`` (an FX graph module, e.g. ``ExportedProgram.module()``) on its flat inputs and
+    return the value of every node, or only of the nodes named in ``names``, by node name."""
+    values: dict[str, Any] = {}
+
+    class Rec(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if names is None or n.name in names:
+                values[n.name] = out
+            return out
+
+    with torch.no_grad():
+        Rec(gm).run(*flat_inputs)
+    return values
+
+
 def module_path(node: torch.fx.Node) -> str | None:
     """The innermost module path of a node (``""`` for the root), from ``nn_module_stack``."""
     stack = node.meta.get("nn_module_stack")

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from loopify.errors import LoopifyError
+from loopify.graphs import record_values
 from loopify.recursion import Recursion, recursions
 
 
@@ -217,20 +218,6 @@ class _StepAt(nn.Module):
             tuple(out[self._n_args:])
 
 
-def _record(gm: torch.fx.GraphModule, flat_inputs: list) -> dict[torch.fx.Node, object]:
-    values = {}
-
-    class Rec(torch.fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            values[n] = out
-            return out
-
-    with torch.no_grad():
-        Rec(gm).run(*flat_inputs)
-    return values
-
-
 def stages_of(module: nn.Module, captured) -> list[StageProgram]:
     """Split a converted model into stage programs (see the module docstring)."""
     from loopify.capture import flat_inputs
@@ -257,7 +244,8 @@ def stages_of(module: nn.Module, captured) -> list[StageProgram]:
     if [m.args[1] for m in markers] != list(range(len(loops))) or any(pos[a] > pos[b] for a, b in zip(markers, markers[1:])):
         raise StagingError("loops do not appear once each, in order, in the exported program")
     flat = flat_inputs(outer, captured.args, captured.kwargs)
-    values = _record(gm, flat)
+    by_name = record_values(gm, flat)
+    values = {n: by_name[n.name] for n in nodes if n.name in by_name}
 
     loop_list = list(loops.items())
     carries = []  # per boundary: (marker args, taps count, passthrough nodes)

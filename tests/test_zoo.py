@@ -133,20 +133,11 @@ def test_neg_alt_attn_layers_see_different_masks(written, programs):
             mask_of[layer] = node.args[3] if len(node.args) > 3 else node.kwargs["attn_mask"]
     assert mask_of[0] is mask_of[2] and mask_of[1] is mask_of[3] and mask_of[0] is not mask_of[1]
     # and the two masks differ in value: evaluate them on the example inputs
-    values = {}
+    from loopify.graphs import record_values
+
     gm = ep.module()
-    wanted = {mask_of[0].name, mask_of[1].name}
-
-    class Rec(torch.fx.Interpreter):
-        def run_node(self, n):
-            r = super().run_node(n)
-            if n.name in wanted:
-                values[n.name] = r
-            return r
-
     flat = [kwargs[p.name] if p.name in kwargs else None for p in gm.graph.find_nodes(op="placeholder")]
-    with torch.no_grad():
-        Rec(gm).run(*flat)
+    values = record_values(gm, flat, {mask_of[0].name, mask_of[1].name})
     full, sliding = values[mask_of[0].name], values[mask_of[1].name]
     assert full.shape == sliding.shape and not torch.equal(full, sliding)
 

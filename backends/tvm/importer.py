@@ -191,23 +191,6 @@ def _bool_mask_index(node):
     return masks[0]
 
 
-def _example_run(ep: torch.export.ExportedProgram, example, names: set[str]) -> dict[str, object]:
-    """Values of the nodes ``names`` when ``ep`` runs on ``example`` (its flat user inputs)."""
-    values = {}
-    gm = ep.module()
-
-    class Rec(torch.fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n.name in names:
-                values[n.name] = out
-            return out
-
-    with torch.no_grad():
-        Rec(gm).run(*example)
-    return values
-
-
 def _source_line(node) -> str:
     """``file.py:LINE: code`` of the innermost frame in the node's stack trace ("" if none)."""
     import re
@@ -253,7 +236,9 @@ def specialise_mask_counts(ep: torch.export.ExportedProgram, example) -> tuple[t
             "data-dependent result size; making it static needs the example inputs")
     names = {hit[1].name for _, hit in found.values()}
     try:
-        values = _example_run(ep, example, names)
+        from loopify.graphs import record_values
+
+        values = record_values(ep.module(), example, names)
     except Exception as e:  # noqa: BLE001
         raise CompileError(f"running the program on its example inputs to size boolean masks failed: "
                            f"{str(e).splitlines()[0][:200]}") from e
