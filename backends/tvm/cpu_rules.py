@@ -62,6 +62,14 @@ def _largest_divisor(n: int, candidates) -> int | None:
     return None
 
 
+def _buffer(region):
+    """The buffer of a block's read/write region (``TensorRegion.source`` in TVM 0.27; an
+    older ``BufferRegion.buffer`` raised here, so every matmul with a producer block, such as
+    a squeezed per-depth bias, fell through to an unscheduled loop nest)."""
+    src = getattr(region, "source", None)
+    return src if src is not None else region.buffer
+
+
 def _vars_in(expr) -> set:
     from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
 
@@ -132,7 +140,7 @@ class Matmul(ScheduleRule):
         for b in infos:
             if b is main:
                 continue
-            if sch.get(b.block_rv).writes[0].buffer in [r.buffer for r in stmt.reads]:
+            if _buffer(sch.get(b.block_rv).writes[0]) in [_buffer(r) for r in stmt.reads]:
                 try:
                     sch.compute_inline(b.block_rv)
                 except Exception:  # noqa: BLE001
