@@ -119,6 +119,16 @@ def _reset_peak() -> None:
 # Worker
 
 
+def original_capture_options(spec: BenchSpec, manifest: dict) -> dict:
+    """Capture options that give the original the inputs the converted model was captured
+    with: ``--seq``/``--batch`` when given, else (when ORIGINAL is the recorded Hugging Face
+    source) the recorded text length and batch."""
+    src = manifest["source"]
+    hf_same = Path(spec.original).resolve() == Path(src["path"]) and src.get("format") == "hf-dir"
+    return {"seq_len": spec.seq or (src.get("text_len") if hf_same else None),
+            "batch": spec.batch or (src.get("batch") if hf_same else None)}
+
+
 def _build(cfg: Config, spec: BenchSpec):
     """Return (callable() -> outputs, params, bytes_on_disk, unit_count)."""
     import torch
@@ -129,13 +139,7 @@ def _build(cfg: Config, spec: BenchSpec):
     from loopify.recursion import set_loops
 
     if cfg.model == "original":
-        # The original runs on the inputs the converted model was captured with (same text length).
-        src = read_manifest(spec.converted)["source"]
-        same = Path(spec.original).resolve() == Path(src["path"])
-        hf_same = same and src.get("format") == "hf-dir"
-        recorded = src.get("text_len") if hf_same else None
-        cap = capture.load(spec.original, seq_len=spec.seq or recorded,
-                           batch=spec.batch or (src.get("batch") if hf_same else None))
+        cap = capture.load(spec.original, **original_capture_options(spec, read_manifest(spec.converted)))
         program = cap.program
         params = unique_params(program.state_dict)[0]
         disk = source_bytes(Path(spec.original))
@@ -260,13 +264,8 @@ def run(spec: BenchSpec, progress=None) -> dict:
         tmpdir = tempfile.mkdtemp(prefix="loopify-bench-")
         if progress:
             progress("compiling TVM artifacts for the host")
-        src = man["source"]
-        same = Path(spec.original).resolve() == Path(src["path"])
-        hf_same = same and src.get("format") == "hf-dir"
-        seq = spec.seq or (src.get("text_len") if hf_same else None)
-        batch = spec.batch or (src.get("batch") if hf_same else None)
         spec.artifacts = [str(compile_model(spec.original, Path(tmpdir) / "original", validate=False,
-                                            capture_options={"seq_len": seq, "batch": batch}).path),
+                                            capture_options=original_capture_options(spec, man)).path),
                           str(compile_model(spec.converted, Path(tmpdir) / "converted", validate=False,
                                             capture_options={"seq_len": spec.seq, "batch": spec.batch}).path)]
         notes.append("tvm artifacts compiled on the fly for the host (default schedules, untuned)")

@@ -117,6 +117,12 @@ class Recursion(nn.Module):
     def deepen(self) -> bool:
         return self.spec.mode == "deepen"
 
+    @property
+    def stepwise(self) -> bool:
+        """Whether the schedule is cut into recursion steps (cycle and deepen loops), between
+        which connectors act; sequence and middle-* schedules are one step."""
+        return self.deepen or self.spec.sharing == "cycle"
+
     def sharing(self) -> list[int]:
         if self.deepen:
             return list(range(self.spec.layers))
@@ -134,10 +140,9 @@ class Recursion(nn.Module):
     def steps(self, loops: int | None = None) -> list[list[int]]:
         """The schedule cut into recursion steps (one pass of the body each), for connectors."""
         sched = self.depth_schedule(loops)
-        per = self.spec.layers if self.deepen else (
-            self.spec.blocks if self.spec.sharing == "cycle" else None)
-        if per is None:
+        if not self.stepwise:
             return [sched]
+        per = self.spec.layers if self.deepen else self.spec.blocks
         return [sched[i:i + per] for i in range(0, len(sched), per)]
 
     def block_for_depth(self, depth: int) -> int:

@@ -94,9 +94,7 @@ def _markers(loops: dict[str, Recursion], constants: dict[int, tuple[int, dict]]
 
 
 def _tap_count(rec: Recursion) -> int:
-    # Connectors act between recursion steps, which only cycle and deepen loops have (a sequence
-    # or middle-* schedule is one step in eager mode too, see Recursion.steps).
-    if rec.connector is None or not (rec.deepen or rec.spec.sharing == "cycle"):
+    if rec.connector is None or not rec.stepwise:  # connectors act between steps only
         return 0
     return len(getattr(rec.connector, "positions", []))
 
@@ -155,7 +153,7 @@ def loop_step(rec: Recursion, n_args: int, step: torch.Tensor, *carry, piece: Pi
     layer_args = args[:len(args) - rec.n_extra] if rec.n_extra else args
     s = rec.spec.state_arg
     h = layer_args[s]
-    if rec.connector is not None and (rec.deepen or rec.spec.sharing == "cycle"):
+    if rec.connector is not None and rec.stepwise:
         h = _connector_step(rec.connector, h, taps, step, extras)
     new_taps = []
     positions = getattr(rec.connector, "positions", []) if n_taps else []

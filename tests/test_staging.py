@@ -11,7 +11,7 @@ import torch
 
 from loopify.convert import ConvertConfig, convert_captured
 from loopify.recursion import set_loops
-from loopify.staging import StagingError, run_stages, stages_of
+from loopify.staging import run_stages, stages_of
 
 
 @pytest.mark.parametrize("name,config,counts,kinds", [

@@ -7,7 +7,9 @@ Two layers:
   fed them (``item`` / ``sym_ite`` / ``_is_all_true`` chains that check shapes export already
   proved); and
 * custom converters for the ops the example zoo still meets after that (``masked_scatter``,
-  ``unfold``, ``_is_all_true``, ``sym_ite``, ``or_``, ``and_``, ``sym_not``), each tested alone
+  ``unfold``, ``_is_all_true``, ``sym_ite``, ``or_``, ``and_``, ``sym_not``; boolean-mask
+  ``index.Tensor`` sized from the example inputs, see :func:`specialise_mask_counts`; float
+  unary ops with torch's int-to-float promotion; static ``sym_size``), each tested alone
   against PyTorch in ``tests/test_tvm_import.py``.
 """
 
@@ -235,9 +237,9 @@ def specialise_mask_counts(ep: torch.export.ExportedProgram, example) -> tuple[t
             f"node {next(iter(found))}: boolean-mask indexing (aten.index.Tensor with a bool mask) has a "
             "data-dependent result size; making it static needs the example inputs")
     names = {hit[1].name for _, hit in found.values()}
-    try:
-        from loopify.graphs import record_values
+    from loopify.graphs import record_values
 
+    try:
         values = record_values(ep.module(), example, names)
     except Exception as e:  # noqa: BLE001
         raise CompileError(f"running the program on its example inputs to size boolean masks failed: "

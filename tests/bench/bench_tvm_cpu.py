@@ -30,17 +30,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 
-def time_fn(fn, repeat, warmup=1):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return {"median_ms": round(statistics.median(ts), 2), "min_ms": round(min(ts), 2)}
-
-
 def load_model(name: str, cache: Path):
     """The zoo entry's export archive (written once into ``cache``) -> (program, args, kwargs)."""
     from loopify import capture
