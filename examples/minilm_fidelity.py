@@ -18,7 +18,7 @@ import torch
 from loopify import capture, fidelity, texts
 from loopify.convert import ConvertConfig, convert_captured, unique_params
 from loopify.examples import zoo
-from loopify.recursion import set_loops
+from loopify.nn import set_loops
 
 
 def main(argv=None) -> int:

@@ -10,8 +10,8 @@ span detection (layers that look alike but are not interchangeable):
 - ``mlp_widths``: a list with one MLP hidden width per layer (default 4 * n_embd everywhere);
 - ``attn_windows``: a list with one causal attention window per layer (0 = unlimited).
 
-The model is not a transformers model. ``loopify.hf`` knows it by the architecture name
-"NanoGPT" (see ``loopify.hf.register_architecture``): a directory with a config.json
+The model is not a transformers model. ``loopify.capture.hf`` knows it by the architecture name
+"NanoGPT" (see ``loopify.capture.hf.register_architecture``): a directory with a config.json
 ``{"architectures": ["NanoGPT"], ...}`` and a model.safetensors loads like any HF directory.
 """
 from __future__ import annotations

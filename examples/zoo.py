@@ -1,7 +1,7 @@
 """The example zoo: tiny random models (fixed seed) and the real pretrained all-MiniLM-L6-v2.
 
 Every entry can be written as a Hugging Face directory (config.json + model.safetensors) that
-``loopify.hf.load_hf_dir`` reads back, and as a torch.export archive (``<name>.pt``) of the
+``loopify.capture.hf.load_hf_dir`` reads back, and as a torch.export archive (``<name>.pt``) of the
 wrapper that ``load_hf_dir`` returns, carrying its example inputs.
 
     python -m loopify.examples.zoo OUT_DIR [--only NAME ...] [--large]
@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from loopify import hf
+from loopify.capture import hf
 
 SEED = 0
 VOCAB = 512

@@ -136,7 +136,8 @@ def _build(cfg: Config, spec: BenchSpec):
     torch.set_num_threads(spec.threads)
     from loopify import capture
     from loopify.convert import load_converted, read_manifest, source_bytes, unique_params
-    from loopify.recursion import set_loops
+    from loopify.converted import Bundle
+    from loopify.nn import set_loops
 
     if cfg.model == "original":
         cap = capture.load(spec.original, **original_capture_options(spec, read_manifest(spec.converted)))
@@ -148,11 +149,11 @@ def _build(cfg: Config, spec: BenchSpec):
         set_loops(module, cfg.loops)
         program = torch.export.export(module, tuple(cap.args), dict(cap.kwargs), strict=False)
         params = manifest["params"]["converted"]
-        disk = Path(spec.converted).stat().st_size
+        disk = Bundle.of(spec.converted).weights.stat().st_size
     flat = cap.flat_inputs()
     tokens = _tokens(cap)
     args, kwargs = cap.args, cap.kwargs
-    if cfg.model == "converted":  # drop the re-captured original and the eager loop module
+    if cfg.model == "converted":  # drop the eager loop module
         import gc
 
         del module, cap
@@ -215,7 +216,7 @@ def _worker(conn, cfg: Config, spec: BenchSpec):
             if msg == "stop":
                 break
             if msg == "outputs":
-                from loopify.tensors import flat_tensors
+                from loopify.verify import flat_tensors
 
                 conn.send([t.detach().float().cpu() for t in flat_tensors(call())])
                 continue
@@ -352,11 +353,10 @@ def _run(spec: BenchSpec, progress, man: dict, max_loops: int, notes: list[str])
 
 
 def _fidelity(reference, outs, manifest) -> dict:
-
-    from loopify.convert import verify
+    from loopify.verify import report
 
     names = manifest.get("source", {}).get("output_names")
-    v = verify(tuple(reference), tuple(outs), names)
+    v = report(list(reference), list(outs), names)
     return {"cosine": v["cosine"], "max_abs_err": v["max_abs_err"], "kl": v["kl"]}
 
 

@@ -117,6 +117,11 @@ def _capture(model, inputs, trust_pickle, allow_export_mismatch, seq_len, batch=
     click.echo(f"capturing {model} ...", err=True)
     cap = capture.load(model, inputs=inputs, trust_pickle=trust_pickle,
                        allow_export_mismatch=allow_export_mismatch, seq_len=seq_len, batch=batch)
+    _echo_captured(cap)
+    return cap
+
+
+def _echo_captured(cap) -> None:
     desc = cap.describe()
     line = f"captured {cap.format}"
     if "architecture" in desc:
@@ -127,7 +132,6 @@ def _capture(model, inputs, trust_pickle, allow_export_mismatch, seq_len, batch=
         chk = cap.export_check
         line += f"; export vs eager max abs err {chk.max_abs_err:.2e} ({'ok' if chk.ok else 'MISMATCH'})"
     click.echo(line, err=True)
-    return cap
 
 
 @cli.command()
@@ -209,28 +213,13 @@ def convert(model, out, blocks, loops, sharing, init, rank, connector, mode, rep
     not match within 1e-5 relative writes nothing.
     """
     from loopify import convert as conv
-    from loopify.errors import LoopifyError as _LE
 
-    if out is None and not dry_run:
-        raise _LE("give -o OUT.pt2 (or --dry-run)")
-    if rank != "full":
-        try:
-            rank_v = int(rank)
-        except ValueError:
-            raise _LE(f"--rank must be an integer >= 0 or 'full', not {rank!r}") from None
-        if rank_v < 0:
-            raise _LE("--rank must be >= 0")
-    else:
-        rank_v = "full"
-    if blocks and loops:
-        raise _LE("give --blocks or --loops, not both")
-    config = conv.ConvertConfig(blocks=blocks or 0, loops=loops or 0, sharing=sharing, init=init, rank=rank_v,
-                                connector=connector or "none", mode=mode, repeat=repeat, stacks=tuple(stacks),
-                                norms=norms, subsample=subsample, image_token_id=image_token_id,
-                                pipeline=pipeline_spec)
+    config = conv.ConvertConfig(blocks=blocks or 0, loops=loops or 0, sharing=sharing, init=init,
+                                rank=_rank_option(rank), connector=connector or "none", mode=mode, repeat=repeat,
+                                stacks=tuple(stacks), norms=norms, subsample=subsample,
+                                image_token_id=image_token_id, pipeline=pipeline_spec)
     pipeline = config.to_pipeline()
     click.echo(f"plan: {pipeline}", err=True)
-    cap = _capture(model, inputs, trust_pickle, allow_export_mismatch, seq_len, batch)
     from tqdm import tqdm
 
     bar = tqdm(total=len(pipeline), desc="passes", unit="pass", leave=False, file=sys.stderr,
@@ -240,26 +229,43 @@ def convert(model, out, blocks, loops, sharing, init, rank, connector, mode, rep
         bar.set_postfix_str(spec.split("{")[0])
         bar.update(1)
 
+    def converted(result):
+        bar.close()
+        if timing:
+            for p in result.manifest["passes"]:
+                click.echo(f"  {p['name']:<18} {p['seconds'] * 1000:9.1f} ms", err=True)
+        click.echo(conv.format_summary(result.manifest))
+        if not dry_run and result.manifest["verify"]["ok"]:
+            click.echo("exporting the converted model ...", err=True)
+
+    click.echo(f"capturing {model} ...", err=True)
     try:
-        result = conv.convert_captured(cap, config, skip=tuple(skip), print_after=tuple(print_after),
-                                       dump_ir=dump_ir, emit=click.echo, progress=step)
+        result = conv.convert(model, config, out, dry_run=dry_run,
+                              capture_options=dict(inputs=inputs, trust_pickle=trust_pickle,
+                                                   allow_export_mismatch=allow_export_mismatch, seq_len=seq_len,
+                                                   batch=batch),
+                              on_captured=_echo_captured, on_converted=converted, skip=tuple(skip),
+                              print_after=tuple(print_after), dump_ir=dump_ir, emit=click.echo, progress=step)
     finally:
         bar.close()
-    m = result.manifest
-    if timing:
-        for p in m["passes"]:
-            click.echo(f"  {p['name']:<18} {p['seconds'] * 1000:9.1f} ms", err=True)
-    click.echo(conv.format_summary(m))
-    if not m["verify"]["ok"]:
-        raise conv.ConvertError(
-            f"{model}: the lossless plan does not reproduce the original: max relative error "
-            f"{m['verify']['rel_err']:.3g} > {conv.LOSSLESS_RTOL:g}; nothing written")
     if dry_run:
         click.echo("dry run: nothing written", err=True)
         return
-    click.echo("exporting the converted model ...", err=True)
-    pt2, manifest = conv.save(result, cap, out)
-    click.echo(f"wrote {pt2} ({m['bytes']['converted_file']:,} bytes) and {manifest}")
+    m = result.manifest
+    click.echo(f"wrote {out} (program {m['bytes']['program_file']:,} bytes; weights "
+               f"{m['bytes']['converted_file']:,} bytes) and {Path(out).with_suffix('.json')}")
+
+
+def _rank_option(rank: str):
+    if rank == "full":
+        return "full"
+    try:
+        value = int(rank)
+    except ValueError:
+        raise LoopifyError(f"--rank must be an integer >= 0 or 'full', not {rank!r}") from None
+    if value < 0:
+        raise LoopifyError("--rank must be >= 0")
+    return value
 
 
 def _loops_option(value):

@@ -17,14 +17,11 @@ from pathlib import Path
 
 import torch
 
+from loopify.converted import is_converted  # noqa: F401 - part of this module's API
 from loopify.errors import LoopifyError
+from loopify.verify import ARTIFACT_RTOL, check_rows, flat_tensors
 
 log = logging.getLogger(__name__)
-
-#: Relative tolerance for artifact against PyTorch (max abs error / max abs reference): TVM fuses
-#: and reorders float32 reductions, ~1e-6 relative per layer measured; 1e-4 leaves room for a few
-#: dozen layers and still catches any wrong op (errors of 1e-2 and up).
-ARTIFACT_RTOL = 1e-4
 
 
 @dataclass
@@ -36,10 +33,6 @@ class CompiledModel:
     @property
     def ok(self) -> bool:
         return all(c["ok"] for c in self.checks)
-
-
-def is_converted(path: Path) -> bool:
-    return path.is_file() and path.suffix == ".pt2" and path.with_suffix(".json").is_file()
 
 
 def loop_counts_to_check(loops: list[dict]) -> list[list[int]]:
@@ -67,23 +60,20 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
     from loopify import capture
     from loopify.backends import tvm as tvm_backend
     from loopify.backends.tvm.build import CompileOptions
-    from loopify.backends.tvm.staging import Stage
     from loopify.backends.tvm.targets import target_for
+    from loopify.staging import Stage
 
     model = Path(model)
     options = CompileOptions(schedule=schedule, tune=tune, trials=trials, tuning_db=tuning_db, rpc=rpc)
     tgt = target_for(target, arch=arch, mcpu=mcpu) if target in ("x86", "arm64", "cuda") else target
     if is_converted(model):
         from loopify.convert import load_converted
-        from loopify.recursion import set_loops
+        from loopify.nn import set_loops
         from loopify.staging import stages_of
 
         opts = capture_options or {}
         module, captured, _manifest = load_converted(model, seq_len=opts.get("seq_len"), batch=opts.get("batch"))
-        staged = stages_of(module, captured)
-        stages = [Stage(s.kind, s.program, min_loops=s.min_loops, max_loops=s.max_loops,
-                        default_loops=s.default_loops, name=s.name, example=s.example, group=s.group)
-                  for s in staged]
+        stages = stages_of(module, captured)
 
         def reference(loops: list[int]):
             set_loops(module, loops if loops else None)
@@ -132,16 +122,10 @@ def _runs_here(manifest: dict) -> bool:
 def validate_artifact(path: Path, reference, inputs: list[torch.Tensor], loops: list[dict]) -> list[dict]:
     """Run the artifact at every loop count against ``reference(loops)``; one row per output."""
     from loopify import runtime
-    from loopify.tensors import flat_tensors
 
     art = runtime.load(path)
     rows = []
     for counts in loop_counts_to_check(loops):
-        got = art(*inputs, loops=counts or None)
-        ref = flat_tensors(reference(counts))
-        for i, (a, b) in enumerate(zip(ref, got)):
-            a64, b64 = a.detach().double(), b.double()
-            err = float((a64 - b64).abs().max()) if a.numel() else 0.0
-            rel = err / max(float(a64.abs().max()) if a.numel() else 0.0, 1e-12)
-            rows.append({"loops": counts, "output": i, "max_abs_err": err, "rel_err": rel, "ok": rel <= ARTIFACT_RTOL})
+        got = list(art(*inputs, loops=counts or None, output="numpy"))
+        rows += check_rows(flat_tensors(reference(counts)), got, ARTIFACT_RTOL, loops=counts)
     return rows

@@ -7,36 +7,32 @@ stored once) and ``OUT.json`` (the manifest) atomically. A lossless plan that do
 the original within :data:`LOSSLESS_RTOL` writes nothing.
 
 ``load_converted(OUT.pt2)`` gives the converted model back as a trainable eager module whose loop
-count can be changed (:func:`loopify.recursion.set_loops`).
+count can be changed (:func:`loopify.nn.recursion.set_loops`), rebuilt from the converted model's
+own files (:mod:`loopify.converted`): the source model is not read.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
-from loopify import __version__
+from loopify import converted
 from loopify.config import fields_from_dict
+from loopify.converted import read_manifest  # noqa: F401 - part of this module's API
 from loopify.errors import LoopifyError
-from loopify.io import atomic_path, write_json
+from loopify.io import sha256_path
+from loopify.nn import recursions, set_loops
 from loopify.pipeline import Pipeline, State, parse, run_pipeline
-from loopify.recursion import recursions, set_loops
-from loopify.tensors import flat_tensors
+from loopify.verify import LOSSLESS_RTOL, report as verify_report
+from loopify.versions import versions
 
 log = logging.getLogger(__name__)
-
-#: Lossless plans (rank full, connectors at zero, deepen x1) must reproduce the original within
-#: this relative error (max abs error / max abs reference): float32 re-association of W + B@A
-#: moves results by ~1e-7 relative; 1e-5 leaves room for that through a deep model.
-LOSSLESS_RTOL = 1e-5
 
 CONFIG_VERSION = 1
 
@@ -85,6 +81,8 @@ class ConvertConfig:
             raise ConvertError(f"config version {self.version} is not supported (this loopify reads version {CONFIG_VERSION})")
         if self.mode == "deepen" and self.rank not in (0,):
             raise ConvertError("--rank applies to compress mode; deepen mode keeps every layer's own weights")
+        if self.blocks and self.loops:
+            raise ConvertError("give --blocks or --loops, not both")
         # The passes validate the rest when the pipeline is built.
 
     def to_dict(self) -> dict:
@@ -144,43 +142,6 @@ class ConvertConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Verify
-
-
-def _kl(ref: torch.Tensor, out: torch.Tensor) -> float:
-    """Mean KL(softmax(ref) || softmax(out)) over positions, in nats."""
-    lp = torch.log_softmax(ref.double(), -1)
-    lq = torch.log_softmax(out.double(), -1)
-    return float((lp.exp() * (lp - lq)).sum(-1).mean())
-
-
-def verify(reference, candidate, output_names: list[str] | None = None) -> dict:
-    """Per-output max abs error, relative error, cosine; KL for logits."""
-    ref, out = flat_tensors(reference), flat_tensors(candidate)
-    if len(ref) != len(out):
-        raise ConvertError(f"converted model returns {len(out)} outputs, the original {len(ref)}")
-    names = list(output_names or [])
-    names += [f"output{i}" for i in range(len(names), len(ref))]
-    rows = []
-    for name, a, b in zip(names, ref, out):
-        if a.shape != b.shape:
-            raise ConvertError(f"output {name}: shape {tuple(b.shape)} differs from the original {tuple(a.shape)}")
-        a64, b64 = a.detach().double(), b.detach().double()
-        err = float((a64 - b64).abs().max()) if a.numel() else 0.0
-        row = {"name": name, "shape": list(a.shape), "max_abs_err": err,
-               "rel_err": err / max(float(a64.abs().max()) if a.numel() else 0.0, 1e-12),
-               "cosine": float(torch.nn.functional.cosine_similarity(a64.flatten(), b64.flatten(), dim=0))}
-        if name == "logits" and a.dim() >= 2:
-            row["kl"] = _kl(a, b)
-        rows.append(row)
-    summary = {"max_abs_err": max(r["max_abs_err"] for r in rows), "rel_err": max(r["rel_err"] for r in rows),
-               "cosine": min(r["cosine"] for r in rows), "outputs": rows}
-    kls = [r["kl"] for r in rows if "kl" in r]
-    summary["kl"] = max(kls) if kls else None
-    return summary
-
-
-# ----------------------------------------------------------------------------------------------
 # Sizes
 
 
@@ -199,30 +160,6 @@ def unique_params(module_or_state) -> tuple[int, int]:
     return count, nbytes
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    if path.is_dir():
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            h.update(f.relative_to(path).as_posix().encode())
-            h.update(_sha256(f).encode())
-        return h.hexdigest()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _versions() -> dict:
-    out = {"loopify": __version__, "torch": torch.__version__}
-    try:
-        import transformers as tf
-
-        out["transformers"] = tf.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Convert
 
@@ -235,32 +172,42 @@ class ConvertResult:
     program: torch.export.ExportedProgram | None = None
 
 
+def verify(reference, candidate, output_names: list[str] | None = None) -> dict:
+    """Per-output max abs error, relative error, cosine; KL for logits (see :mod:`loopify.verify`)."""
+    try:
+        return verify_report(reference, candidate, output_names)
+    except ValueError as e:
+        raise ConvertError(f"the converted model's outputs do not match the original's: {e}") from None
+
+
 def convert_captured(captured, config: ConvertConfig, *, progress=None, **runner_options) -> ConvertResult:
     """Run the config's pipeline on a captured model and verify the result (writes nothing)."""
     pipeline = config.to_pipeline()
     t0 = time.perf_counter()
-    result = run_pipeline(pipeline, State(captured, captured.unflatten()), **runner_options)
+    result = run_pipeline(pipeline, State(captured, captured.editable()), progress=progress, **runner_options)
     module = result.state.module
     loops = recursions(module)
     if not loops:
         raise ConvertError(f"{captured.source}: nothing to convert: no span of interchangeable layers was found"
                            " (see `loopify inspect`)")
     for r in loops.values():
-        _check_ties(r)
+        check_ties(r)
     ref = captured.run()
     with torch.no_grad():
         out = module(*captured.args, **captured.kwargs)
+    plan = {r.name: r.report for r in result.records}
+    lossless = config.lossless() or bool(plan.get("relax", {}).get("lossless") and not config.subsample
+                                          and config.mode == "compress" and not config.pipeline)
     report = verify(ref, out, captured.info.get("output_names"))
-    report["lossless_plan"] = config.lossless()
-    report["ok"] = (report["rel_err"] <= LOSSLESS_RTOL) if config.lossless() else True
+    report["lossless_plan"] = lossless
+    report["ok"] = (report["rel_err"] <= LOSSLESS_RTOL) if lossless else True
     orig_n, orig_b = unique_params(captured.program.state_dict)
     conv_n, conv_b = unique_params(module)
-    plan = {r.name: r.report for r in result.records}
     manifest = {
-        "format": "loopify-converted", "version": 1,
+        "format": converted.FORMAT, "version": converted.VERSION,
         "source": {"path": str(Path(captured.source).resolve()), "format": captured.format,
-                   "sha256": _sha256(Path(captured.source)), **{k: v for k, v in captured.info.items()
-                                                                if isinstance(v, (str, int, float, bool, list, type(None)))}},
+                   "sha256": sha256_path(Path(captured.source)),
+                   **{k: v for k, v in captured.info.items() if isinstance(v, (str, int, float, bool, list, type(None)))}},
         "config": config.to_dict(), "pipeline": str(pipeline),
         "plan": _plan_summary(plan, loops),
         "params": {"original": orig_n, "converted": conv_n, "ratio": conv_n / max(orig_n, 1)},
@@ -268,6 +215,8 @@ def convert_captured(captured, config: ConvertConfig, *, progress=None, **runner
         "verify": report,
         "loops": [{"module": p, "stack": r.spec.stack, "min": 0 if r.deepen else 1, "max": None if r.deepen else r.spec.max_loops,
                    "default": r.spec.max_loops, "mode": r.spec.mode} for p, r in loops.items()],
+        "skeletons": {p: r.skeleton() for p, r in loops.items()},
+        "wrapper": {"modality_token": getattr(module, "modality_token", None)},
         "inputs": _describe(captured),
         "passes": [{"name": r.name, "spec": r.spec, "modified": r.modified, "seconds": r.seconds} for r in result.records],
         "seconds": time.perf_counter() - t0,
@@ -287,20 +236,20 @@ def _plan_summary(plan: dict, loops) -> dict:
     out["loops"] = fold.get("loops", [])
     if "relax" in plan:
         rel = plan["relax"]
-        out["relax"] = {"rank": rel.get("rank"), "loops": [
+        out["relax"] = {"rank": rel.get("rank"), "lossless": rel.get("lossless"), "loops": [
             {k: v for k, v in l.items() if k != "per_matrix"} for l in rel.get("loops", [])]}
     if "insert-connectors" in plan:
         out["connectors"] = plan["insert-connectors"]
     return out
 
 
-def _check_ties(rec) -> None:
+def check_ties(rec) -> None:
     """Every depth must see its block's very parameter objects (overrides aside)."""
     for depth in range(rec.spec.layers):
         block = rec.blocks[rec.block_for_depth(depth)]
         own = dict(block.named_parameters())
         seen = rec.params_at(depth)
-        overridden = rec._overrides(depth)
+        overridden = rec.depth_overrides(depth)
         for name, p in own.items():
             if name in overridden:
                 continue
@@ -319,23 +268,18 @@ def export_converted(module: torch.nn.Module, captured) -> torch.export.Exported
 
 
 def save(result: ConvertResult, captured, out: str | Path) -> tuple[Path, Path]:
-    """Write OUT.pt2 and OUT.json atomically; returns their paths."""
+    """Write the converted model's files (see :mod:`loopify.converted`); returns (OUT.pt2, OUT.json)."""
     out = Path(out)
     if out.suffix != ".pt2":
         raise ConvertError(f"{out}: the output must end in .pt2")
     program = result.program or export_converted(result.module, captured)
-    manifest_path = out.with_suffix(".json")
     from loopify.capture import write_program
 
-    with atomic_path(out) as tmp:
-        write_program(program, tmp, captured.info)
-        size = tmp.stat().st_size
-        result.manifest["bytes"]["converted_file"] = size
-        result.manifest["bytes"]["original_file"] = source_bytes(Path(captured.source))
-        result.manifest["files"] = {out.name: _sha256(tmp)}
-        result.manifest["versions"] = _versions()
-        write_json(manifest_path, result.manifest)
-    return out, manifest_path
+    result.manifest["bytes"]["original_file"] = source_bytes(Path(captured.source))
+    result.manifest["versions"] = versions("loopify", "torch", "transformers")
+    b = converted.save(result.module, captured, result.manifest, out,
+                       lambda tmp: write_program(program, tmp, captured.info))
+    return b.program, b.manifest
 
 
 def source_bytes(path: Path) -> int:
@@ -347,18 +291,32 @@ def source_bytes(path: Path) -> int:
 
 
 def convert(path: str | Path, config: ConvertConfig, out: str | Path | None, *, dry_run: bool = False,
-            capture_options: dict | None = None, **runner_options) -> ConvertResult:
-    """Capture ``path``, convert it, verify, and (unless ``dry_run``) save to ``out``."""
+            capture_options: dict | None = None, on_captured: Callable | None = None,
+            on_converted: Callable | None = None, **runner_options) -> ConvertResult:
+    """Capture ``path``, convert it, verify, and (unless ``dry_run``) save to ``out``.
+
+    ``on_captured(captured)`` and ``on_converted(result)`` are called as each step finishes (the
+    CLI prints there); a lossless plan that does not verify raises before anything is written.
+    """
     from loopify import capture
 
+    if not dry_run:
+        if out is None:
+            raise ConvertError("give -o OUT.pt2 (or --dry-run)")
+        if Path(out).suffix != ".pt2":
+            raise ConvertError(f"{out}: the output must end in .pt2")
     captured = capture.load(path, **(capture_options or {}))
+    if on_captured is not None:
+        on_captured(captured)
     result = convert_captured(captured, config, **runner_options)
+    if on_converted is not None:
+        on_converted(result)
     rep = result.manifest["verify"]
     if not rep["ok"]:
         raise ConvertError(
             f"{path}: the lossless plan does not reproduce the original: max relative error {rep['rel_err']:.3g} > "
             f"{LOSSLESS_RTOL:g} (max abs {rep['max_abs_err']:.3g}); nothing written")
-    if not dry_run and out is not None:
+    if not dry_run:
         save(result, captured, out)
     result.captured = captured  # type: ignore[attr-defined]
     return result
@@ -368,62 +326,22 @@ def convert(path: str | Path, config: ConvertConfig, out: str | Path | None, *, 
 # Load back
 
 
-def read_manifest(path: str | Path) -> dict:
-    path = Path(path)
-    mpath = path.with_suffix(".json")
-    if not mpath.is_file():
-        raise ConvertError(f"{path}: no manifest {mpath.name} beside it (is this a loopify convert output?)")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{mpath}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if manifest.get("format") != "loopify-converted":
-        raise ConvertError(f"{mpath}: not a loopify convert manifest")
-    return manifest
-
-
 def load_converted(path: str | Path, *, loops: int | list[int] | None = None, seq_len: int | None = None,
                    batch: int | None = None):
     """Load a converted model as a trainable eager module with adjustable loop counts.
 
-    The loop structure is rebuilt by replaying the recorded conversion on the recorded source
-    (its sha256 is checked), then every weight is loaded from OUT.pt2, so trained weights come
-    back as saved. ``seq_len`` rebuilds it for another text length (Hugging Face sources: the
-    weights do not depend on it); ``batch`` likewise for another batch size. Returns ``(module, captured_original, manifest)``.
+    Rebuilt from the converted model's own files (architecture, loop skeletons, weights; every
+    file checked against the manifest's sha256); the source model is not read. ``seq_len``
+    rebuilds it for another text length (Hugging Face sources: the weights do not depend on it);
+    ``batch`` likewise for another batch size. Returns ``(module, inputs, manifest)``: ``inputs``
+    is a :class:`~loopify.capture.Captured` holding the example inputs (no program).
     """
-    from loopify import capture
-
-    path = Path(path)
-    manifest = read_manifest(path)
-    src = Path(manifest["source"]["path"])
-    if not src.exists():
-        raise ConvertError(f"{path}: its source model {src} is gone; the loop structure is rebuilt from it")
-    if _sha256(src) != manifest["source"]["sha256"]:
-        raise ConvertError(f"{path}: its source model {src} changed since conversion (sha256 differs)")
-    expected = manifest.get("files", {}).get(path.name)
-    if expected and _sha256(path) != expected:
-        raise ConvertError(f"{path}: file does not match the sha256 in its manifest (corrupt or replaced)")
-    hf_dir = manifest["source"].get("format") == "hf-dir"
-    for flag, value in (("--seq", seq_len), ("--batch", batch)):
-        if value is not None and not hf_dir:
-            raise ConvertError(f"{path}: {flag} needs a Hugging Face directory source "
-                               f"(this one is {manifest['source'].get('format')})")
-    text_len = (seq_len or manifest["source"].get("text_len")) if hf_dir else None
-    n_batch = (batch or manifest["source"].get("batch")) if hf_dir else None
-    captured = capture.load(src, allow_export_mismatch=True, seq_len=text_len, batch=n_batch)
-    config = ConvertConfig.from_dict(manifest["config"])
-    module = run_pipeline(config.to_pipeline(), State(captured, captured.unflatten())).state.module
-    program, _info = capture._load_archive(path)
-    state = program.state_dict
-    own = dict(module.named_parameters())
-    missing = [k for k in own if k not in state]
-    if missing:
-        raise ConvertError(f"{path}: weights for {missing[0]} are missing from the archive")
-    with torch.no_grad():
-        for k, p in own.items():
-            p.copy_(state[k])
-    set_loops(module, loops)
-    return module, captured, manifest
+    loaded = converted.rebuild(path, seq_len=seq_len, batch=batch)
+    try:
+        set_loops(loaded.module, loops)
+    except ValueError as e:
+        raise ConvertError(f"--loops: {e}") from None
+    return loaded.module, loaded.inputs, loaded.manifest
 
 
 def format_summary(m: dict) -> str:

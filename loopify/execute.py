@@ -46,13 +46,8 @@ def run(model: str | Path, *, loops=None, inputs: str | Path | None = None, thre
 
     if is_converted(model):
         from loopify.convert import load_converted
-        from loopify.recursion import set_loops
 
-        module, captured, _ = load_converted(model)
-        try:
-            set_loops(module, loops)
-        except ValueError as e:
-            raise LoopifyError(f"--loops: {e}") from None
+        module, captured, _ = load_converted(model, loops=loops)
     else:
         from loopify import capture
 
@@ -71,6 +66,6 @@ def run(model: str | Path, *, loops=None, inputs: str | Path | None = None, thre
         captured.args, captured.kwargs = tuple(args), dict(kwargs)
     with torch.no_grad():
         out = module(*captured.args, **captured.kwargs)
-    from loopify.tensors import flat_tensors
+    from loopify.verify import flat_tensors
 
     return flat_tensors(out), captured.flat_inputs()

@@ -13,10 +13,10 @@ from loopify.errors import LoopifyError
 
 def tokenizer_for(model_dir: str | Path):
     """The model's own tokenizer (offline)."""
-    try:
-        from transformers import AutoTokenizer
+    from loopify.capture.inputs import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    try:
+        return load_tokenizer(Path(model_dir))
     except Exception as e:  # noqa: BLE001
         raise LoopifyError(f"{model_dir}: cannot load a tokenizer ({type(e).__name__}); "
                            "sentence fidelity needs a model directory with tokenizer files") from None

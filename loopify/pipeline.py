@@ -63,15 +63,43 @@ class PassResult:
 
 @dataclass(frozen=True)
 class Pass:
-    """Base class of all passes. Subclasses are frozen dataclasses with a kebab-case ``name``."""
+    """Base class of all passes. Subclasses are frozen dataclasses with a kebab-case ``name``.
+
+    ``requires`` names what must hold before the pass runs: analyses by name (``"spans"``, made
+    by find-spans) or ``"loops"`` (the module holds at least one loop, made by fold-loops).
+    A pass never runs another pass to satisfy them: the runner refuses it, saying which pass
+    provides what is missing.
+    """
 
     name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def run(self, state: State) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+#: What provides each precondition, for the refusal message.
+PROVIDERS = {"spans": "find-spans", "loops": "fold-loops"}
+
+
+def require(p: Pass, state: State) -> bool:
+    """Check ``p``'s preconditions: raise ValueError naming the pass to run first when one does not
+    hold; return False when that pass did run but made nothing (fold-loops found no span: there is
+    nothing for ``p`` to do, which the caller reports as a no-op), else True."""
+    from loopify.nn.recursion import recursions
+
+    for need in p.requires:
+        ok = bool(recursions(state.module)) if need == "loops" else need in state.analyses
+        if ok:
+            continue
+        if PROVIDERS.get(need) in state.history:
+            return False
+        what = "a loop" if need == "loops" else f"the '{need}' analysis"
+        raise ValueError(f"{p.name} needs {what}: run {PROVIDERS.get(need, need)} before it")
+    return True
 
 
 def mark_node(node: torch.fx.Node, pass_name: str, origin: Any = None) -> torch.fx.Node:

@@ -1,22 +1,23 @@
 """Split a converted model into stages: straight programs and loop bodies with a run-time count.
 
-A converted model (a module hierarchy holding :class:`~loopify.recursion.Recursion` loops)
-becomes ``[straight, loop, straight, loop, ..., straight]``. Every stage maps a flat tuple of
-tensors (the *carry*) to the next; a loop stage's program takes ``(step, *carry)`` (``step`` an
-int64 0-d tensor) and returns a carry of the same shapes, and runs n times with n chosen at run
-time. This is what the TVM backend compiles into a prologue / loop body / epilogue sharing one
-set of weights; :func:`run_stages` runs the same stages in PyTorch.
+A converted model (a module hierarchy holding :class:`~loopify.nn.recursion.Recursion` loops, in
+either form) becomes ``[straight, loop, straight, loop, ..., straight]``. Every stage maps a flat
+tuple of tensors (the *carry*) to the next; a loop stage's program takes ``(step, *carry)``
+(``step`` an int64 0-d tensor) and returns a carry of the same shapes, and runs n times with n
+chosen at run time. This is what the TVM backend compiles into a prologue / loop body / epilogue
+sharing one set of weights; :func:`run_stages` runs the same stages in PyTorch.
 
 How: the whole model is exported once with every loop replaced by an opaque ``loopify::boundary``
-op (which receives the loop's arguments), and the flat graph is cut at those nodes; the values
-live across a cut form the carry. Each loop body is exported on its own from a module that holds
-only the loop, under the loop's own module path, so that parameter names match the converted
-model's and a weight shared by several stages is recognisable by name.
+op (which receives the loop's tensor arguments: positional and keyword, flattened), and the flat
+graph is cut at those nodes; the values live across a cut form the carry. Each loop body is
+exported on its own from a module that holds only the loop, under the loop's own module path, so
+that parameter names match the converted model's and a weight shared by several stages is
+recognisable by name.
 
 Loop bodies select per-depth state (LoRA factors, per-depth norms) with the step tensor
-(``depth = step * K + k``), so one compiled body serves every iteration. Connectors read the
-previous step's taps from the carry; the taps start at zero, which makes every connector kind
-exactly neutral at step 0, as in eager mode.
+(``depth = step * K + k``, see :func:`loopify.nn.sharing.pieces`), so one compiled body serves
+every iteration. Connectors read the previous step's taps from the carry; the taps start at zero,
+which makes every connector kind exactly neutral at step 0, as in eager mode.
 """
 
 from __future__ import annotations
@@ -25,11 +26,16 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from loopify.errors import LoopifyError
 from loopify.graphs import record_values
-from loopify.recursion import Recursion, recursions
+from loopify.nn.connectors import current_modality
+from loopify.nn.recursion import Recursion, recursions
+from loopify.nn.sharing import Piece
+
+STAGE_KINDS = ("straight", "loop")
 
 
 @torch.library.custom_op("loopify::boundary", mutates_args=())
@@ -47,41 +53,91 @@ class StagingError(LoopifyError):
     """The converted model cannot be split into stages."""
 
 
-@dataclass
-class StageProgram:
-    """One stage: ``kind`` is "straight" or "loop"; loops carry their run-time count range."""
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a converted model.
+
+    Attributes:
+        kind: ``"straight"`` (runs once) or ``"loop"`` (runs ``n`` times, ``n`` given at run time).
+        program: the stage's torch.export program. A loop stage's first input is the int64
+            0-d ``step`` tensor; its outputs have the shapes and dtypes of its other inputs.
+        name: a label for reports and the manifest.
+        min_loops / max_loops / default_loops: the loop-count range recorded in the artifact
+            manifest and enforced at run time (loop stages only; ``max_loops`` None: no limit).
+        example: the program's flat example inputs (the few imports that must look at values
+            need them: boolean-mask sizes).
+        group: loop stages with the same group share one run-time count (the per-block loops of
+            a sequence-shared span); None: the stage has its own count.
+    """
 
     kind: str
     program: torch.export.ExportedProgram
-    name: str
+    name: str = ""
     min_loops: int = 1
     max_loops: int | None = None
     default_loops: int | None = None
-    example: tuple = ()
-    #: loop stages with the same group share one run-time count (the loops of one Recursion)
+    example: tuple | None = None
     group: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in STAGE_KINDS:
+            raise StagingError(f"stage kind must be one of {STAGE_KINDS}, got {self.kind!r}")
+
+
+@dataclass
+class LoopCall:
+    """How one loop was called: the pytree of its (args, kwargs) with the tensor leaves taken out
+    (they cross the boundary), the non-tensor leaves by position, and where the state is."""
+
+    spec: object                  # pytree TreeSpec of (args, kwargs)
+    n_leaves: int
+    constants: dict               # leaf position -> non-tensor value
+    tensor_leaves: list[int]      # leaf positions of the tensors, in boundary order
+    state: int                    # index of the hidden state among the tensors
+    modality: bool                # a modality mask (module form) travels after the tensors
+
+    def rebuild(self, tensors) -> tuple[list, dict]:
+        leaves = [None] * self.n_leaves
+        for k, v in self.constants.items():
+            leaves[k] = v
+        for k, t in zip(self.tensor_leaves, tensors):
+            leaves[k] = t
+        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        return list(args), dict(kwargs)
+
+
+def _call_of(rec: Recursion, args: tuple, kwargs: dict) -> tuple[LoopCall, list]:
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    tensors = [k for k, a in enumerate(leaves) if isinstance(a, torch.Tensor)]
+    where, s = rec._state(list(args), kwargs)
+    state_obj = args[s] if where == "arg" else kwargs[s]
+    if not isinstance(state_obj, torch.Tensor):
+        raise StagingError(f"loop {rec.key}: its hidden-state argument is not a tensor")
+    state = next(i for i, k in enumerate(tensors) if leaves[k] is state_obj)
+    call = LoopCall(spec, len(leaves), {k: a for k, a in enumerate(leaves) if k not in tensors}, tensors, state,
+                    rec.modality_token is not None and not rec.n_extra)
+    values = [leaves[k] for k in tensors]
+    if call.modality:
+        mask = current_modality()
+        if mask is None:
+            raise StagingError(f"loop {rec.key}: the model gave its loop no modality mask")
+        values.append(mask)
+    return call, values
 
 
 @contextlib.contextmanager
-def _markers(loops: dict[str, Recursion], constants: dict[int, tuple[int, dict]]):
-    """Replace each loop's call by a boundary op over its tensor arguments.
-
-    Non-tensor arguments (``None`` masks, flags) cannot cross a stage boundary; they are
-    recorded in ``constants[i] = (number of arguments, {position: value})`` and put back in
-    the loop body.
-    """
+def _markers(loops: dict[str, Recursion], calls: dict[int, LoopCall]):
+    """Replace each loop's call by a boundary op over its tensor arguments (recorded in
+    ``calls``): non-tensor arguments (``None`` masks, flags) cannot cross a stage boundary and
+    are put back in the loop body."""
     saved = {}
     try:
         for i, (path, rec) in enumerate(loops.items()):
             saved[path] = rec.__dict__.get("forward")
 
-            def fwd(*args, _i=i, _rec=rec):
-                tensors = [k for k, a in enumerate(args) if isinstance(a, torch.Tensor)]
-                if _rec.spec.state_arg not in tensors:
-                    raise StagingError(f"loop {_i}: its hidden-state argument is not a tensor")
-                constants[_i] = (len(args), {k: a for k, a in enumerate(args) if k not in tensors})
-                return torch.ops.loopify.boundary([args[k] for k in tensors], _i,
-                                                  tensors.index(_rec.spec.state_arg))
+            def fwd(*args, _i=i, _rec=rec, **kwargs):
+                calls[_i], values = _call_of(_rec, args, kwargs)
+                return torch.ops.loopify.boundary(values, _i, calls[_i].state)
 
             rec.forward = fwd
         yield
@@ -99,95 +155,37 @@ def _tap_count(rec: Recursion) -> int:
     return len(getattr(rec.connector, "positions", []))
 
 
-@dataclass(frozen=True)
-class Piece:
-    """Which depths one pass of a stage runs: ``per`` blocks, the k-th at depth
-    ``offset + step * stride + k`` with block ``block0 + k`` (deepen: depth ``k``, stride 0)."""
-
-    offset: int
-    stride: int
-    per: int
-    block0: int
-
-
-def pieces(rec: Recursion) -> list[tuple[str, Piece]]:
-    """The stages one loop becomes, in order: ``("loop", piece)`` runs n times (n at run time,
-    one count for all of the loop's stages) and ``("straight", piece)`` runs once.
-
-    cycle: one loop over the K blocks; deepen: one loop over the whole span; middle-cycle: the
-    first layer, a loop over the K-2 middle blocks, the last layer; sequence: one loop per block
-    (block b at depths ``b*n + step``); middle-sequence: the first layer, one loop per middle
-    block, the last layer. Matches :func:`loopify.recursion.schedule` at every loop count.
-    """
-    sp = rec.spec
-    if rec.deepen:
-        return [("loop", Piece(0, 0, sp.layers, 0))]
-    if sp.sharing == "cycle":
-        return [("loop", Piece(0, sp.blocks, sp.blocks, 0))]
-    if sp.sharing == "sequence":
-        n = sp.layers // sp.blocks
-        return [("loop", Piece(b * n, 1, 1, b)) for b in range(sp.blocks)]
-    inner_l, inner_k = sp.layers - 2, sp.blocks - 2
-    if sp.sharing == "middle-cycle":
-        middle = [("loop", Piece(1, inner_k, inner_k, 1))]
-    else:
-        n = inner_l // inner_k
-        middle = [("loop", Piece(1 + b * n, 1, 1, 1 + b)) for b in range(inner_k)]
-    return [("straight", Piece(0, 0, 1, 0))] + middle + [("straight", Piece(sp.layers - 1, 0, 1, sp.blocks - 1))]
-
-
-def loop_step(rec: Recursion, n_args: int, step: torch.Tensor, *carry, piece: Piece | None = None) -> tuple:
-    """One recursion step of ``rec``, with the depth taken from the step tensor.
-
-    The carry is the loop's ``n_args`` call arguments, then the connector's taps of the previous
-    step, then values passed through unchanged. ``piece``: which blocks and depths the step runs
-    (default: the whole body of a cycle or deepen loop, see :func:`pieces`).
-    """
-    if piece is None:
-        piece = pieces(rec)[0][1]
-    n_taps = _tap_count(rec)
-    args = list(carry[:n_args])
-    taps = list(carry[n_args:n_args + n_taps])
-    rest = carry[n_args + n_taps:]
-    extras = tuple(args[len(args) - rec.n_extra:]) if rec.n_extra else ()
-    layer_args = args[:len(args) - rec.n_extra] if rec.n_extra else args
-    s = rec.spec.state_arg
-    h = layer_args[s]
+def loop_step(rec: Recursion, args: list, kwargs: dict, step: torch.Tensor, taps: list, extras: tuple,
+              piece: Piece) -> tuple[torch.Tensor, list]:
+    """One pass of ``piece`` of ``rec`` with the depth taken from the step tensor: returns the new
+    hidden state and the connector's taps of this step."""
+    where, s = rec._state(args, kwargs)
+    box = args if where == "arg" else kwargs
+    h = box[s]
     if rec.connector is not None and rec.stepwise:
-        h = _connector_step(rec.connector, h, taps, step, extras)
+        h = rec.connector.staged(h, taps, step, extras)
     new_taps = []
-    positions = getattr(rec.connector, "positions", []) if n_taps else []
+    positions = getattr(rec.connector, "positions", []) if taps else []
     for k in range(piece.per):
         depth = ((step * piece.stride + piece.offset + k).reshape(1) if piece.stride
                  else torch.full((1,), piece.offset + k, dtype=torch.long))
         b = piece.block0 + k
         over = rec.overrides(b, lambda stacked, d=depth: stacked.index_select(0, d).squeeze(0))
-        layer_args[s] = h
-        block = rec.blocks[b]
-        h = torch.func.functional_call(block, over, tuple(layer_args), strict=False) if over else block(*layer_args)
+        box[s] = h
+        out = rec.call_block(b, over, tuple(args), kwargs)
+        h = out[0] if isinstance(out, tuple) else out
         if k in positions:
             new_taps.append(h)
-    layer_args[s] = h
-    out = list(layer_args) + list(extras) + new_taps + list(rest)
-    return tuple(out)
-
-
-def _connector_step(connector, h, taps, step, extras):
-    kind = getattr(connector, "kind", "")
-    if kind == "recursive":
-        return connector(h, taps, 0, *extras)  # zero taps at step 0 make it exactly h
-    if kind == "embedding":
-        idx = step.clamp(max=connector.embedding.shape[0] - 1).reshape(1)
-        e = connector.embedding.index_select(0, idx).squeeze(0)
-        return h + e * (step > 0).to(h.dtype)
-    return h
+    return h, new_taps
 
 
 class _StepAt(nn.Module):
-    """Holds only the loop, at the loop's own module path, so parameter names match the model's."""
+    """Holds only the loop, at the loop's own module path, so parameter names match the model's.
 
-    def __init__(self, path: str, rec: Recursion, n_args: int, constants: dict | None = None,
-                 piece: Piece | None = None, straight: bool = False):
+    Carry: the loop call's tensors (then the modality mask, module form), the connector's taps,
+    then values passed through unchanged."""
+
+    def __init__(self, path: str, rec: Recursion, call: LoopCall, piece: Piece, straight: bool = False):
         super().__init__()
         cur: nn.Module = self
         parts = path.split(".")
@@ -196,10 +194,7 @@ class _StepAt(nn.Module):
             cur.add_module(p, child)
             cur = child
         cur.add_module(parts[-1], rec)
-        self._path = path
-        self._n_args = n_args
-        self._constants = dict(constants or {})  # argument position -> non-tensor value
-        self._piece = piece
+        self._path, self._call, self._piece = path, call, piece
         self._straight = straight  # a once-run piece (no step input)
 
     def forward(self, *carry):
@@ -207,33 +202,45 @@ class _StepAt(nn.Module):
             step = torch.zeros((), dtype=torch.long)
         else:
             step, carry = carry[0], carry[1:]
-        n_tensors = self._n_args - len(self._constants)
-        given = iter(carry[:n_tensors])
-        args = [self._constants[k] if k in self._constants else next(given) for k in range(self._n_args)]
-        out = loop_step(self.get_submodule(self._path), self._n_args, step, *args, *carry[n_tensors:],
-                        piece=self._piece)
-        return tuple(o for k, o in enumerate(out[:self._n_args]) if k not in self._constants) + \
-            tuple(out[self._n_args:])
+        rec = self.get_submodule(self._path)
+        n = len(self._call.tensor_leaves)
+        tensors = list(carry[:n])
+        mask = [carry[n]] if self._call.modality else []
+        n_taps = _tap_count(rec)
+        taps = list(carry[n + len(mask):n + len(mask) + n_taps])
+        rest = carry[n + len(mask) + n_taps:]
+        args, kwargs = self._call.rebuild(tensors)
+        extras = tuple(mask)
+        if rec.n_extra:  # graph form: the modality mask is the trailing argument
+            extras, args = tuple(args[len(args) - rec.n_extra:]), args[:len(args) - rec.n_extra]
+        h, new_taps = loop_step(rec, args, kwargs, step, taps, extras, self._piece)
+        tensors[self._call.state] = h
+        return tuple(tensors) + tuple(mask) + tuple(new_taps if n_taps else ()) + tuple(rest)
 
 
-def stages_of(module: nn.Module, captured) -> list[StageProgram]:
+def _export_outer(module: nn.Module, captured, loops) -> tuple[torch.export.ExportedProgram, dict[int, LoopCall]]:
+    calls: dict[int, LoopCall] = {}
+    with _markers(loops, calls):
+        try:
+            outer = torch.export.export(module, tuple(captured.args), dict(captured.kwargs), strict=False)
+        except Exception as e:
+            raise StagingError(f"exporting the outer program failed: {str(e).splitlines()[0][:300]}") from e
+        if any(isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)) for c in calls.values()
+               for v in c.constants.values()):
+            # export saw symbolic sizes: one eager pass records their values at the example
+            with torch.no_grad():
+                module(*captured.args, **captured.kwargs)
+    return outer, calls
+
+
+def stages_of(module: nn.Module, captured) -> list[Stage]:
     """Split a converted model into stage programs (see the module docstring)."""
     from loopify.capture import flat_inputs
 
     loops = recursions(module)
     if not loops:
         raise StagingError("the model has no loop to stage")
-    # Record each loop's call arguments (the body's example carry starts with them).
-    constants: dict[int, tuple[int, dict]] = {}
-    with _markers(loops, constants):
-        try:
-            outer = torch.export.export(module, tuple(captured.args), dict(captured.kwargs), strict=False)
-        except Exception as e:
-            raise StagingError(f"exporting the outer program failed: {str(e).splitlines()[0][:300]}") from e
-        if any(isinstance(v, torch.SymInt) for _, c in constants.values() for v in c.values()):
-            # export saw symbolic sizes: one eager pass records their values at the example
-            with torch.no_grad():
-                module(*captured.args, **captured.kwargs)
+    outer, calls = _export_outer(module, captured, loops)
     gm = outer.module()
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
@@ -244,10 +251,22 @@ def stages_of(module: nn.Module, captured) -> list[StageProgram]:
     flat = flat_inputs(outer, captured.args, captured.kwargs)
     by_name = record_values(gm, flat)
     values = {n: by_name[n.name] for n in nodes if n.name in by_name}
-
     loop_list = list(loops.items())
-    carries = []  # per boundary: (marker args, taps count, passthrough nodes)
-    baked: dict[torch.fx.Node, object] = {}  # non-tensor values crossing a boundary -> constants
+    carries, baked = _carries(nodes, pos, markers, values, loop_list)
+    stages: list[Stage] = []
+    for s in range(len(markers) + 1):
+        start = pos[markers[s - 1]] if s > 0 else -1
+        end = pos[markers[s]] if s < len(markers) else len(nodes)
+        stages.append(_straight_stage(gm, nodes, pos, s, start, end, markers, carries, values, flat, baked))
+        if s < len(markers):
+            stages += _loop_stages(loop_list[s], calls[s], carries[s], markers[s], values)
+    return stages
+
+
+def _carries(nodes, pos, markers, values, loop_list):
+    """Per boundary: (marker args, taps count, passthrough nodes); and the non-tensor values that
+    cross a boundary (baked into the later stage as constants)."""
+    carries, baked = [], {}
     for s, m in enumerate(markers):
         margs = list(m.args[0])
         live = [n for n in nodes if pos[n] < pos[m] and n.op not in ("get_attr", "output") and n not in margs
@@ -264,34 +283,30 @@ def stages_of(module: nn.Module, captured) -> list[StageProgram]:
                 baked[n] = values[n]
         live = [n for n in live if n not in baked]
         carries.append((margs, _tap_count(loop_list[s][1]), live))
-
-    stages: list[StageProgram] = []
-    for s in range(len(markers) + 1):
-        start = pos[markers[s - 1]] if s > 0 else -1
-        end = pos[markers[s]] if s < len(markers) else len(nodes)
-        stages.append(_straight_stage(gm, nodes, pos, s, start, end, markers, carries, values, flat, baked))
-        if s < len(markers):
-            path, rec = loop_list[s]
-            margs, n_taps, live = carries[s]
-            carry_vals = [values[n] for n in margs] + [torch.zeros_like(values[margs[markers[s].args[2]]])] * n_taps + \
-                         [values[n] for n in live]
-            step = torch.zeros((), dtype=torch.long)
-            n_args, consts = constants[s]
-            for j, (kind, piece) in enumerate(pieces(rec)):
-                body = _StepAt(path, rec, n_args, consts, piece, straight=kind == "straight")
-                example = (step, *carry_vals) if kind == "loop" else tuple(carry_vals)
-                try:
-                    prog = torch.export.export(body, example, strict=False)
-                except Exception as e:
-                    raise StagingError(f"exporting the body of {path} failed: {str(e).splitlines()[0][:300]}") from e
-                stages.append(StageProgram(kind, prog, f"{kind}:{path}:{j}" if j else f"{kind}:{path}",
-                                           min_loops=0 if rec.deepen else 1,
-                                           max_loops=None if rec.deepen else rec.spec.max_loops,
-                                           default_loops=rec.loops, example=example, group=path))
-    return stages
+    return carries, baked
 
 
-def _straight_stage(gm, nodes, pos, s, start, end, markers, carries, values, flat, baked) -> StageProgram:
+def _loop_stages(item, call: LoopCall, carry, marker, values) -> list[Stage]:
+    path, rec = item
+    margs, n_taps, live = carry
+    state = values[margs[marker.args[2]]]
+    carry_vals = [values[n] for n in margs] + [torch.zeros_like(state)] * n_taps + [values[n] for n in live]
+    step = torch.zeros((), dtype=torch.long)
+    out = []
+    for j, (kind, piece) in enumerate(rec.pieces()):
+        body = _StepAt(path, rec, call, piece, straight=kind == "straight")
+        example = (step, *carry_vals) if kind == "loop" else tuple(carry_vals)
+        try:
+            prog = torch.export.export(body, example, strict=False)
+        except Exception as e:
+            raise StagingError(f"exporting the body of {path} failed: {str(e).splitlines()[0][:300]}") from e
+        out.append(Stage(kind, prog, f"{kind}:{path}:{j}" if j else f"{kind}:{path}",
+                         min_loops=0 if rec.deepen else 1, max_loops=None if rec.deepen else rec.spec.max_loops,
+                         default_loops=rec.loops, example=example, group=path))
+    return out
+
+
+def _straight_stage(gm, nodes, pos, s, start, end, markers, carries, values, flat, baked) -> Stage:
     g = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     example = []
@@ -350,7 +365,7 @@ def _straight_stage(gm, nodes, pos, s, start, end, markers, carries, values, fla
         prog = torch.export.export(sub, tuple(example), strict=False)
     except Exception as e:
         raise StagingError(f"exporting straight stage {s} failed: {str(e).splitlines()[0][:300]}") from e
-    return StageProgram("straight", prog, f"straight:{s}", example=tuple(example))
+    return Stage("straight", prog, f"straight:{s}", example=tuple(example))
 
 
 def _flatten_output(out):
@@ -363,7 +378,7 @@ def _missing(node, s):
     raise KeyError(f"stage {s} uses {node.name}, which is not in its carry")
 
 
-def run_stages(stages: list[StageProgram], inputs: list, loops: list[int] | None = None) -> tuple:
+def run_stages(stages: list[Stage], inputs: list, loops: list[int] | None = None) -> tuple:
     """Run stages in PyTorch: the reference for compiled artifacts, with run-time loop counts."""
     counts = iter(loops or [])
     carry = tuple(inputs)

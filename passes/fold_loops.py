@@ -29,36 +29,13 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from loopify.hierarchy import clone, locate_calls, refresh, remove_submodule, unique_name
-from loopify.pipeline import Pass, PassResult, State, mark_node
-from loopify.recursion import Recursion, RecursionSpec, _key, sharing_map
+from loopify.hierarchy import (clone, install_in_graph, install_in_modules, is_graph_form, locate_calls,
+                               locate_module_calls)
+from loopify.nn.recursion import Recursion, RecursionSpec, key, recursions
+from loopify.nn.sharing import block_sources, default_blocks, linspace, max_loops, sharing_map
+from loopify.pipeline import Pass, PassResult, State, mark_node, require
 
-INITS = ("stepwise", "average", "lower", "upper")
-
-
-def default_blocks(length: int) -> int:
-    """Halve the unique layers: the largest divisor of L that is at most L/2."""
-    for k in range(length // 2, 0, -1):
-        if length % k == 0:
-            return k
-    return 1
-
-
-def init_sources(init: str, tied: list[list[int]], length: int, blocks: int) -> list[list[int]]:
-    """For each block, the original layers whose weights initialise it (averaged if several)."""
-    if init == "average":
-        return tied
-    if init == "stepwise":
-        return [[round(x)] for x in _linspace(0, length - 1, blocks)]
-    if init == "lower":
-        return [[k] for k in range(blocks)]
-    if init == "upper":
-        return [[length - blocks + k] for k in range(blocks)]
-    raise ValueError(f"init must be one of {', '.join(INITS)}")
-
-
-def _linspace(a: float, b: float, n: int) -> list[float]:
-    return [a] if n == 1 else [a + (b - a) * i / (n - 1) for i in range(n)]
+__all__ = ["FoldLoops", "default_blocks", "norm_param_names"]
 
 
 def norm_param_names(block: nn.Module) -> list[str]:
@@ -76,6 +53,8 @@ def norm_param_names(block: nn.Module) -> list[str]:
 class FoldLoops(Pass):
     """Fold runs of interchangeable layers into loops with shared weights.
 
+    Precondition: the ``spans`` analysis of find-spans.
+
     Attributes:
         blocks: unique blocks K per run (0: half the run, see :func:`default_blocks`).
         loops: loops N per run instead of ``blocks`` (0: not given).
@@ -89,6 +68,7 @@ class FoldLoops(Pass):
     """
 
     name: ClassVar[str] = "fold-loops"
+    requires: ClassVar[tuple[str, ...]] = ("spans",)
     blocks: int = 0
     loops: int = 0
     sharing: Literal["cycle", "sequence", "middle-cycle", "middle-sequence"] = "cycle"
@@ -110,24 +90,27 @@ class FoldLoops(Pass):
             raise ValueError("deepen mode keeps every layer's weights: blocks, loops and sharing do not apply (use repeat)")
 
     def run(self, state: State) -> PassResult:
-        if "spans" not in state.analyses:
-            from loopify.passes.find_spans import find_spans
-
-            state = state.replace(analyses={**state.analyses, "spans": find_spans(state.captured, similarity=False)})
-        spans = [s for s in state.analyses["spans"].spans if not self.stacks or s.stack in self.stacks]
+        require(self, state)  # the spans analysis is never empty once find-spans ran
+        found = state.analyses["spans"].spans
+        spans = [s for s in found if not self.stacks or s.stack in self.stacks]
         if self.stacks:
-            known = {s.stack for s in state.analyses["spans"].spans}
+            known = {s.stack for s in found}
             missing = [s for s in self.stacks if s not in known]
             if missing:
                 raise ValueError(f"no foldable run in stack '{missing[0]}'; stacks with runs: {', '.join(sorted(known)) or 'none'}")
-        present = {name for name, _ in state.module.named_modules()}
-        already = [s for s in spans if any(p not in present for p in s.layers)]
+        folded = {(r.spec.stack, r.spec.start) for r in recursions(state.module).values()}
+        already = [s for s in spans if (s.stack, s.start) in folded]
         spans = [s for s in spans if s not in already]
         if not spans:
             note = "every span is folded already" if already else "no span of interchangeable layers to fold"
             return PassResult(state, False, {"loops": [], "note": note})
         module = clone(state.module)
-        reports = [self._fold(module, span) for span in spans]
+        # Later spans of a stack first: folding shifts the module-list indices after a span.
+        reports = [self._fold(module, span, state) for span in sorted(spans, key=lambda s: (s.stack, -s.start))]
+        reports.sort(key=lambda r: (r["stack"], r["start"]))
+        paths = {(r.spec.stack, r.spec.start): p for p, r in recursions(module).items()}
+        for r in reports:  # a fold earlier in a module list moves the loops after it
+            r["module"] = paths[(r["stack"], r["start"])]
         return PassResult(state.replace(module=module), True, {"loops": reports})
 
     # ------------------------------------------------------------------------------------------
@@ -145,33 +128,23 @@ class FoldLoops(Pass):
         except ValueError as e:
             if not self.subsample or k > length:
                 divisors = [d for d in range(1, length + 1) if length % d == 0]
-                raise ValueError(f"{e}; choose blocks in {{{', '.join(map(str, divisors))}}} or pass "
-                                 f"subsample=true to keep {k * (length // k) if k <= length else 0} evenly spaced layers") from None
+                hint = (f"; choose blocks in {{{', '.join(map(str, divisors))}}}" if k <= length else
+                        f"; the run has only {length} layers, so choose blocks in {{{', '.join(map(str, divisors))}}}")
+                if k <= length:
+                    hint += f" or pass subsample=true to keep {k * (length // k)} evenly spaced layers"
+                raise ValueError(f"{e}{hint}") from None
             n = length // k
-            kept = sorted({round(x) for x in _linspace(0, length - 1, k * n)})
+            kept = sorted({round(x) for x in linspace(0, length - 1, k * n)})
             sharing_map(self.sharing, len(kept), k)
         return k, kept
 
-    def _fold(self, root: nn.Module, span) -> dict:
-        k, kept = self._plan(span.length)
-        layer_paths = [span.layers[i] for i in kept]
-        dropped = [span.layers[i] for i in range(span.length) if i not in kept]
-        site = locate_calls(root, span.layers)
-        length = len(kept)
-        layers = [root.get_submodule(p) for p in layer_paths]
+    def _blocks(self, layers: list[nn.Module], k: int) -> tuple[list[nn.Module], list[list[int]], str, int]:
+        """The K blocks (initialised from the layers), their sources, the sharing and N."""
+        length = len(layers)
         if self.mode == "deepen":
-            tied = [[i] for i in range(length)]
-            sources = tied
-            sharing = "cycle"
+            sources, sharing = [[i] for i in range(length)], "cycle"
         else:
-            smap = sharing_map(self.sharing, length, k)
-            tied = [[l for l in range(length) if smap[l] == b] for b in range(k)]
-            sharing = self.sharing
-            if sharing.startswith("middle-"):
-                inner = init_sources(self.init, [[l - 1 for l in t] for t in tied[1:-1]], length - 2, k - 2)
-                sources = [[0]] + [[l + 1 for l in s] for s in inner] + [[length - 1]]
-            else:
-                sources = init_sources(self.init, tied, length, k)
+            sources, sharing = block_sources(self.sharing, self.init, length, k), self.sharing
         blocks = []
         for src in sources:
             block = clone(layers[src[0]])
@@ -181,38 +154,58 @@ class FoldLoops(Pass):
                     for name, p in block.named_parameters():
                         p.copy_(torch.stack([n[name].detach() for n in named]).mean(0))
             blocks.append(block)
-        max_loops = self.repeat if self.mode == "deepen" else (
-            length // k if sharing in ("cycle", "sequence") else (length - 2) // (k - 2))
-        spec = RecursionSpec(stack=span.stack, start=span.start, layers=length, blocks=k, sharing=sharing,
-                             mode=self.mode, state_arg=site.state_arg, max_loops=max_loops,
-                             depth_paths=tuple(layer_paths))
+        n = self.repeat if self.mode == "deepen" else max_loops(sharing, length, k)
+        return blocks, sources, sharing, n
+
+    def _fold(self, root: nn.Module, span, state: State) -> dict:
+        k, kept = self._plan(span.length)
+        layer_paths = [span.layers[i] for i in kept]
+        dropped = [span.layers[i] for i in range(span.length) if i not in kept]
+        graph = is_graph_form(root)
+        if graph:
+            site = locate_calls(root, span.layers)
+            state_arg, state_name = site.state_arg, ""
+        else:
+            msite = locate_module_calls(root, span.layers, lambda: root(*state.captured.args, **state.captured.kwargs))
+            check_layer_types(root, msite, span.length)
+            state_arg, state_name = msite.state_arg, msite.state_name
+        layers = [root.get_submodule(p) for p in layer_paths]
+        blocks, sources, sharing, n = self._blocks(layers, k)
+        spec = RecursionSpec(stack=span.stack, start=span.start, layers=len(kept), blocks=k, sharing=sharing,
+                             mode=self.mode, state_arg=state_arg, max_loops=n, depth_paths=tuple(layer_paths),
+                             state_name=state_name, span_layers=tuple(span.layers),
+                             block_sources=tuple(layer_paths[s[0]] for s in sources))
         rec = Recursion(blocks, spec)
-        norm_names = norm_param_names(blocks[0])
         if self.norms == "per-depth" and self.mode == "compress":
-            for name in norm_names:
+            for name in norm_param_names(blocks[0]):
                 stacked = torch.stack([dict(l.named_parameters())[name].detach() for l in layers])
-                rec.depth_params[_key(name)] = nn.Parameter(stacked.clone())
-
+                rec.depth_params[key(name)] = nn.Parameter(stacked.clone())
         before = sum(p.numel() for pth in span.layers for p in root.get_submodule(pth).parameters())
-        caller = site.caller
-        leaf = span.stack.rpartition(".")[2] or "layers"
-        attr = unique_name(caller, f"{leaf}_loop")
-        caller.add_module(attr, rec)
-        first, last = site.nodes[0], site.nodes[-1]
-        with caller.graph.inserting_before(first):
-            new = caller.graph.call_module(attr, tuple(first.args))
-        new.meta = {k2: v for k2, v in last.meta.items() if k2 in ("val", "tensor_meta")}
-        mark_node(new, self.name, [n.target for n in site.nodes])
-        last.replace_all_uses_with(new)
-        for n in reversed(site.nodes):
-            caller.graph.erase_node(n)
-        refresh(caller)
-        for p in span.layers:
-            remove_submodule(root, p)
+        if graph:
+            leaf = span.stack.rpartition(".")[2] or "layers"
+            path = install_in_graph(root, site, f"{leaf}_loop", rec, span.layers,
+                                    lambda node, origin: mark_node(node, self.name, origin))
+        else:
+            path = install_in_modules(root, msite, span.start, span.length, rec)
         after = sum(p.numel() for p in rec.parameters())
-        return {"stack": span.stack, "start": span.start, "layers": span.length, "kept": length,
-                "dropped": dropped, "blocks": k, "loops": max_loops, "sharing": sharing, "init": self.init,
-                "mode": self.mode, "norms": self.norms, "module": f"{site.caller_path}.{attr}".lstrip("."),
+        return {"stack": span.stack, "start": span.start, "layers": span.length, "kept": len(kept),
+                "dropped": dropped, "blocks": k, "loops": n, "sharing": sharing, "init": self.init,
+                "mode": self.mode, "norms": self.norms, "module": path,
                 "block_sources": [[span.layers[kept[i]] for i in s] for s in sources],
-                "params_before": int(before), "params_after": int(after), "state_arg": site.state_arg}
+                "params_before": int(before), "params_after": int(after), "state_arg": state_arg}
 
+
+def check_layer_types(root: nn.Module, site, length: int) -> None:
+    """Refuse a fold that would give the layers after the loop another entry of a config's
+    ``layer_types`` (models that look up a layer's mask by its list position, as Qwen2 does):
+    the loop takes one entry, so the later layers move up by ``length - 1``."""
+    stack_len = len(root.get_submodule(site.stack))
+    start = site.indices[0]
+    for m in root.modules():
+        types = getattr(getattr(m, "config", None), "layer_types", None)
+        if not isinstance(types, (list, tuple)) or len(types) != stack_len:
+            continue
+        after = list(types[start + length:])
+        if after != list(types[start + 1:start + 1 + len(after)]):
+            raise ValueError(f"{site.stack}: the layers after the run have other layer types than the ones "
+                             "their new positions would give them (the model looks them up by position)")

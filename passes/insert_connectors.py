@@ -7,8 +7,10 @@ neutral at insertion, so the converted model's outputs do not change.
 The modality mask for vision-language models is found automatically: when the model has an
 image token id (from its config, or ``image_token_id=``) and an ``input_ids`` input whose
 sequence length equals the loop's hidden-state sequence length, the positions holding the image
-token are image positions; the mask is computed from ``input_ids`` in the graph and threaded down
-to the loop. Otherwise the loop has one modality (text-only models, vision towers).
+token are image positions. In the graph form the mask is computed from ``input_ids`` in the graph
+and threaded down to the loop; in the module form the model's wrapper computes it from its
+``input_ids`` and the loop reads it while it runs (:func:`loopify.nn.connectors.modality`).
+Otherwise the loop has one modality (text-only models, vision towers).
 """
 
 from __future__ import annotations
@@ -18,18 +20,18 @@ from typing import ClassVar, Literal
 
 import torch
 
-from loopify.connectors import EmbeddingConnector, IdentityConnector, RecursiveConnector
-from loopify.hierarchy import clone, refresh, thread_input
-from loopify.pipeline import Pass, PassResult, State, mark_node
-from loopify.recursion import Recursion, recursions
+from loopify.hierarchy import TOKEN_INPUT, clone, is_graph_form, thread_modality
+from loopify.nn.connectors import EmbeddingConnector, IdentityConnector, RecursiveConnector
+from loopify.nn.recursion import Recursion, recursions
+from loopify.pipeline import Pass, PassResult, State, mark_node, require
 
-#: Name of the model input that carries token ids (the convention of HF models and most others).
-TOKEN_INPUT = "input_ids"
 
 
 @dataclass(frozen=True)
 class InsertConnectors(Pass):
     """Insert a connector before every recursion step after the first.
+
+    Precondition: a loop (fold-loops).
 
     Attributes:
         kind: recursive, identity or embedding.
@@ -39,6 +41,7 @@ class InsertConnectors(Pass):
     """
 
     name: ClassVar[str] = "insert-connectors"
+    requires: ClassVar[tuple[str, ...]] = ("loops",)
     kind: Literal["recursive", "identity", "embedding"] = "recursive"
     taps: int = 2
     image_token_id: int = -1
@@ -51,17 +54,17 @@ class InsertConnectors(Pass):
             raise ValueError("max_steps must be >= 1")
 
     def run(self, state: State) -> PassResult:
-        loops = recursions(state.module)
-        if not loops:
-            raise ValueError("no loop to connect: run fold-loops first")
+        if not require(self, state):
+            return PassResult(state, False, {"note": "fold-loops made no loop: nothing to connect"})
         module = clone(state.module)
         token_id = self.image_token_id if self.image_token_id >= 0 else state.captured.info.get("image_token_id")
+        hidden = None if is_graph_form(module) else _hidden_shapes(module, state.captured)
         report = []
         for path, rec in recursions(module).items():
-            report.append(self._insert(module, path, rec, token_id))
+            report.append(self._insert(module, path, rec, token_id, hidden))
         return PassResult(state.replace(module=module), True, {"kind": self.kind, "loops": report})
 
-    def _insert(self, root, path: str, rec: Recursion, token_id) -> dict:
+    def _insert(self, root, path: str, rec: Recursion, token_id, hidden_shapes) -> dict:
         if rec.connector is not None:
             raise ValueError(f"{path} already has a connector")
         steps = rec.steps()
@@ -70,7 +73,34 @@ class InsertConnectors(Pass):
         if not rec.deepen and rec.spec.sharing != "cycle":
             raise ValueError(f"{path}: connectors sit between recursion steps, which exist for cycle sharing "
                              f"and deepen mode, not {rec.spec.sharing}")
-        step_len = rec.spec.layers if rec.deepen else rec.spec.blocks
+        if hidden_shapes is None:
+            dim, modalities, mask_note = self._graph_modalities(root, path, rec, token_id)
+        else:
+            dim, modalities, mask_note = self._module_modalities(root, path, rec, token_id, hidden_shapes)
+        self._attach(rec, dim, modalities)
+        return {"loop": path, "kind": self.kind, "modalities": modalities, "mask": mask_note,
+                "taps": getattr(rec.connector, "positions", []),
+                "params": sum(p.numel() for p in rec.connector.parameters())}
+
+    def _attach(self, rec: Recursion, dim: int, modalities: int) -> None:
+        if self.kind == "recursive":
+            rec.connector = RecursiveConnector(dim, rec.step_len, self.taps, modalities)
+        elif self.kind == "identity":
+            rec.connector = IdentityConnector()
+        else:
+            rec.connector = EmbeddingConnector(dim, self.max_steps)
+
+    def _module_modalities(self, root, path, rec, token_id, hidden_shapes) -> tuple[int, int, str]:
+        shape, ids_shape = hidden_shapes[path]
+        if self.kind != "recursive" or token_id is None:
+            return shape[-1], 1, "one modality"
+        if len(shape) == 3 and ids_shape is not None and tuple(ids_shape) == tuple(shape[:2]):
+            rec.modality_token = int(token_id)
+            root.modality_token = int(token_id)  # the wrapper computes the mask from its input_ids
+            return shape[-1], 2, f"image positions: {TOKEN_INPUT} == {token_id}"
+        return shape[-1], 1, f"one modality (hidden sequence {tuple(shape[:-1])} is not aligned with {TOKEN_INPUT})"
+
+    def _graph_modalities(self, root, path, rec, token_id) -> tuple[int, int, str]:
         caller_path, _, attr = path.rpartition(".")
         caller = root.get_submodule(caller_path) if caller_path else root
         call = next(n for n in caller.graph.nodes if n.op == "call_module" and n.target == attr)
@@ -84,27 +114,31 @@ class InsertConnectors(Pass):
                             if n.op == "placeholder" and n.target == TOKEN_INPUT), None)
             static = isinstance(ids_val, torch.Tensor) and all(isinstance(d, int) for d in (*ids_val.shape, *hidden.shape))
             if static and hidden.dim() == 3 and tuple(ids_val.shape) == tuple(hidden.shape[:2]):
-                ids = thread_input(root, TOKEN_INPUT, caller_path)
-                with caller.graph.inserting_before(call):
-                    mask = caller.graph.call_function(torch.ops.aten.eq.Scalar, (ids, int(token_id)))
-                mark_node(mask, self.name, f"{TOKEN_INPUT} == {token_id}")
-                mask.meta["val"] = ids_val == int(token_id)
-                call.args = tuple(call.args) + (mask,)
-                rec.n_extra = 1
-                refresh(caller)
+                thread_modality(root, path, int(token_id), lambda node, origin: mark_node(node, self.name, origin))
                 modalities = 2
                 mask_note = f"image positions: {TOKEN_INPUT} == {token_id}"
             elif not static:
                 mask_note = "one modality (the hidden sequence length is data-dependent; give image positions by aligning shapes)"
             else:
                 mask_note = f"one modality (hidden sequence {tuple(hidden.shape[:-1])} is not aligned with {TOKEN_INPUT})"
-        if self.kind == "recursive":
-            rec.connector = RecursiveConnector(dim, step_len, self.taps, modalities)
-        elif self.kind == "identity":
-            rec.connector = IdentityConnector()
-        else:
-            rec.connector = EmbeddingConnector(dim, self.max_steps)
         call.meta[f"{self.name}"] = self.kind
-        return {"loop": path, "kind": self.kind, "modalities": modalities, "mask": mask_note,
-                "taps": getattr(rec.connector, "positions", []),
-                "params": sum(p.numel() for p in rec.connector.parameters())}
+        return dim, modalities, mask_note
+
+
+def _hidden_shapes(root, captured) -> dict[str, tuple]:
+    """Module form: each loop's hidden-state shape on the example inputs, with the shape of the
+    model's ``input_ids`` (one run with hooks)."""
+    shapes, handles = {}, []
+    for path, rec in recursions(root).items():
+        def hook(mod, args, kwargs, _p=path):
+            where, s = mod._state(list(args), kwargs)
+            shapes[_p] = tuple((args[s] if where == "arg" else kwargs[s]).shape)
+        handles.append(rec.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            root(*captured.args, **captured.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    ids = captured.kwargs.get(TOKEN_INPUT)
+    return {p: (shape, None if ids is None else tuple(ids.shape)) for p, shape in shapes.items()}

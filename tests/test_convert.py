@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from loopify import convert as conv
 from loopify.cli import cli
 from loopify.examples import zoo
-from loopify.recursion import recursions, set_loops
+from loopify.nn import recursions, set_loops
 
 SMALL = [n for n in zoo.names(include_large=False) if "negative" not in zoo.ZOO[n].tags]
 

@@ -1,4 +1,4 @@
-"""loopify.hf: loading Hugging Face directories for export (zoo models as fixtures)."""
+"""loopify.capture.hf: loading Hugging Face directories for export (zoo models as fixtures)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from loopify import hf
+from loopify.capture import hf, masks
 from loopify.examples import zoo
 
 SMALL = zoo.names(include_large=False)
@@ -107,20 +107,20 @@ def test_paligemma_prefix_lm_inputs_and_sdpa(hf_dir):
     # Without token_type_ids the eager SDPA path skips the causal mask and attends over the
     # whole sequence (Gemma's is_causal=False), while export materialises it: the guard sees it.
     no_tti = {k: v for k, v in m.inputs.items() if k != "token_type_ids"}
-    assert hf._mask_skip_changes_output(m.module, no_tti) > 1e-3
-    assert hf._mask_skip_changes_output(m.module, m.inputs) == 0.0
+    assert masks.mask_skip_changes_output(m.module, no_tti) > 1e-3
+    assert masks.mask_skip_changes_output(m.module, m.inputs) == 0.0
 
 
 def test_mask_guard_falls_back_to_eager_attention(hf_dir, monkeypatch):
     """If the inputs leave the SDPA mask-skip path unfaithful, load_hf_dir switches to eager."""
-    real = hf._make_inputs
+    real = hf.make_inputs
 
     def without_tti(*a, **k):
         inputs, image_token_id = real(*a, **k)
         inputs.pop("token_type_ids", None)
         return inputs, image_token_id
 
-    monkeypatch.setattr(hf, "_make_inputs", without_tti)
+    monkeypatch.setattr(hf, "make_inputs", without_tti)
     m = hf.load_hf_dir(hf_dir("paligemma"))
     assert "token_type_ids" not in m.inputs
     assert m.attn_implementation == "eager" and "attn_fallback" in m.info

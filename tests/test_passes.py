@@ -15,7 +15,7 @@ from loopify.errors import PipelineError
 from loopify.passes.find_spans import find_spans
 from loopify.passes.fold_loops import FoldLoops, default_blocks
 from loopify.pipeline import State, parse, run_pipeline
-from loopify.recursion import recursions, schedule, set_loops, sharing_map
+from loopify.nn import recursions, schedule, set_loops, sharing_map
 from tests.models import TinyStack
 
 RTOL = 1e-5
@@ -25,8 +25,10 @@ def _rel(a, b):
     return float((a - b).abs().max() / a.abs().max())
 
 
-def _run(cap, spec):
-    return run_pipeline(parse(spec), State(cap, cap.unflatten()))
+def _run(cap, spec, form="graph"):
+    """Run ``spec`` after find-spans (fold-loops' precondition) on the graph or module form."""
+    module = cap.unflatten() if form == "graph" else cap.editable()
+    return run_pipeline(parse("find-spans{similarity=false}," + spec), State(cap, module))
 
 
 def _out(cap, module):
@@ -88,7 +90,7 @@ def test_every_sharing_and_init_on_llama(captured, sharing, init):
 
 def test_fold_contract(captured):
     cap = captured("llama")
-    state = State(cap, cap.unflatten())
+    state = State(cap, cap.unflatten(), analyses={"spans": find_spans(cap, similarity=False)})
     res = FoldLoops().run(state)
     assert res.modified
     caller = res.state.module.get_submodule("model.model")
@@ -217,7 +219,7 @@ def test_relax_alpha_is_compensated(captured):
 
 
 @pytest.mark.parametrize("spec,message", [
-    ("relax{rank=4}", "no loop to relax: run fold-loops first"),
+    ("relax{rank=4}", "relax needs a loop: run fold-loops before it"),
     ("fold-loops,relax{rank=-1}", "rank must be >= 0 or 'full'"),
     ("fold-loops,relax{rank=lots}", "expected an integer or one of full"),
 ])

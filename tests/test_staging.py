@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from loopify.convert import ConvertConfig, convert_captured
-from loopify.recursion import set_loops
+from loopify.nn import set_loops
 from loopify.staging import run_stages, stages_of
 
 

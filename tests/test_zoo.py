@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from loopify import hf
+from loopify.capture import hf
 from loopify.examples import zoo
 
 SMALL = zoo.names(include_large=False)

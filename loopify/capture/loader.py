@@ -20,101 +20,16 @@ import json
 import logging
 import pickle
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from loopify.capture.captured import Captured, ExportCheck
+from loopify.capture.inputs import load_inputs
 from loopify.errors import CaptureError, ExportMismatchError
-from loopify.tensors import Diff, compare
+from loopify.verify import EXPORT_RTOL, compare
 
 log = logging.getLogger(__name__)
-
-#: Relative tolerance (max abs error / max abs reference) for export against eager. Export only
-#: reorders float32 arithmetic (decomposed ops), which moves results by ~1e-6 relative; 1e-4
-#: leaves room for that on every output while catching any real change of computation (the
-#: PaliGemma mask difference found in DESIGN.md was 0.19 absolute).
-EXPORT_RTOL = 1e-4
-
-
-@dataclass
-class ExportCheck:
-    """Export compared with eager on the example inputs."""
-
-    diffs: list[Diff]
-    rtol: float = EXPORT_RTOL
-
-    @property
-    def ok(self) -> bool:
-        return all(d.rel_err <= self.rtol for d in self.diffs)
-
-    @property
-    def max_abs_err(self) -> float:
-        return max((d.max_abs_err for d in self.diffs), default=0.0)
-
-    @property
-    def max_rel_err(self) -> float:
-        return max((d.rel_err for d in self.diffs), default=0.0)
-
-    def to_dict(self) -> dict:
-        return {"ok": self.ok, "rtol": self.rtol, "max_abs_err": self.max_abs_err,
-                "max_rel_err": self.max_rel_err, "outputs": [d.to_dict() for d in self.diffs]}
-
-
-@dataclass
-class Captured:
-    """A captured model: the exported program, its example inputs and where it came from."""
-
-    program: torch.export.ExportedProgram
-    args: tuple
-    kwargs: dict
-    source: Path
-    format: str  # "export-archive" | "hf-dir" | "pickle"
-    eager: torch.nn.Module | None = None
-    export_check: ExportCheck | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def module(self) -> torch.nn.Module:
-        """The exported program as a runnable (flat) GraphModule."""
-        return self.program.module()
-
-    def unflatten(self):
-        """The module hierarchy of the program (one FX GraphModule per submodule)."""
-        return torch.export.unflatten(self.program)
-
-    def run(self, module: torch.nn.Module | None = None):
-        """Run ``module`` (default: the exported program) on the example inputs."""
-        module = module if module is not None else self.module()
-        with torch.no_grad():
-            return module(*self.args, **self.kwargs)
-
-    def flat_inputs(self) -> list:
-        """The example inputs flattened as the program's placeholders take them."""
-        return flat_inputs(self.program, self.args, self.kwargs)
-
-    def describe(self) -> dict:
-        d = {"source": str(self.source), "format": self.format, **self.info,
-             "inputs": describe_inputs(self.args, self.kwargs)}
-        if self.export_check is not None:
-            d["export_check"] = self.export_check.to_dict()
-        return d
-
-
-def flat_inputs(program: torch.export.ExportedProgram, args: tuple, kwargs: dict) -> list:
-    """The inputs as the program's flat placeholders take them (keyword inputs in export order)."""
-    import torch.utils._pytree as pytree
-    from torch.export._tree_utils import reorder_kwargs
-
-    return pytree.tree_leaves((tuple(args), reorder_kwargs(dict(kwargs), program.call_spec.in_spec)))
-
-
-def describe_inputs(args: tuple, kwargs: dict) -> list[dict]:
-    """Names, shapes and dtypes of example inputs (positional ones are named ``arg<i>``)."""
-    items = [(f"arg{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
-    return [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
-            if isinstance(v, torch.Tensor) else {"name": k, "value": repr(v)} for k, v in items]
-
 
 # ----------------------------------------------------------------------------------------------
 # Format detection
@@ -160,36 +75,6 @@ def sniff(path: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Inputs files
-
-
-def load_inputs(path: str | Path) -> tuple[tuple, dict]:
-    """Load example inputs saved with ``torch.save``: a tuple/list of tensors or a dict of them.
-
-    Loaded with ``weights_only=True``: an inputs file never runs code.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CaptureError(f"{path}: inputs file not found")
-    if path.stat().st_size == 0:
-        raise CaptureError(f"{path}: inputs file is empty")
-    try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CaptureError(f"{path}: inputs file holds objects other than tensors; refusing to unpickle it ({first[:120]})") from None
-    except Exception as e:  # truncated zip, wrong format ...
-        raise CaptureError(f"{path}: cannot read inputs file ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
-    if isinstance(obj, torch.Tensor):
-        return (obj,), {}
-    if isinstance(obj, (tuple, list)) and all(isinstance(x, torch.Tensor) for x in obj):
-        return tuple(obj), {}
-    if isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        return (), dict(obj)
-    raise CaptureError(f"{path}: inputs file must hold a tensor, a tuple/list of tensors or a dict name -> tensor, got {type(obj).__name__}")
-
-
-# ----------------------------------------------------------------------------------------------
 # Export
 
 
@@ -231,7 +116,7 @@ def _finish_check(captured: Captured, allow_mismatch: bool) -> Captured:
 INFO_FILE = "loopify_info.json"
 
 
-def _load_archive(path: Path) -> tuple[torch.export.ExportedProgram, dict]:
+def read_archive(path: Path) -> tuple[torch.export.ExportedProgram, dict]:
     try:
         extra = {INFO_FILE: ""}
         with open(path, "rb") as f:
@@ -272,7 +157,7 @@ def load(path: str | Path, *, inputs: str | Path | None = None, trust_pickle: bo
                            "directories; for other models give batched example inputs with --inputs")
 
     if kind == "export-archive":
-        program, info = _load_archive(path)
+        program, info = read_archive(path)
         if user_inputs is not None:
             args, kwargs = user_inputs
         elif program.example_inputs is not None:
@@ -282,7 +167,7 @@ def load(path: str | Path, *, inputs: str | Path | None = None, trust_pickle: bo
         return Captured(program, tuple(args), dict(kwargs), path, "export-archive", info=info)
 
     if kind == "hf-dir":
-        from loopify import hf  # transformers is imported only for HF directories
+        from loopify.capture import hf  # transformers is imported only for HF directories
 
         try:
             model = hf.load_hf_dir(path, seq_len=seq_len, attn_implementation=attn_implementation, batch=batch)

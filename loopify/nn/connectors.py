@@ -12,8 +12,28 @@ per-step vector added to the hidden state, zero at insertion).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 from torch import nn
+
+_MODALITY = contextvars.ContextVar("loopify_modality", default=None)
+
+
+@contextlib.contextmanager
+def modality(mask: torch.Tensor | None):
+    """Make ``mask`` ([B, S] bool, True at image positions) the modality mask that loops of the
+    module form read while the block runs (the graph form threads it as an argument instead)."""
+    token = _MODALITY.set(mask)
+    try:
+        yield
+    finally:
+        _MODALITY.reset(token)
+
+
+def current_modality() -> torch.Tensor | None:
+    return _MODALITY.get()
 
 
 def tap_positions(step_len: int, taps: int) -> list[int]:
@@ -50,6 +70,7 @@ class RecursiveConnector(nn.Module):
 
     def __init__(self, dim: int, step_len: int, taps: int = 2, modalities: int = 1):
         super().__init__()
+        self.args = {"dim": dim, "step_len": step_len, "taps": taps, "modalities": modalities}
         self.positions = tap_positions(step_len, taps)
         self.modalities = modalities
         self.norms = nn.ModuleList(RMSNorm(dim) for _ in self.positions)
@@ -74,15 +95,33 @@ class RecursiveConnector(nn.Module):
             out = mixed[0]
         else:
             (image_mask,) = extras  # [B, S] bool: True at image-token positions
-            out = torch.where(image_mask.unsqueeze(-1), mixed[1], mixed[0])
+            if image_mask is None or image_mask.shape != h.shape[:-1]:  # no aligned mask: all text
+                out = mixed[0]
+            else:
+                out = torch.where(image_mask.unsqueeze(-1), mixed[1], mixed[0])
         return h + self.scale * out
+
+    def staged(self, h, taps, step, extras):
+        """The step-tensor form used by compiled loop bodies: the taps start at zero, which makes
+        the connector exactly ``h`` at step 0."""
+        return self(h, taps, 0, *extras)
+
+    def config(self) -> dict:
+        return {"kind": self.kind, **self.args}
 
 
 class IdentityConnector(nn.Module):
     kind = "identity"
+    positions: list[int] = []
 
     def forward(self, h, taps, step, *extras):
         return h
+
+    def staged(self, h, taps, step, extras):
+        return h
+
+    def config(self) -> dict:
+        return {"kind": self.kind}
 
 
 class EmbeddingConnector(nn.Module):
@@ -90,9 +129,33 @@ class EmbeddingConnector(nn.Module):
 
     kind = "embedding"
 
+    positions: list[int] = []
+
     def __init__(self, dim: int, max_steps: int):
         super().__init__()
+        self.args = {"dim": dim, "max_steps": max_steps}
         self.embedding = nn.Parameter(torch.zeros(max_steps, dim))
 
     def forward(self, h, taps, step, *extras):
         return h + self.embedding[min(step, self.embedding.shape[0] - 1)]
+
+    def staged(self, h, taps, step, extras):
+        """Step-tensor form: the vector of ``step`` (clamped to the last), none at step 0."""
+        idx = step.clamp(max=self.embedding.shape[0] - 1).reshape(1)
+        e = self.embedding.index_select(0, idx).squeeze(0)
+        return h + e * (step > 0).to(h.dtype)
+
+    def config(self) -> dict:
+        return {"kind": self.kind, **self.args}
+
+
+KINDS = {"recursive": RecursiveConnector, "identity": IdentityConnector, "embedding": EmbeddingConnector}
+
+
+def from_config(cfg: dict) -> nn.Module:
+    """A connector from its :meth:`config` (weights are loaded afterwards)."""
+    cfg = dict(cfg)
+    kind = cfg.pop("kind")
+    if kind not in KINDS:
+        raise ValueError(f"unknown connector kind {kind!r}; kinds: {', '.join(KINDS)}")
+    return KINDS[kind](**cfg)

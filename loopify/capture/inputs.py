@@ -1,0 +1,328 @@
+"""Example inputs: files the user gives, and the dummy inputs made for Hugging Face models.
+
+Input conventions (the only model-family knowledge here; everything else is read from the
+config or from the model's forward signature):
+
+====================  =======================================================================
+input                 rule
+====================  =======================================================================
+input_ids             BOS (when the text config has one) + random ids drawn with a fixed seed
+                      from the vocabulary minus every ``*_token_id`` / ``*_token_index`` of the
+                      config. A directory with a tokenizer and no vision tower gets a real
+                      English sentence instead. Default text length: 24 tokens.
+attention_mask        always, all ones.
+token_type_ids        when the forward takes them: zeros, except for the prefix-LM families in
+                      ``_PREFIX_LM`` (PaliGemma) where image + prompt are the prefix (0) and the
+                      last third of the text is the suffix (1), as the PaliGemma processor
+                      writes them.
+pixel_values          for models with a ``vision_config`` and an image token: one image of the
+                      vision tower's ``image_size`` (``num_channels`` channels), values in
+                      [-1, 1], fixed seed; 5-D (batch, images, C, H, W) for ``_PIXELS_5D``.
+image tokens          exactly as many image tokens as the model consumes, after BOS and a
+                      short text prefix (``_IMAGE_FIRST`` families: first, before BOS). The
+                      count comes from the config (``_image_token_count``) and is checked
+                      against ``model.get_image_features`` and by one eager forward.
+====================  =======================================================================
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from loopify.errors import CaptureError
+
+DEFAULT_TEXT_LEN = 24
+SENTENCE = ("The quick brown fox jumps over the lazy dog, and loopify folds the repeated layers "
+            "of a transformer into a loop with shared weights.")
+
+# Families whose inputs follow a convention the config does not spell out (see module doc).
+_PREFIX_LM = {"paligemma"}           # token_type_ids: 0 = prefix (image + prompt), 1 = suffix
+_IMAGE_FIRST = {"paligemma"}         # image tokens come first, then BOS and the prompt
+_PIXELS_5D = {"idefics2", "idefics3", "smolvlm"}  # pixel_values: (batch, images, C, H, W)
+_CLS_TOWERS = {"clip_vision_model"}  # vision towers that prepend a class token to the patches
+
+
+class InputsError(CaptureError):
+    """Example inputs cannot be read or made."""
+
+
+def load_inputs(path: str | Path) -> tuple[tuple, dict]:
+    """Load example inputs saved with ``torch.save``: a tuple/list of tensors or a dict of them.
+
+    Loaded with ``weights_only=True``: an inputs file never runs code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CaptureError(f"{path}: inputs file not found")
+    if path.stat().st_size == 0:
+        raise CaptureError(f"{path}: inputs file is empty")
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CaptureError(f"{path}: inputs file holds objects other than tensors; refusing to unpickle it ({first[:120]})") from None
+    except Exception as e:  # truncated zip, wrong format ...
+        raise CaptureError(f"{path}: cannot read inputs file ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    if isinstance(obj, torch.Tensor):
+        return (obj,), {}
+    if isinstance(obj, (tuple, list)) and all(isinstance(x, torch.Tensor) for x in obj):
+        return tuple(obj), {}
+    if isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        return (), dict(obj)
+    raise CaptureError(f"{path}: inputs file must hold a tensor, a tuple/list of tensors or a dict name -> tensor, got {type(obj).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Dummy inputs for Hugging Face models
+
+
+def text_config(config):
+    try:
+        return config.get_text_config()
+    except Exception:
+        return getattr(config, "text_config", None) or config
+
+
+def special_ids(config) -> set[int]:
+    """Every ``*_token_id`` / ``*_token_index`` / ``*_token_ids`` of a config (object or dict), nested too."""
+    ids: set[int] = set()
+
+    def walk(d):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v)
+            elif isinstance(k, str) and k.endswith(("_token_id", "_token_index", "_token_ids")):
+                for x in (v if isinstance(v, (list, tuple)) else [v]):
+                    if isinstance(x, int) and not isinstance(x, bool):
+                        ids.add(x)
+
+    walk(config if isinstance(config, dict) else config.to_dict())
+    return ids
+
+
+def _image_size(vc) -> tuple[int, int]:
+    s = getattr(vc, "image_size", 224)
+    return (int(s[0]), int(s[1])) if isinstance(s, (list, tuple)) else (int(s), int(s))
+
+
+def _image_token_count(config, model_type: str) -> int | None:
+    """Image tokens one image becomes, from the config alone (checked against the model later).
+
+    Rules, first match wins: PaliGemma-style ``text_config.num_image_tokens``; Idefics3's
+    pixel shuffle (patches / scale_factor**2); LLaVA-style ``vision_feature_select_strategy``
+    (patches, plus the class token of CLIP towers, minus one for "default"); else
+    ``image_seq_length`` / ``num_image_tokens`` / ``mm_tokens_per_image``; else the patch count.
+    """
+    vc = getattr(config, "vision_config", None)
+    if vc is None:
+        return None
+    h, w = _image_size(vc)
+    ps = getattr(vc, "patch_size", None)
+    ps = ps[0] if isinstance(ps, (list, tuple)) else ps
+    patches = (h // ps) * (w // ps) if ps else None
+    tc = text_config(config)
+    if getattr(tc, "num_image_tokens", None):
+        return int(tc.num_image_tokens)
+    if getattr(config, "scale_factor", None) and patches:
+        return int(patches // (config.scale_factor ** 2))
+    strategy = getattr(config, "vision_feature_select_strategy", None)
+    if strategy is not None and patches:
+        tower = patches + (1 if getattr(vc, "model_type", "") in _CLS_TOWERS else 0)
+        return tower - 1 if strategy == "default" else tower
+    for key in ("image_seq_length", "num_image_tokens", "mm_tokens_per_image"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    return patches
+
+
+def _measured_image_tokens(model, pixel_values) -> int | None:
+    """Image tokens as the model's own ``get_image_features`` makes them (None if it has none)."""
+    fn = getattr(model, "get_image_features", None) or getattr(getattr(model, "model", None), "get_image_features", None)
+    if fn is None:
+        return None
+    try:
+        with torch.no_grad():
+            feats = fn(pixel_values=pixel_values)
+    except Exception:
+        return None
+    if isinstance(feats, dict):  # ModelOutput: features are the pooler_output
+        feats = feats.get("pooler_output", None)
+        if feats is None:
+            return None
+    if isinstance(feats, torch.Tensor):
+        feats = [feats]
+    try:
+        return int(sum(f.numel() // f.shape[-1] for f in feats))
+    except Exception:
+        return None
+
+
+def _random_ids(n: int, vocab: int, avoid: set[int], gen: torch.Generator) -> torch.Tensor:
+    allowed = torch.tensor([i for i in range(vocab) if i not in avoid], dtype=torch.long)
+    return allowed[torch.randint(0, len(allowed), (n,), generator=gen)]
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+
+
+def has_tokenizer(path: Path) -> bool:
+    """Whether a directory holds tokenizer files."""
+    return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def _batch_texts(batch: int) -> list[str]:
+    """``batch`` different real sentences, the first being SENTENCE (so batch 1 is unchanged)."""
+    if batch == 1:
+        return [SENTENCE]
+    from loopify import texts
+
+    try:
+        pool = [t for t in texts.sentences(min_words=12) if t != SENTENCE]
+    except Exception:  # noqa: BLE001 - no licence texts on this system
+        pool = []
+    pool = pool or [f"{SENTENCE} ({i})" for i in range(batch)]
+    return [SENTENCE] + [pool[i % len(pool)] for i in range(batch - 1)]
+
+
+def image_token_id_of(config) -> int | None:
+    """The image token of a vision-language config (``image_token_id`` or ``image_token_index``)."""
+    tid = getattr(config, "image_token_id", None)
+    return getattr(config, "image_token_index", None) if tid is None else tid
+
+
+def make_inputs(path: Path, model, config, model_type: str, fwd_params: list[str], seq_len: int | None,
+                info: dict, batch: int = 1, tokenizer=None) -> tuple[dict[str, torch.Tensor], int | None]:
+    """Example keyword inputs for ``model`` and its image token id (None for text-only models);
+    ``info`` receives what was made (modalities, lengths, image token counts ...).
+
+    ``tokenizer``: the model's tokenizer when it has one (else one is loaded from ``path``)."""
+    image_token_id = image_token_id_of(config)
+    vc = getattr(config, "vision_config", None)
+    is_vlm = vc is not None and image_token_id is not None and "pixel_values" in fwd_params
+    info["modalities"] = ["text", "image"] if is_vlm else ["text"]
+    if not is_vlm and "input_ids" in fwd_params and (tokenizer is not None or has_tokenizer(path)):
+        return tokenizer_inputs(path, fwd_params, seq_len, info, batch, tokenizer), None
+    rows, bos = _token_rows(path, config, seq_len or DEFAULT_TEXT_LEN, batch)
+    info["text"] = "random ids (seed 0)"
+    inputs: dict[str, torch.Tensor] = {}
+    if is_vlm:
+        prefix_len = _image_inputs(path, model, config, model_type, rows, bos, int(image_token_id), batch,
+                                   inputs, info)
+    else:
+        inputs["input_ids"] = torch.stack(rows)
+        prefix_len = len(rows[0])
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    if "token_type_ids" in fwd_params:
+        tti = torch.zeros_like(inputs["input_ids"])
+        if model_type in _PREFIX_LM:
+            tti[:, prefix_len:] = 1
+            info["prefix_len"] = int(prefix_len)
+        inputs["token_type_ids"] = tti
+    info["seq_len"] = int(inputs["input_ids"].shape[-1])
+    info["text_len"] = int(len(rows[0]))
+    info["batch"] = int(batch)
+    return _ordered(inputs, fwd_params), (int(image_token_id) if is_vlm else None)
+
+
+def load_tokenizer(path: Path):
+    """The directory's own tokenizer (offline)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def tokenizer_inputs(path: Path, fwd_params: list[str], seq_len: int | None, info: dict, batch: int,
+                     tokenizer=None) -> dict[str, torch.Tensor]:
+    """A real English sentence (per row) through the model's tokenizer."""
+    from loopify.capture.hf import HFLoadError, one_line
+
+    try:
+        tok = tokenizer if tokenizer is not None else load_tokenizer(path)
+        texts_ = [t if seq_len is None else " ".join([t] * (seq_len // 8 + 1)) for t in _batch_texts(batch)]
+        enc = tok(texts_[0], return_tensors="pt", truncation=seq_len is not None, max_length=seq_len)
+        if batch > 1:  # every row at the first row's length: padded (masked) or truncated
+            n = int(enc["input_ids"].shape[-1])
+            if getattr(tok, "pad_token", None) is None:
+                tok.pad_token = tok.eos_token or tok.unk_token
+            enc = tok(texts_, return_tensors="pt", padding="max_length", truncation=True, max_length=n)
+    except Exception as e:
+        raise HFLoadError(f"{path}: its tokenizer fails ({type(e).__name__}: {one_line(e)})") from None
+    inputs = {k: v for k, v in enc.items() if k in fwd_params}
+    if batch == 1 or "attention_mask" not in enc:
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    else:
+        inputs["attention_mask"] = enc["attention_mask"]
+    if "token_type_ids" in fwd_params and "token_type_ids" not in inputs:
+        inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+    info["text"] = "tokenizer"
+    info["seq_len"] = int(inputs["input_ids"].shape[-1])
+    info["batch"] = int(batch)
+    return _ordered(inputs, fwd_params)
+
+
+def _token_rows(path: Path, config, n_text: int, batch: int) -> tuple[list[torch.Tensor], int | None]:
+    """``batch`` rows of BOS + random ids (fixed seed) avoiding every special id; row 0 is what
+    batch 1 gets."""
+    from loopify.capture.hf import HFLoadError
+
+    tc = text_config(config)
+    vocab = int(getattr(tc, "vocab_size", 0) or getattr(config, "vocab_size", 0) or 0)
+    if not vocab:
+        raise HFLoadError(f"{path}: the config gives no vocab_size; cannot build example token ids")
+    avoid = special_ids(config)
+    bos = getattr(tc, "bos_token_id", None)
+    if bos is None:
+        bos = getattr(config, "bos_token_id", None)
+    bos = bos if isinstance(bos, int) and 0 <= bos < vocab else None
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(batch):
+        body = _random_ids(n_text - (1 if bos is not None else 0), vocab, avoid, gen)
+        rows.append(torch.cat([torch.tensor([bos]), body]) if bos is not None else body)
+    return rows, bos
+
+
+def _image_inputs(path: Path, model, config, model_type: str, rows: list, bos, image_token_id: int, batch: int,
+                  inputs: dict, info: dict) -> int:
+    """Pixel values of one image per row and exactly as many image tokens as the model consumes,
+    put into ``inputs``; returns the prefix length (prefix-LM families)."""
+    from loopify.capture.hf import HFLoadError
+
+    vc = config.vision_config
+    h, w = _image_size(vc)
+    ch = int(getattr(vc, "num_channels", 3) or 3)
+    shape = (batch, 1, ch, h, w) if model_type in _PIXELS_5D else (batch, ch, h, w)
+    pixel_values = torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    pixel_values = pixel_values.to(next(model.parameters()).dtype)
+    from_config = _image_token_count(config, model_type)
+    measured = _measured_image_tokens(model, pixel_values[:1])
+    n_img = measured if measured is not None else from_config
+    if n_img is None:
+        raise HFLoadError(f"{path}: cannot tell how many image tokens an image becomes for {model_type}")
+    info.update(image_tokens_from_config=from_config, image_tokens_measured=measured, num_image_tokens=int(n_img),
+                image_size=[h, w])
+    img = torch.full((n_img,), image_token_id, dtype=torch.long)
+    text = rows[0]
+    if model_type in _IMAGE_FIRST:
+        all_ids = [torch.cat([img, t]) for t in rows]
+        prefix_len = n_img + max(1, (2 * len(text)) // 3)
+    else:
+        k = min(len(text), 1 + (1 if bos is not None else 0) + 2)  # BOS + a few prompt tokens
+        all_ids = [torch.cat([t[:k], img, t[k:]]) for t in rows]
+        prefix_len = len(all_ids[0])
+    ids = all_ids[0]
+    inputs["input_ids"] = torch.stack(all_ids)
+    inputs["pixel_values"] = pixel_values
+    where = (ids == image_token_id).nonzero()
+    info["image_token_positions"] = [int(where[0]), int(where[-1])]
+    return prefix_len
+
+
+def _ordered(inputs: dict, fwd_params: list[str]) -> dict:
+    order = {n: i for i, n in enumerate(fwd_params)}
+    return dict(sorted(inputs.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+

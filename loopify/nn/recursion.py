@@ -1,0 +1,341 @@
+"""The loop: a module that applies K shared blocks over L depth positions.
+
+Which block each depth uses and which depths run at a loop count is the sharing map
+(:mod:`loopify.nn.sharing`). At run time the loop count n (1..N; any n >= 0 in deepen mode) is an
+attribute, ``loops``.
+
+Per-depth state (LoRA "relaxation", per-depth norm weights) is applied as a parameter override
+through ``torch.func.functional_call``: the block's own parameters are the shared ones (the same
+``nn.Parameter`` objects at every depth), and depth l sees ``W_shared + scale * B_l @ A_l``
+(:mod:`loopify.nn.lora`).
+
+A loop stands where the layers stood, in either form of a converted model:
+
+* the *module form* (eager Hugging Face models): the loop is an entry of the layer ModuleList and
+  is called as the layers were, ``loop(hidden_states, attention_mask=..., ...)``; it runs every
+  depth with those keyword arguments, and exposes the attributes the model's own loop reads of
+  its layers (``attention_type`` ...);
+* the *graph form* (unflattened torch.export programs): one ``call_module`` node with the layers'
+  positional arguments (plus trailing extras for the connector).
+
+While a depth runs, :func:`current_depth` tells which one (the KV cache keys its slots by it).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import asdict, dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+from loopify.nn import lora, sharing
+from loopify.nn.sharing import schedule, sharing_map
+
+
+@dataclass(frozen=True)
+class RecursionSpec:
+    """Static description of a loop, stored in manifests."""
+
+    stack: str
+    start: int
+    layers: int           # L: depth positions of the original run
+    blocks: int           # K: unique blocks
+    sharing: str
+    mode: str             # "compress" or "deepen"
+    state_arg: int        # which positional argument of a layer is the hidden state
+    max_loops: int        # N (compress) or the default loop count R (deepen)
+    depth_paths: tuple[str, ...] = ()  # original module path of each depth position
+    state_name: str = ""  # the hidden state's keyword name, when a caller passes it by keyword
+    span_layers: tuple[str, ...] = ()    # every layer the loop replaced (kept and dropped)
+    block_sources: tuple[str, ...] = ()  # for each block, the layer it was cloned from
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("depth_paths", "span_layers", "block_sources"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RecursionSpec":
+        return cls(**{**d, **{k: tuple(d.get(k, ())) for k in ("depth_paths", "span_layers", "block_sources")}})
+
+
+class Depth(NamedTuple):
+    """The depth position a loop is running: which loop, the execution index within this call
+    (0.. over the schedule), the recursion step, the block and the original depth."""
+
+    loop: str
+    index: int
+    step: int
+    block: int
+    depth: int
+
+
+_CURRENT = contextvars.ContextVar("loopify_depth", default=None)
+
+
+def current_depth() -> Depth | None:
+    """The depth a loop is running right now (None outside loops)."""
+    return _CURRENT.get()
+
+
+#: Attributes a model's own layer loop may read of its layers; a loop answers them from its
+#: first block (they are the same for every interchangeable layer).
+LAYER_ATTRIBUTES = ("attention_type", "is_sliding", "sliding_window", "layer_type", "use_sliding_window")
+
+
+class Recursion(nn.Module):
+    """Applies shared blocks over a depth schedule; the loop count is an attribute set at run time.
+
+    Args:
+        blocks: the K unique blocks; each takes the same arguments as the original layers and
+            returns the new hidden state (or a tuple whose first element it is).
+        spec: the static description (sharing map, state argument ...).
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], spec: RecursionSpec):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.spec = spec
+        self.loops = spec.max_loops
+        # Per-depth overrides: depth_params[name] is [L, *shape]; lora[name] = (A [L, r, in], B [L, out, r]).
+        self.depth_params = nn.ParameterDict()
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_scales: dict[str, float] = {}  # per matrix: alpha / r (1 when alpha is not set)
+        self.connector: nn.Module | None = None
+        self.n_extra = 0  # trailing call arguments meant for the connector (graph form's modality mask)
+        #: image positions are input_ids == this token (module form: the mask is read while the loop
+        #: runs; graph form: it is computed in the graph and passed as the trailing argument)
+        self.modality_token: int | None = None
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in LAYER_ATTRIBUTES:
+                blocks = self.__dict__.get("_modules", {}).get("blocks")
+                if blocks is not None and len(blocks) and hasattr(blocks[0], name):
+                    return getattr(blocks[0], name)
+            raise
+
+    # -- structure -----------------------------------------------------------------------------
+
+    @property
+    def deepen(self) -> bool:
+        return self.spec.mode == "deepen"
+
+    @property
+    def key(self) -> str:
+        """A stable name of this loop (its stack and start), for caches and reports."""
+        return f"{self.spec.stack}@{self.spec.start}"
+
+    @property
+    def stepwise(self) -> bool:
+        """Whether the schedule is cut into recursion steps (cycle and deepen loops), between
+        which connectors act; sequence and middle-* schedules are one step."""
+        return self.deepen or self.spec.sharing == "cycle"
+
+    @property
+    def step_len(self) -> int:
+        """Depths per recursion step."""
+        return self.spec.layers if self.deepen else self.spec.blocks
+
+    def sharing(self) -> list[int]:
+        if self.deepen:
+            return list(range(self.spec.layers))
+        return sharing_map(self.spec.sharing, self.spec.layers, self.spec.blocks)
+
+    def pieces(self) -> list[tuple[str, sharing.Piece]]:
+        return sharing.pieces(self.spec.sharing, self.spec.layers, self.spec.blocks, self.deepen)
+
+    def depth_schedule(self, loops: int | None = None) -> list[int]:
+        """Depth positions run for ``loops`` loops (default: the current ``self.loops``)."""
+        n = self.loops if loops is None else loops
+        if self.deepen:  # the whole span is the body; depth positions repeat per loop
+            if n < 0:
+                raise ValueError("loops must be >= 0")
+            return list(range(self.spec.layers)) * n
+        return schedule(self.spec.sharing, self.spec.layers, self.spec.blocks, n)
+
+    def steps(self, loops: int | None = None) -> list[list[int]]:
+        """The schedule cut into recursion steps (one pass of the body each), for connectors."""
+        sched = self.depth_schedule(loops)
+        if not self.stepwise:
+            return [sched]
+        per = self.step_len
+        return [sched[i:i + per] for i in range(0, len(sched), per)]
+
+    def block_for_depth(self, depth: int) -> int:
+        return self.sharing()[depth]
+
+    def params_at(self, depth: int) -> dict[str, torch.Tensor]:
+        """The parameters the block sees at depth position ``depth`` (shared ones by identity)."""
+        block = self.blocks[self.block_for_depth(depth)]
+        out: dict[str, torch.Tensor] = dict(block.named_parameters())
+        out.update(self.depth_overrides(depth))
+        return out
+
+    def depth_overrides(self, depth: int) -> dict[str, torch.Tensor]:
+        return self.overrides(self.block_for_depth(depth), lambda stacked: stacked[depth])
+
+    def overrides(self, block_index: int, pick) -> dict[str, torch.Tensor]:
+        """Per-depth parameter overrides for block ``block_index``; ``pick`` takes one depth's
+        slice of a [L, ...] tensor (an int index in eager mode, a step tensor in staged bodies)."""
+        names = dict(self.blocks[block_index].named_parameters())
+        over: dict[str, torch.Tensor] = {}
+        for key, stacked in self.depth_params.items():
+            over[unkey(key)] = pick(stacked)
+        for key in self.lora_A.keys():
+            name = unkey(key)
+            over[name] = lora.merged(names[name], pick(self.lora_A[key]), pick(self.lora_B[key]),
+                                     self.lora_scales.get(name, 1.0))
+        return over
+
+    # -- execution -----------------------------------------------------------------------------
+
+    def call_block(self, b: int, over: dict, args: tuple, kwargs: dict):
+        block = self.blocks[b]
+        if over:
+            return torch.func.functional_call(block, over, args, kwargs, strict=False)
+        return block(*args, **kwargs)
+
+    def _state(self, args: list, kwargs: dict):
+        """Where the hidden state is in this call: ("arg", i) or ("kw", name)."""
+        s = self.spec.state_arg
+        if s < len(args):
+            return "arg", s
+        if self.spec.state_name and self.spec.state_name in kwargs:
+            return "kw", self.spec.state_name
+        raise TypeError(f"loop {self.key}: the call carries no hidden state (argument {s})")
+
+    def forward(self, *args, **kwargs):
+        extras = args[len(args) - self.n_extra:] if self.n_extra else ()
+        args = list(args[:len(args) - self.n_extra] if self.n_extra else args)
+        if self.modality_token is not None and not self.n_extra:  # module form: read while running
+            from loopify.nn.connectors import current_modality
+
+            extras = (current_modality(),)
+        where, s = self._state(args, kwargs)
+        box = args if where == "arg" else kwargs
+        capture = _capture_begin()
+        taps_prev: list[torch.Tensor] | None = None
+        out = None
+        index = 0
+        last_at: dict[int, torch.Tensor] = {}  # the latest state after each depth position
+        for i, step in enumerate(self.steps()):
+            if self.connector is not None and i > 0 and taps_prev is not None:
+                box[s] = self.connector(box[s], taps_prev, i, *extras)
+            taps: list[torch.Tensor] = []
+            for depth in step:
+                b = self.block_for_depth(depth)
+                token = _CURRENT.set(Depth(self.key, index, i, b, depth))
+                try:
+                    out = self.call_block(b, self.depth_overrides(depth), tuple(args), kwargs)
+                finally:
+                    _CURRENT.reset(token)
+                index += 1
+                box[s] = last_at[depth] = out[0] if isinstance(out, tuple) else out
+                taps.append(box[s])
+            taps_prev = taps
+        if capture is not None:
+            self._capture_end(capture, index, last_at, box[s])
+        if isinstance(out, tuple):  # a layer that returns (hidden, ...): the loop does too
+            return (box[s], *out[1:])
+        return box[s]
+
+    def _capture_end(self, capture, calls: int, last_at: dict, final) -> None:
+        """Hugging Face models collect hidden states by hooks on their layer classes, one entry
+        per layer call, and select them by position (``hidden_states[-1]``, a vision tower's
+        ``vision_feature_layer``). A loop stands for ``len(span_layers)`` layers whatever its
+        count: its entries are the state after each original depth position (the final output
+        for positions not run at this count, and for dropped layers)."""
+        hs, n0, sel = capture
+        appended = len(hs) - n0
+        keep = n0 + (1 if n0 == 0 and appended == calls + 1 else 0)  # the hooks' initial entry
+        del hs[keep:]
+        kept = {p: d for d, p in enumerate(self.spec.depth_paths)}
+        for path in self.spec.span_layers or self.spec.depth_paths:
+            d = kept.get(path)
+            x = last_at.get(d, final) if d is not None else final
+            hs.append(x if sel is None or len(hs) in sel else None)
+
+    def extra_repr(self) -> str:
+        sp = self.spec
+        return (f"mode={sp.mode}, sharing={sp.sharing}, layers={sp.layers}, blocks={sp.blocks}, "
+                f"loops={self.loops}/{sp.max_loops}")
+
+    # -- skeleton: what rebuilds the loop around fresh blocks -----------------------------------
+
+    def skeleton(self) -> dict:
+        """Everything but the weights: the spec, the per-depth tensors' names and shapes, the
+        LoRA scales and the connector's configuration (JSON-able)."""
+        return {"spec": self.spec.to_dict(), "loops": self.loops,
+                "depth_params": {k: list(p.shape) for k, p in self.depth_params.items()},
+                "lora": {k: {"A": list(self.lora_A[k].shape), "B": list(self.lora_B[k].shape),
+                             "scale": self.lora_scales.get(unkey(k), 1.0)} for k in self.lora_A.keys()},
+                "connector": None if self.connector is None else self.connector.config(),
+                "n_extra": self.n_extra, "modality_token": self.modality_token}
+
+    @classmethod
+    def from_skeleton(cls, blocks: Sequence[nn.Module], skel: dict) -> "Recursion":
+        """A loop with ``skel``'s structure around ``blocks``; per-depth tensors are allocated
+        uninitialised (the weights are loaded afterwards)."""
+        from loopify.nn.connectors import from_config
+
+        rec = cls(blocks, RecursionSpec.from_dict(skel["spec"]))
+        rec.loops = int(skel.get("loops", rec.spec.max_loops))
+        for k, shape in skel["depth_params"].items():
+            rec.depth_params[k] = nn.Parameter(torch.empty(shape))
+        for k, d in skel["lora"].items():
+            rec.lora_A[k] = nn.Parameter(torch.empty(d["A"]))
+            rec.lora_B[k] = nn.Parameter(torch.empty(d["B"]))
+            rec.lora_scales[unkey(k)] = float(d["scale"])
+        if skel.get("connector") is not None:
+            rec.connector = from_config(skel["connector"])
+        rec.n_extra = int(skel.get("n_extra", 0))
+        rec.modality_token = skel.get("modality_token")
+        return rec
+
+
+def _capture_begin():
+    """(hidden-state list, its length, selection) of Hugging Face's active output collector, or None."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - transformers not installed
+        return None
+    col = _active_collector.get()
+    if not col or "hidden_states" not in col:
+        return None
+    return col["hidden_states"], len(col["hidden_states"]), col.get("_hidden_states_layers")
+
+
+def key(name: str) -> str:
+    """ParameterDict keys may not contain dots."""
+    return name.replace(".", "__")
+
+
+def unkey(k: str) -> str:
+    return k.replace("__", ".")
+
+
+def recursions(module: nn.Module) -> dict[str, Recursion]:
+    """All loops in a module hierarchy, by module path."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, Recursion)}
+
+
+def set_loops(module: nn.Module, loops: int | Sequence[int] | None) -> None:
+    """Set the loop count of every loop (one int for all, or one per loop in path order)."""
+    loops_by = recursions(module)
+    if loops is None:
+        for r in loops_by.values():
+            r.loops = r.spec.max_loops
+        return
+    counts = [loops] * len(loops_by) if isinstance(loops, int) else list(loops)
+    if len(counts) != len(loops_by):
+        raise ValueError(f"{len(counts)} loop counts given for {len(loops_by)} loops")
+    for (name, r), n in zip(loops_by.items(), counts):
+        r.depth_schedule(n)  # validates
+        r.loops = n
