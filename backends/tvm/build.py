@@ -116,7 +116,13 @@ def back_pipeline(target, options: CompileOptions):
 
 def build_executable(staged: StagedModule, target: dict, options: CompileOptions,
                      work_dir: Path | None = None, timings: dict | None = None, device_record=None):
-    """Compile a staged Relax module to a ``tvm.relax.Executable``.
+    """Compile a staged Relax module to a ``tvm.relax.Executable`` (see :func:`build_executable_module`)."""
+    return build_executable_module(staged.mod, target, options, work_dir, timings)
+
+
+def build_executable_module(mod, target: dict, options: CompileOptions, work_dir: Path | None = None,
+                            timings: dict | None = None):
+    """Compile a Relax module to a ``tvm.relax.Executable``.
 
     The front passes run first and, with ``tune``, MetaSchedule tunes exactly their result and
     its database is applied to that same module (outside any pass: a build nested in a running
@@ -129,7 +135,7 @@ def build_executable(staged: StagedModule, target: dict, options: CompileOptions
     tgt = tvm.target.Target(target)
     try:
         with tgt:
-            mod = tvm.transform.Sequential(front_passes(tgt, options))(staged.mod)
+            mod = tvm.transform.Sequential(front_passes(tgt, options))(mod)
         if options.tune:
             from . import tuning
 

@@ -15,6 +15,7 @@ Two layers:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import operator
@@ -327,6 +328,16 @@ def _float_unary(relax_name: str | None):
     return convert
 
 
+def _sym_sum(node, importer):
+    """``torch.sym_sum(sizes)``: the sum of symbolic (or static) sizes, as the importer's ``add``
+    of sizes gives it."""
+    vals = [importer.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args[0]]
+    total = vals[0]
+    for v in vals[1:]:
+        total = total + v
+    return total
+
+
 def custom_convert_map() -> dict[str, Callable]:
     """Converters loopify adds to ``from_exported_program`` (keyed as the importer keys ops)."""
     return {
@@ -339,9 +350,105 @@ def custom_convert_map() -> dict[str, Callable]:
         "sym_not": _logical(operator.not_, "logical_not"),
         "index.Tensor": _index_tensor,
         "sym_size.int": _sym_size_int,
+        "sym_sum": _sym_sum,
         "reciprocal.default": _float_unary(None),
         **{f"{op}.default": _float_unary(op) for op in ("exp", "log", "sin", "cos", "tanh", "sigmoid", "rsqrt")},
     }
+
+
+@contextlib.contextmanager
+def _custom_ops_in_branches():
+    """TVM 0.27 imports ``cond`` branches without the custom converter set, so it calls loopify's
+    converters with the wrong signature there; remember the set on the importer and use it for
+    every graph it translates."""
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter as EPI
+
+    translate, update = EPI._translate_fx_graph, EPI.update_convert_map
+
+    def _update(self, custom):
+        self._loopify_custom = set(custom)
+        return update(self, custom)
+
+    def _translate(self, gm, nodes, inputs_vars, custom_ops=None):
+        return translate(self, gm, nodes, inputs_vars, custom_ops or getattr(self, "_loopify_custom", None))
+
+    branch = EPI._import_branch_subgraph
+    EPI.update_convert_map, EPI._translate_fx_graph = _update, _translate
+    EPI._import_branch_subgraph = _import_branch
+    try:
+        yield
+    finally:
+        EPI.update_convert_map, EPI._translate_fx_graph = update, translate
+        EPI._import_branch_subgraph = branch
+
+
+def _branch_params(operands, placeholders):
+    """Relax parameters of a ``cond`` branch: the operands' types with fresh symbolic variables,
+    substituted everywhere they occur (TVM 0.27 refreshes only the sizes that are bare
+    variables, so a size such as ``P + T`` kept the caller's variables and the build failed
+    with "PrimExpr P + T is not computed")."""
+    import tvm
+    from tvm import relax
+
+    fresh: dict = {}
+    for operand in operands:
+        ty = getattr(operand, "ty", None)
+        if isinstance(ty, relax.TensorType) and ty.shape is not None:
+            for d in ty.shape:
+                if tvm.ir.is_prim_var(d) and d not in fresh:
+                    fresh[d] = tvm.ir.Var(d.name, d.ty)
+    params = []
+    for ph, operand in zip(placeholders, operands):
+        ty = getattr(operand, "ty", None)
+        if isinstance(ty, relax.TensorType) and ty.shape is not None:
+            ty = relax.TensorType([_substitute(d, fresh) for d in ty.shape], ty.dtype)
+        elif ty is None:
+            ty = relax.AnyType()
+        params.append(relax.Var(ph.name, ty))
+    return params
+
+
+def _substitute(e, vmap: dict):
+    """``e`` (an integer size expression) with the variables of ``vmap`` replaced."""
+    import tvm
+    from tvm import tirx
+
+    if tvm.ir.is_prim_var(e):
+        return vmap.get(e, e)
+    binary = (tirx.Add, tirx.Sub, tirx.Mul, tirx.FloorDiv, tirx.FloorMod, tirx.Min, tirx.Max, tirx.Div, tirx.Mod)
+    if isinstance(e, binary):
+        return type(e)(_substitute(e.a, vmap), _substitute(e.b, vmap))
+    return e
+
+
+def _import_branch(self, graph_module, operands, name_hint):
+    """A ``cond`` branch as a Relax function of the module being built (see :func:`_branch_params`)."""
+    from tvm import relax
+
+    cache = self.__dict__.setdefault("_branch_cache", {})
+    if id(graph_module) in cache:
+        return cache[id(graph_module)]
+    count = self.__dict__.setdefault("_branch_counter", 0)
+    self._branch_counter = count + 1
+    name = f"{name_hint}_{count}"
+    nodes = list(graph_module.graph.nodes)
+    params = _branch_params(operands, [n for n in nodes if n.op == "placeholder"])
+    saved = self.env
+    self.env = dict(zip([n for n in nodes if n.op == "placeholder"], params))
+    try:
+        with self.block_builder.function(name=name, params=params, pure=not self._has_assert_async(graph_module)):
+            inner = self._translate_fx_graph(graph_module, nodes, {})
+            if isinstance(inner, (tuple, list)):
+                out = self.block_builder.emit(inner[0]) if len(inner) == 1 else relax.Tuple(
+                    [self.block_builder.emit(v) for v in inner])
+            else:
+                out = self.block_builder.emit(inner)
+            self.block_builder.emit_func_output(out)
+    finally:
+        self.env = saved
+    gv = self.block_builder.get().get_global_var(name)
+    cache[id(graph_module)] = gv
+    return gv
 
 
 def parameter_names(ep: torch.export.ExportedProgram) -> list[str]:
@@ -387,10 +494,11 @@ def import_program(ep: torch.export.ExportedProgram, *, keep_params_as_input: bo
     if assumptions is not None:
         assumptions.extend(assumed)
     try:
-        mod = from_exported_program(ep, keep_params_as_input=keep_params_as_input,
-                                    unwrap_unit_return_tuple=unwrap_unit_return_tuple,
-                                    custom_convert_map=custom_convert_map(),
-                                    run_ep_decomposition=False)
+        with _custom_ops_in_branches():
+            mod = from_exported_program(ep, keep_params_as_input=keep_params_as_input,
+                                        unwrap_unit_return_tuple=unwrap_unit_return_tuple,
+                                        custom_convert_map=custom_convert_map(),
+                                        run_ep_decomposition=False)
     except CompileError:
         raise
     except AssertionError as e:  # the importer reports unsupported ops by assertion

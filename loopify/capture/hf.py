@@ -368,24 +368,29 @@ def _load_transformers(path: Path, arch: str, config_dict: dict, seq_len: int | 
                        attn_implementation: str | None, batch: int = 1) -> HFModel:
     cls = _transformers_class(path, arch)
     config = _transformers_config(path, arch, cls)
-
-    requested = attn_implementation
-    impl = requested or ("sdpa" if getattr(cls, "_supports_sdpa", False) else "eager")
+    impl = attn_implementation or ("sdpa" if getattr(cls, "_supports_sdpa", False) else "eager")
     model = _from_pretrained(path, arch, cls, config, impl)
-    actual_impl = getattr(model.config, "_attn_implementation", None) or impl
+    return finish_model(path, arch, model, seq_len, attn_implementation, batch,
+                        reload=lambda impl_: _from_pretrained(path, arch, cls, config, impl_))
 
-    model_type = str(getattr(config, "model_type", config_dict.get("model_type", "")))
+
+def finish_model(path: Path, arch: str, model, seq_len: int | None, requested: str | None, batch: int,
+                 reload=None, tokenizer=None, info: dict | None = None) -> HFModel:
+    """Wrap a loaded transformers model for export: flags, example inputs (through ``tokenizer``
+    or the directory's own), output names, and the SDPA mask guard (``reload(impl)`` loads the
+    model again with another attention implementation when switching in place fails)."""
+    config = model.config
+    actual_impl = getattr(config, "_attn_implementation", None) or requested or "eager"
+    model_type = str(getattr(config, "model_type", ""))
     fwd_params = _forward_params(model)
     flags = {}
     if "use_cache" in fwd_params:
         flags["use_cache"] = False
     if "return_dict" in fwd_params:
         flags["return_dict"] = True
-
-    info: dict[str, Any] = {"num_parameters": _num_params(model), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-                            "source": "transformers"}
-    inputs, image_token_id = make_inputs(path, model, config, model_type, fwd_params, seq_len, info, batch)
-
+    info = {**(info or {}), "num_parameters": _num_params(model),
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "source": "transformers"}
+    inputs, image_token_id = make_inputs(path, model, config, model_type, fwd_params, seq_len, info, batch, tokenizer)
     # One eager forward: checks the inputs (HF verifies the image-token count) and names the outputs.
     try:
         with torch.no_grad():
@@ -396,7 +401,6 @@ def _load_transformers(path: Path, arch: str, config_dict: dict, seq_len: int | 
     if not output_names:
         raise HFLoadError(f"{path}: cannot tell which outputs of {arch} to export (got {type(out).__name__})")
     wrapper = ExportWrapper(model, output_names, flags).eval()
-
     # Guard against eager/export mask divergence (see module doc: the PaliGemma finding).
     if actual_impl == "sdpa" and requested is None:
         diff = mask_skip_changes_output(wrapper, inputs)
@@ -404,7 +408,9 @@ def _load_transformers(path: Path, arch: str, config_dict: dict, seq_len: int | 
             try:
                 model.set_attn_implementation("eager")
             except Exception:
-                model = _from_pretrained(path, arch, cls, config, "eager")
+                if reload is None:
+                    raise
+                model = reload("eager")
                 wrapper = ExportWrapper(model, output_names, flags).eval()
             actual_impl = getattr(model.config, "_attn_implementation", "eager")
             info["attn_fallback"] = (f"sdpa skips the attention mask in eager mode but not under torch.export, "

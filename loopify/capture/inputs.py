@@ -326,3 +326,50 @@ def _ordered(inputs: dict, fwd_params: list[str]) -> dict:
     return dict(sorted(inputs.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
+
+
+def image_first(model_type: str) -> bool:
+    """Whether the family puts the image tokens before BOS and the prompt (PaliGemma)."""
+    return model_type in _IMAGE_FIRST
+
+
+class ImageReader:
+    """Images to pixel values of a model's input shape: through the directory's image processor
+    when it has one (``preprocessor_config.json``), else resized to the input size and scaled to
+    [-1, 1] (the note says so)."""
+
+    def __init__(self, source: Path | None):
+        self.source = Path(source) if source is not None else None
+        self.proc = None
+
+    def pixels(self, path: Path, like: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+        try:
+            from PIL import Image
+        except ImportError:
+            raise InputsError(f"{path}: reading images needs Pillow (pip install pillow)") from None
+        try:
+            img = Image.open(path).convert("RGB")
+        except Exception as e:  # noqa: BLE001
+            raise InputsError(f"{path}: cannot read the image ({type(e).__name__})") from None
+        h, w = like.shape[-2:]
+        if self.proc is None and self.source is not None and (self.source / "preprocessor_config.json").is_file():
+            try:
+                from transformers import AutoImageProcessor
+
+                self.proc = AutoImageProcessor.from_pretrained(str(self.source), local_files_only=True)
+            except Exception as e:  # noqa: BLE001
+                raise InputsError(f"{self.source}: cannot load its image processor ({type(e).__name__})") from None
+        if self.proc is not None:
+            px = self.proc(images=img, return_tensors="pt")["pixel_values"]
+            if px.numel() != like.numel():
+                raise InputsError(f"{path}: the image processor makes pixel values of shape {tuple(px.shape)}, the "
+                                  f"model takes {tuple(like.shape)}")
+            return px.reshape(like.shape).to(like.dtype), None
+        img = img.resize((int(w), int(h)), Image.BICUBIC)
+        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(int(h), int(w), 3)
+        x = x.permute(2, 0, 1).float() / 127.5 - 1
+        ch = like.shape[-3]
+        if ch != 3:
+            x = x.mean(0, keepdim=True).expand(ch, -1, -1)
+        note = f"no image processor in {self.source}: images resized to {h}x{w} and scaled to [-1, 1]"
+        return x.reshape(like.shape).to(like.dtype), note

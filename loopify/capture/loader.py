@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def sniff(path: Path) -> str:
     """Tell what a model path holds, by content.
 
-    Returns one of ``hf-dir``, ``export-archive``, ``torchscript``, ``torch-save``,
+    Returns one of ``hf-dir``, ``gguf``, ``export-archive``, ``torchscript``, ``torch-save``,
     ``legacy-pickle``; raises :class:`CaptureError` for anything else.
     """
     if not path.exists():
@@ -71,7 +71,9 @@ def sniff(path: Path) -> str:
         raise CaptureError(f"{path}: zip archive that is neither a torch.export archive nor a torch.save file")
     if head[:1] == b"\x80":
         return "legacy-pickle"
-    raise CaptureError(f"{path}: unrecognised file format (expected a torch.export archive, a torch.save file or a Hugging Face directory)")
+    if head == b"GGUF":
+        return "gguf"
+    raise CaptureError(f"{path}: unrecognised file format (expected a torch.export archive, a GGUF file, a torch.save file or a Hugging Face directory)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +154,7 @@ def load(path: str | Path, *, inputs: str | Path | None = None, trust_pickle: bo
     path = Path(path)
     kind = sniff(path)
     user_inputs = load_inputs(inputs) if inputs is not None else None
-    if batch is not None and batch != 1 and (kind != "hf-dir" or user_inputs is not None):
+    if batch is not None and batch != 1 and (kind not in ("hf-dir", "gguf") or user_inputs is not None):
         raise CaptureError(f"{path}: a batch size applies to the dummy inputs loopify builds for Hugging Face "
                            "directories; for other models give batched example inputs with --inputs")
 
@@ -166,11 +168,16 @@ def load(path: str | Path, *, inputs: str | Path | None = None, trust_pickle: bo
             raise CaptureError(f"{path}: the archive carries no example inputs; pass --inputs FILE")
         return Captured(program, tuple(args), dict(kwargs), path, "export-archive", info=info)
 
-    if kind == "hf-dir":
-        from loopify.capture import hf  # transformers is imported only for HF directories
+    if kind in ("hf-dir", "gguf"):
+        from loopify.capture import hf  # transformers is imported only for these
 
         try:
-            model = hf.load_hf_dir(path, seq_len=seq_len, attn_implementation=attn_implementation, batch=batch)
+            if kind == "gguf":
+                from loopify.capture import gguf
+
+                model = gguf.load(path, seq_len=seq_len, attn_implementation=attn_implementation, batch=batch)
+            else:
+                model = hf.load_hf_dir(path, seq_len=seq_len, attn_implementation=attn_implementation, batch=batch)
         except hf.HFLoadError as e:
             raise CaptureError(str(e)) from None
         args, kwargs = user_inputs if user_inputs is not None else ((), dict(model.inputs))
@@ -178,7 +185,7 @@ def load(path: str | Path, *, inputs: str | Path | None = None, trust_pickle: bo
         info = {"architecture": model.architecture, "model_type": model.model_type,
                 "attn_implementation": model.attn_implementation, "output_names": list(model.output_names),
                 "image_token_id": model.image_token_id, **model.info}
-        cap = Captured(program, tuple(args), dict(kwargs), path, "hf-dir", eager=model.module, info=info)
+        cap = Captured(program, tuple(args), dict(kwargs), path, kind, eager=model.module, info=info)
         cap.export_check = check_export(model.module, program, cap.args, cap.kwargs)
         return _finish_check(cap, allow_export_mismatch)
 

@@ -64,13 +64,15 @@ class RecursionSpec:
 
 class Depth(NamedTuple):
     """The depth position a loop is running: which loop, the execution index within this call
-    (0.. over the schedule), the recursion step, the block and the original depth."""
+    (0.. over the schedule), the recursion step, the block, the original depth, and the
+    recursion of the block (how many times this call ran the block before)."""
 
     loop: str
     index: int
     step: int
     block: int
     depth: int
+    recursion: int = 0
 
 
 _CURRENT = contextvars.ContextVar("loopify_depth", default=None)
@@ -179,7 +181,27 @@ class Recursion(nn.Module):
         return out
 
     def depth_overrides(self, depth: int) -> dict[str, torch.Tensor]:
+        if not torch.is_grad_enabled() and self.lora_A and not _tracing():
+            return self._merged(depth)
         return self.overrides(self.block_for_depth(depth), lambda stacked: stacked[depth])
+
+    def _merged(self, depth: int) -> dict[str, torch.Tensor]:
+        """Inference (no autograd): each depth's merged weights ``W + s * B @ A``, computed once and
+        kept until a weight they come from changes (their tensor versions are the key). Merging
+        at every call costs a rank-r matmul per matrix and depth: at full rank it made decoding
+        20x slower than the original model."""
+        cache = self.__dict__.setdefault("_merged_cache", {})
+        b = self.block_for_depth(depth)
+        tensors = [t for ps in (self.blocks[b].parameters(), self.lora_A.values(), self.lora_B.values(),
+                                self.depth_params.values()) for t in ps]
+        version = tuple((id(t), t._version) for t in tensors)
+        hit = cache.get(depth)
+        if hit is None or hit[0] != version:
+            with torch.no_grad():
+                hit = (version, {k: v.detach() for k, v in
+                                 self.overrides(b, lambda stacked: stacked[depth]).items()})
+            cache[depth] = hit
+        return hit[1]
 
     def overrides(self, block_index: int, pick) -> dict[str, torch.Tensor]:
         """Per-depth parameter overrides for block ``block_index``; ``pick`` takes one depth's
@@ -225,18 +247,20 @@ class Recursion(nn.Module):
         out = None
         index = 0
         last_at: dict[int, torch.Tensor] = {}  # the latest state after each depth position
+        runs = [0] * len(self.blocks)  # recursions of each block so far
         for i, step in enumerate(self.steps()):
             if self.connector is not None and i > 0 and taps_prev is not None:
                 box[s] = self.connector(box[s], taps_prev, i, *extras)
             taps: list[torch.Tensor] = []
             for depth in step:
                 b = self.block_for_depth(depth)
-                token = _CURRENT.set(Depth(self.key, index, i, b, depth))
+                token = _CURRENT.set(Depth(self.key, index, i, b, depth, runs[b]))
                 try:
                     out = self.call_block(b, self.depth_overrides(depth), tuple(args), kwargs)
                 finally:
                     _CURRENT.reset(token)
                 index += 1
+                runs[b] += 1
                 box[s] = last_at[depth] = out[0] if isinstance(out, tuple) else out
                 taps.append(box[s])
             taps_prev = taps
@@ -298,6 +322,14 @@ class Recursion(nn.Module):
         rec.n_extra = int(skel.get("n_extra", 0))
         rec.modality_token = skel.get("modality_token")
         return rec
+
+
+def _tracing() -> bool:
+    """Under torch.export / torch.compile: no Python-side caches (the merge must be in the graph)."""
+    try:
+        return bool(torch.compiler.is_compiling()) or bool(torch.compiler.is_exporting())
+    except AttributeError:  # pragma: no cover - older torch
+        return False
 
 
 def _capture_begin():

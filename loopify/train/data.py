@@ -128,7 +128,7 @@ class Encoder:
             vocab = self._vocab(captured, cfg)
             if vocab is not None and len(self.hf_tok) > vocab:
                 raise TrainError(f"{tok_dir}: tokenizer has {len(self.hf_tok)} ids, the model's vocabulary only {vocab}")
-        self.image_proc = None
+        self.images = None
         self.image_note_done = False
 
     # -- tokenisers --------------------------------------------------------------------------
@@ -198,38 +198,18 @@ class Encoder:
         return out
 
     def _pixels(self, path: Path, like: torch.Tensor) -> torch.Tensor:
-        try:
-            from PIL import Image
-        except ImportError:
-            raise TrainError(f"{path}: reading images needs Pillow (pip install pillow)") from None
-        try:
-            img = Image.open(path).convert("RGB")
-        except Exception as e:  # noqa: BLE001
-            raise TrainError(f"{path}: cannot read the image ({type(e).__name__})") from None
-        h, w = like.shape[-2:]
-        if self.image_proc is None and (self.source / "preprocessor_config.json").is_file():
-            try:
-                from transformers import AutoImageProcessor
+        from loopify.capture.inputs import ImageReader, InputsError
 
-                self.image_proc = AutoImageProcessor.from_pretrained(str(self.source), local_files_only=True)
-            except Exception as e:  # noqa: BLE001
-                raise TrainError(f"{self.source}: cannot load its image processor ({type(e).__name__})") from None
-        if self.image_proc is not None:
-            px = self.image_proc(images=img, return_tensors="pt")["pixel_values"]
-            if px.numel() != like.numel():
-                raise TrainError(f"{path}: the image processor makes pixel values of shape {tuple(px.shape)}, the "
-                                 f"captured model takes {tuple(like.shape)}")
-            return px.reshape(like.shape).to(like.dtype)
-        if not self.image_note_done:
-            self.notes.append(f"no image processor in {self.source}: images resized to {h}x{w} and scaled to [-1, 1]")
+        if self.images is None:
+            self.images = ImageReader(self.source)
+        try:
+            px, note = self.images.pixels(path, like)
+        except InputsError as e:
+            raise TrainError(str(e)) from None
+        if note and not self.image_note_done:
+            self.notes.append(note)
             self.image_note_done = True
-        img = img.resize((int(w), int(h)), Image.BICUBIC)
-        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(int(h), int(w), 3)
-        x = x.permute(2, 0, 1).float() / 127.5 - 1
-        ch = like.shape[-3]
-        if ch != 3:
-            x = x.mean(0, keepdim=True).expand(ch, -1, -1)
-        return x.reshape(like.shape).to(like.dtype)
+        return px
 
 
 def _padded(ids: list[int], n: int, pad: int, dtype) -> torch.Tensor:

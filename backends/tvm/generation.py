@@ -1,0 +1,81 @@
+"""Generation artifacts: the decode step compiled as ``prefill`` and ``decode`` entry points.
+
+The step program (:func:`loopify.generate.export.export_step`: symbolic token count T and past
+length P, KV tensors in and out, each loop's count an input) is imported once; two copies are
+specialised by binding a symbolic size (``BindSymbolicVars``, in the step and in every ``cond``
+branch it calls, whose heavy work it is):
+
+* ``prefill``: P = 0, T symbolic (a prompt of any length up to the maximum context);
+* ``decode``: T = 1, P symbolic (one token against a cache of any length): matrix-vector shaped.
+
+Each is built into its own library (``prefill.so``, ``decode.so``) over one parameter file, so
+the schedules see the shapes they serve.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import CompileError
+
+LIBRARIES = {"prefill": "prefill.so", "decode": "decode.so"}
+
+
+def symbol_names(ep: torch.export.ExportedProgram) -> tuple[str, str]:
+    """(T, P): the symbols of the step's token count and past length, off its placeholders."""
+    shapes = {n.name: n.meta["val"].shape for n in ep.graph.nodes if n.op == "placeholder"}
+    return str(shapes["input_ids"][1]), str(shapes["past_k"][3])
+
+
+def specialise(mod, binds: dict):
+    """A copy of ``mod`` with the symbolic sizes of ``binds`` (name -> value) bound in every
+    Relax function (the step and its branches)."""
+    import tvm
+    from tvm import relax
+
+    funcs = {}
+    for gv, f in mod.functions.items():
+        if isinstance(f, relax.Function):
+            f = relax.utils.copy_with_new_vars(f)
+        funcs[gv] = f
+    out = tvm.IRModule(funcs)
+    for gv, f in list(out.functions.items()):
+        if isinstance(f, relax.Function) and binds:
+            out = relax.transform.BindSymbolicVars(binds, gv.name_hint)(out)
+    return out
+
+
+def import_step(ep: torch.export.ExportedProgram):
+    """The step as a Relax module (``main`` and its ``cond`` branches) and its parameter names."""
+    from .importer import import_program, parameter_names
+
+    mod = import_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=False)
+    return mod, parameter_names(ep)
+
+
+def build_entries(ep: torch.export.ExportedProgram, target: dict, options, timings: dict) -> dict:
+    """{entry: tvm.relax.Executable} for prefill and decode."""
+    import tvm
+
+    from .build import build_executable_module
+
+    mod, pnames = import_step(ep)
+    t_sym, p_sym = symbol_names(ep)
+    out = {}
+    for name, binds in (("prefill", {p_sym: 0}), ("decode", {t_sym: 1})):
+        t = time.time()
+        spec = specialise(mod, binds)
+        main = spec["main"].with_attr("global_symbol", "main")
+        spec = tvm.IRModule({**{gv: f for gv, f in spec.functions.items() if gv.name_hint != "main"},
+                             spec.get_global_var("main"): main})
+        try:
+            out[name] = build_executable_module(spec, target, options)
+        except CompileError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise CompileError(f"building {name} failed: {type(e).__name__}: {str(e).splitlines()[-1][:300]}") from e
+        timings[f"{name}_build_s"] = round(time.time() - t, 1)
+    return out, pnames

@@ -1,0 +1,52 @@
+"""Decoding in PyTorch: the model's own code with loopify's loop cache.
+
+Works for an original Hugging Face model (its layers keep their index slots) and for a converted
+one in module form (each executed depth of a loop gets its slot by the KV policy).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from loopify.generate.cache import LoopCache
+
+
+def _logits(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    return out["logits"] if isinstance(out, dict) else out[0]
+
+
+class EagerDecoder:
+    """``prefill`` / ``decode`` / ``kv_bytes`` (see :mod:`loopify.generate.engine`) for a wrapped
+    model (:class:`loopify.capture.hf.ExportWrapper`)."""
+
+    def __init__(self, wrapper, policy: str = "per-depth"):
+        self.wrapper = wrapper
+        self.policy = policy
+        self.cache: LoopCache | None = None
+        params = inspect.signature(wrapper.model.forward).parameters
+        self.takes = set(params)
+        self.token_types = "token_type_ids" in self.takes
+
+    def _run(self, inputs: dict) -> torch.Tensor:
+        inputs = {k: v for k, v in inputs.items() if k in self.takes}
+        out = self.wrapper.run_model(inputs, use_cache=True, cache=self.cache)
+        return _logits(out)[:, -1]
+
+    def prefill(self, batch: dict) -> torch.Tensor:
+        self.cache = LoopCache(self.policy)
+        if self.token_types and "token_type_ids" not in batch:
+            batch = {**batch, "token_type_ids": torch.zeros_like(batch["input_ids"])}
+        return self._run(batch)
+
+    def decode(self, ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        inputs = {"input_ids": ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if self.token_types:  # generated tokens are the suffix of prefix-LM models
+            inputs["token_type_ids"] = torch.ones_like(ids)
+        return self._run(inputs)
+
+    def kv_bytes(self) -> int:
+        return self.cache.nbytes() if self.cache is not None else 0

@@ -1,0 +1,316 @@
+"""The decode step as one exportable program: explicit KV tensors in and out, a symbolic token
+count and past length, and each loop's count as an input.
+
+``Step(wrapper, layout)`` is a module whose ``forward(input_ids [B, T], attention_mask [B, P+T],
+position_ids [B, T], past_k [S, B, H, P, D], past_v, loops [n_loops] int64) -> (logits [B, T, V],
+new_k [S, B, H, T, D], new_v)`` runs the model's own code. Its cache (:class:`ExportKV`) reads slot
+``i`` of ``past_k`` and records the new tokens' keys and values per slot (the importer drops
+in-place writes, so they are outputs). The S slots are laid out by :func:`layout`: the attention
+layers outside loops, then each loop's slots under the KV policy.
+
+A loop is unrolled to its maximum count, each recursion step under ``torch.cond(step < n, ...)``
+with the step's slots and the loop's carry as explicit operands, so the compiled program takes
+the loop count at run time (TVM imports ``cond`` as ``relax.If``) and stores the shared weights
+once. A step that does not run leaves its hidden state and writes zero keys (never read: those
+slots belong to depths that did not run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.utils._pytree as pytree
+from transformers.cache_utils import Cache
+
+from loopify.nn import kv
+from loopify.nn.recursion import _CURRENT, Depth, Recursion, recursions
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each cache slot lives in the stacked KV tensors."""
+
+    outside: tuple[int, ...]                 # layer indices of attention layers outside loops
+    loops: tuple[tuple[str, int, int], ...]  # (loop key, first slot, slots) in model order
+    policy: str
+
+    @property
+    def slots(self) -> int:
+        return len(self.outside) + sum(n for _, _, n in self.loops)
+
+    def index(self, key: tuple) -> int:
+        if key[0] == "layer":
+            return self.outside.index(key[1])
+        for loop, first, n in self.loops:
+            if loop == key[1]:
+                return first + key[2]
+        raise KeyError(key)
+
+    def to_dict(self) -> dict:
+        return {"outside": list(self.outside), "loops": [list(l) for l in self.loops], "policy": self.policy,
+                "slots": self.slots}
+
+
+def layout(module, policy: str, outside: list[int]) -> Layout:
+    """The slot layout of a model: ``outside`` = the layer indices of its attention layers that
+    are not in loops (as the attention modules' ``layer_idx`` says); each loop then has a slot per
+    depth it runs at its maximum count (per-depth) or per block (shared policies)."""
+    loops, first = [], len(outside)
+    for rec in recursions(module).values():
+        n = len(rec.depth_schedule(rec.spec.max_loops)) if policy == "per-depth" else len(rec.blocks)
+        loops.append((rec.key, first, n))
+        first += n
+    return Layout(tuple(outside), tuple(loops), policy)
+
+
+class ExportKV(Cache):
+    """Explicit KV for export: slot ``i`` reads ``past[i]``; the new tokens' entries per slot
+    are kept in ``new`` (index -> (keys, values)) to be returned."""
+
+    def __init__(self, past_k: torch.Tensor, past_v: torch.Tensor, lay: Layout, index_of=None, plan=None):
+        super().__init__(layers=[])
+        self.past_k, self.past_v, self.lay = past_k, past_v, lay
+        self.new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.index_of = index_of or lay.index
+        # Inside a cond branch the slots come in call order (the branch is traced by dynamo,
+        # which cannot follow the loop's context variable): one attention call per depth.
+        self.plan = list(plan) if plan is not None else None
+        self.calls = 0
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self.plan is not None:
+            where = self.plan[self.calls]
+            self.calls += 1
+        else:
+            where = kv.slot(self.lay.policy, _CURRENT.get(), layer_idx)
+        i = self.index_of(where.key)
+        pk, pv = self.past_k[i], self.past_v[i]
+        if where.mode == "read":
+            k, v = self.new[i]
+            return torch.cat([pk, k], -2), torch.cat([pv, v], -2)
+        self.new[i] = (key_states, value_states)
+        return torch.cat([pk, key_states], -2), torch.cat([pv, value_states], -2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.past_k.shape[-2]
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.past_k.shape[-2] + query_length, 0
+
+    def stacked(self, t: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[S, B, H, T, D] keys and values of the new tokens (zeros for slots nothing wrote)."""
+        b, h, _, d = like.shape[1:]
+        zero = like.new_zeros((b, h, t, d))
+        ks = [self.new.get(i, (zero, zero))[0] for i in range(self.lay.slots)]
+        vs = [self.new.get(i, (zero, zero))[1] for i in range(self.lay.slots)]
+        return torch.stack(ks), torch.stack(vs)
+
+
+_COUNTS: dict = {}
+
+
+@contextlib.contextmanager
+def _unrolled(module, counts: dict[str, torch.Tensor]):
+    """Run every loop of ``module`` as its unrolled, cond-guarded form while exporting."""
+    loops = recursions(module)
+    saved = {}
+    try:
+        for rec in loops.values():
+            saved[id(rec)] = rec.__dict__.get("forward")
+            rec.forward = _cond_forward.__get__(rec)
+        _COUNTS.clear()
+        _COUNTS.update(counts)
+        yield
+    finally:
+        for rec in loops.values():
+            if saved[id(rec)] is None:
+                rec.__dict__.pop("forward", None)
+            else:
+                rec.forward = saved[id(rec)]
+        _COUNTS.clear()
+
+
+def _groups(rec: Recursion) -> list[list[Depth]]:
+    """The loop's depths at its maximum count, in order, cut where the guard changes: a depth
+    runs at count n iff its block's recursion index is below n (cycle: its step; sequence: its
+    repetition; middle-*: the first and last layers always), so consecutive depths with the same
+    recursion index share one ``cond``."""
+    out: list[list[Depth]] = []
+    runs = [0] * len(rec.blocks)
+    steps = rec.steps(rec.spec.max_loops)
+    index = 0
+    for i, step in enumerate(steps):
+        for depth in step:
+            b = rec.block_for_depth(depth)
+            d = Depth(rec.key, index, i, b, depth, runs[b])
+            index += 1
+            runs[b] += 1
+            if out and out[-1][-1].recursion == d.recursion and out[-1][-1].step == d.step:
+                out[-1].append(d)
+            else:
+                out.append([d])
+    return out
+
+
+def _cond_forward(rec: Recursion, *args, **kwargs):
+    """``rec.forward`` unrolled over its maximum count, each group of depths under
+    ``cond(recursion < n)`` with its KV slots as explicit operands."""
+    if rec.connector is not None:
+        raise NotImplementedError(f"loop {rec.key}: compiled generation of loops with connectors is not "
+                                  "supported yet; generate in PyTorch (the .pt2)")
+    cache: ExportKV = kwargs["cache"]
+    n = _COUNTS[rec.key]
+    where, s = rec._state(list(args), kwargs)
+    h = args[s] if where == "arg" else kwargs[s]
+    leaves, spec = pytree.tree_flatten((list(args), {k: v for k, v in kwargs.items() if k != "cache"}))
+    tensor_at = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x is not h]
+    side = [leaves[i] for i in tensor_at]
+    for group in _groups(rec):
+        slots = [kv.slot(cache.lay.policy, d, 0) for d in group]
+        idx = sorted({cache.index_of(sk.key) for sk in slots})
+        if idx != list(range(idx[0], idx[-1] + 1)):
+            raise ValueError(f"loop {rec.key}: the slots of one step are not contiguous ({idx})")
+        reads = sorted({cache.index_of(sk.key) for sk in slots if sk.mode == "read"})
+        ops = (h, *side, cache.past_k[idx[0]:idx[-1] + 1], cache.past_v[idx[0]:idx[-1] + 1],
+               *[cache.new[j][0] for j in reads], *[cache.new[j][1] for j in reads])
+        ctx = (rec, group, idx, reads, leaves, spec, tensor_at, where, s, cache)
+        h, nk, nv = torch.cond(n > group[0].recursion, _Run(ctx), _Skip(len(side), len(idx)), ops)
+        for q, j in enumerate(idx):
+            if j not in reads:
+                cache.new[j] = (nk[q], nv[q])
+    return h
+
+
+class _Run:
+    """The true branch: the group's depths, with a cache over the group's slots."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def __call__(self, h, *rest):
+        rec, group, idx, reads, leaves, spec, tensor_at, where, s, cache = self.ctx
+        side = rest[:len(tensor_at)]
+        pk, pv = rest[len(tensor_at)], rest[len(tensor_at) + 1]
+        prev = rest[len(tensor_at) + 2:]
+        base = idx[0]
+        plan = [kv.slot(cache.lay.policy, d, 0) for d in group]
+        local = ExportKV(pk, pv, cache.lay, index_of=lambda key: cache.index_of(key) - base, plan=plan)
+        for j, k_, v_ in zip(reads, prev[:len(reads)], prev[len(reads):]):
+            local.new[j - base] = (k_, v_)
+        lv = list(leaves)
+        for pos, t in zip(tensor_at, side):
+            lv[pos] = t
+        a, kw = pytree.tree_unflatten(lv, spec)
+        kw = {**kw, "cache": local}
+        box = a if where == "arg" else kw
+        box[s] = h
+        for d in group:
+            out = rec.call_block(d.block, rec.overrides(d.block, lambda st, dd=d.depth: st[dd]), tuple(a), kw)
+            box[s] = out[0] if isinstance(out, tuple) else out
+        zero = pk.new_zeros((pk.shape[1], pk.shape[2], h.shape[-2], pk.shape[4]))
+        got = [local.new.get(j - base) for j in idx]
+        return (box[s], torch.stack([g[0] if g is not None else zero for g in got]),
+                torch.stack([g[1] if g is not None else zero for g in got]))
+
+
+class _Skip:
+    """The false branch: the hidden state unchanged, zero keys for the group's slots."""
+
+    def __init__(self, n_side: int, n_slots: int):
+        self.n_side, self.n_slots = n_side, n_slots
+
+    def __call__(self, h, *rest):
+        pk = rest[self.n_side]
+        zero = pk.new_zeros((self.n_slots, pk.shape[1], pk.shape[2], h.shape[-2], pk.shape[4]))
+        return h.clone(), zero, zero.clone()
+
+
+class Step(torch.nn.Module):
+    """The decode step (see the module docstring) of a wrapped model (an ExportWrapper)."""
+
+    def __init__(self, wrapper, lay: Layout, logits_last: bool = False):
+        super().__init__()
+        self.wrapper = wrapper
+        self.lay = lay
+        self.keys = [k for k, _, _ in lay.loops]
+        self.logits_last = logits_last
+
+    def forward(self, input_ids, attention_mask, position_ids, past_k, past_v, loops, **extra):
+        torch._check(attention_mask.shape[1] == past_k.shape[3] + input_ids.shape[1])
+        cache = ExportKV(past_k, past_v, self.lay)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **extra}
+        with _unrolled(self.wrapper, {k: loops[j] for j, k in enumerate(self.keys)}):
+            out = self.wrapper.run_model(inputs, use_cache=True, cache=cache)
+        logits = out if isinstance(out, torch.Tensor) else out["logits"]
+        if self.logits_last:
+            logits = logits[:, -1:]
+        new_k, new_v = cache.stacked(input_ids.shape[1], past_k)
+        return logits, new_k, new_v
+
+
+def outside_layers(wrapper, inputs: dict) -> list[int]:
+    """The layer indices of the attention layers outside loops: the slots a loop cache opens
+    for layer indices on one run."""
+    from loopify.generate.cache import LoopCache
+
+    cache = LoopCache()
+    ids = inputs["input_ids"][:1, :4]
+    with torch.no_grad():
+        wrapper.run_model({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, use_cache=True, cache=cache)
+    return sorted(k[1] for k in cache.index if k[0] == "layer")
+
+
+@dataclass
+class Exported:
+    """The exported decode step and what its inputs are."""
+
+    program: torch.export.ExportedProgram
+    layout: Layout
+    heads: int
+    head_dim: int
+    vocab: int
+    loops: list[dict]
+    max_context: int
+    example: tuple
+
+
+def kv_shape(wrapper, inputs: dict, lay: Layout) -> tuple[int, int]:
+    """(KV heads, head dim) of the model's attention, read off one prefill's cache."""
+    from loopify.generate.cache import LoopCache
+
+    cache = LoopCache(lay.policy)
+    ids = inputs["input_ids"][:1, :2]
+    with torch.no_grad():
+        wrapper.run_model({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, use_cache=True, cache=cache)
+    k = cache.layers[0].keys
+    return int(k.shape[1]), int(k.shape[3])
+
+
+def export_step(wrapper, inputs: dict, policy: str, max_context: int) -> Exported:
+    """torch.export of the decode step (see :class:`Step`) with symbolic token count T in
+    [1, max_context] and past length P in [0, max_context - 1] (one program serves prefill and
+    decode: the compiler binds T = 1 or P = 0 to specialise), batch 1."""
+    from torch.export import Dim
+
+    from loopify.nn import recursions
+
+    lay = layout(wrapper, policy, outside_layers(wrapper, inputs))
+    heads, hd = kv_shape(wrapper, inputs, lay)
+    step = Step(wrapper, lay).eval()
+    loops = [{"key": r.key, "min": 0 if r.deepen else 1, "max": r.spec.max_loops, "default": r.loops}
+             for r in recursions(wrapper).values()]
+    t, p = 3, 5  # example sizes >= 2: export specialises 0 and 1
+    vocab_ids = inputs["input_ids"][0]
+    ids = vocab_ids[:t].reshape(1, t) if vocab_ids.numel() >= t else vocab_ids.repeat(t)[:t].reshape(1, t)
+    example = (ids, torch.ones(1, p + t, dtype=torch.long), torch.arange(p, p + t).reshape(1, t),
+               torch.zeros(lay.slots, 1, heads, p, hd), torch.zeros(lay.slots, 1, heads, p, hd),
+               torch.tensor([max(1, l["default"]) for l in loops], dtype=torch.long))
+    T, P = Dim("T", min=1, max=max_context), Dim("P", min=0, max=max_context - 1)
+    ds = ({1: T}, {1: Dim.AUTO}, {1: T}, {3: P}, {3: P}, None)
+    with torch.no_grad():
+        ep = torch.export.export(step, example, dynamic_shapes=ds, strict=False)
+    with torch.no_grad():
+        logits = step(*example)[0]
+    return Exported(ep, lay, heads, hd, int(logits.shape[-1]), loops, max_context, example)
