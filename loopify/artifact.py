@@ -118,17 +118,34 @@ def read_manifest(path, *, verify: bool = True) -> dict:
         raise ArtifactError(f"{mpath}: artifact version {manifest.get('version')!r}, this loopify "
                             f"reads version {VERSION}; rebuild the artifact")
     files = manifest.get("files")
-    if not isinstance(files, dict) or LIBRARY not in files or PARAMS not in files:
-        raise ArtifactError(f"{mpath}: manifest lists no {LIBRARY} / {PARAMS}")
+    needed = libraries(manifest) + [PARAMS]
+    if not isinstance(files, dict) or any(n not in files for n in needed):
+        raise ArtifactError(f"{mpath}: manifest lists no {' / '.join(needed)}")
     if verify:
         for name, digest in files.items():
-            p = root / name
+            p = inside(root, name, mpath)
             if not p.is_file():
                 raise ArtifactError(f"{root}: file {name} listed in the manifest is missing")
             if sha256_file(p) != digest:
                 raise ArtifactError(f"{root}: {name} is corrupt or was modified "
                                     f"(sha256 does not match the manifest)")
     return manifest
+
+
+def libraries(manifest: dict) -> list[str]:
+    """The compiled libraries an artifact holds: ``lib.so`` (one forward at fixed shapes), or a
+    generation artifact's ``prefill.so`` and ``decode.so``."""
+    entries = (manifest.get("generation") or {}).get("entries")
+    return list(entries.values()) if entries else [LIBRARY]
+
+
+def inside(root: Path, name: str, manifest_path: Path) -> Path:
+    """``root / name``, refused when the manifest's entry is absolute or leaves the directory
+    (a manifest must never make the loader read elsewhere)."""
+    p = (root / name).resolve()
+    if Path(name).is_absolute() or root.resolve() not in p.parents:
+        raise ArtifactError(f"{manifest_path}: file entry {name!r} is not a file inside the artifact")
+    return p
 
 
 def loop_counts(manifest: dict, loops) -> list[int]:

@@ -296,19 +296,26 @@ def _loops_option(value):
 @click.option("--schedule", type=click.Choice(["loopify", "dlight", "none"]), default="loopify", show_default=True,
               help="CPU schedule rules (none: TVM's default pipeline, for comparison).")
 @click.option("--no-validate", is_flag=True, help="Skip running the host artifact against PyTorch.")
+@click.option("--max-context", type=click.IntRange(min=2), default=None,
+              help="Compile for generation: prefill and decode entry points for prompts up to this many tokens "
+                   "(prompt and generated together).")
+@click.option("--kv-policy", type=click.Choice(["per-depth", "share-first", "last"]), default="per-depth",
+              show_default=True, help="With --max-context: the KV cache slots of loops.")
 @capture_options
-def compile_cmd(model, out, target, arch, mcpu, tune, trials, tuning_db, rpc, schedule, no_validate, inputs,
-                trust_pickle, allow_export_mismatch, seq_len, batch):
+def compile_cmd(model, out, target, arch, mcpu, tune, trials, tuning_db, rpc, schedule, no_validate, max_context,
+                kv_policy, inputs, trust_pickle, allow_export_mismatch, seq_len, batch):
     """Compile MODEL (any model `convert` takes, or its OUT.pt2) with TVM into an artifact directory:
     lib.so, params.safetensors (shared weights once), manifest.json. A converted model compiles into
     a prologue, a loop body per loop and an epilogue; the loop count is a run-time argument."""
     from loopify.compile import compile_model
 
+    gen = f" generation: max_context={max_context} kv_policy={kv_policy}" if max_context else ""
     click.echo(f"compile {model} -> {out}: target={target} arch={arch or '-'} mcpu={mcpu or '-'} schedule={schedule} "
-               f"tune={tune} trials={trials if tune else '-'} tuning_db={tuning_db or '-'} rpc={rpc or '-'}", err=True)
+               f"tune={tune} trials={trials if tune else '-'} tuning_db={tuning_db or '-'} rpc={rpc or '-'}{gen}",
+               err=True)
     res = compile_model(model, out, target=target, arch=arch, mcpu=mcpu, tune=tune, trials=trials,
                         tuning_db=str(tuning_db) if tuning_db else None, rpc=rpc, schedule=schedule,
-                        validate=not no_validate,
+                        validate=not no_validate, max_context=max_context, kv_policy=kv_policy,
                         capture_options=dict(inputs=inputs, trust_pickle=trust_pickle,
                                              allow_export_mismatch=allow_export_mismatch, seq_len=seq_len, batch=batch))
     m = res.manifest
@@ -319,7 +326,8 @@ def compile_cmd(model, out, target, arch, mcpu, tune, trials, tuning_db, rpc, sc
         click.echo(f"  {name:<28} {size:>12,} bytes  sha256 {digest[:16]}")
     if res.checks:
         for c in res.checks:
-            click.echo(f"  validate loops={c['loops']} output {c['output']}: max abs {c['max_abs_err']:.3g} "
+            what = c.get("what") or f"output {c['output']}"
+            click.echo(f"  validate loops={c['loops']} {what}: max abs {c['max_abs_err']:.3g} "
                        f"rel {c['rel_err']:.3g} {'ok' if c['ok'] else 'NOT OK'}")
     elif not no_validate:
         click.echo("  (not validated: the artifact does not run on this machine)")

@@ -51,12 +51,20 @@ def loop_counts_to_check(loops: list[dict]) -> list[list[int]]:
 def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", arch: str | None = None,
                   mcpu: str | None = None, tune: bool = False, trials: int = 64, tuning_db: str | None = None,
                   rpc: str | None = None, schedule: str = "loopify", validate: bool = True,
-                  capture_options: dict | None = None) -> CompiledModel:
+                  capture_options: dict | None = None, max_context: int | None = None,
+                  kv_policy: str = "per-depth") -> CompiledModel:
     """Compile ``model`` for ``target`` into the artifact directory ``out`` (written atomically).
+
+    ``max_context``: compile for generation instead (``prefill`` / ``decode`` entry points with a
+    symbolic token count up to this many tokens, KV policy ``kv_policy``; see
+    :func:`compile_generation`).
 
     Raises:
         LoopifyError: one line naming what failed (capture, staging, import, build, validation).
     """
+    if max_context is not None:
+        return compile_generation(model, out, target=target, arch=arch, mcpu=mcpu, schedule=schedule,
+                                  validate=validate, max_context=max_context, kv_policy=kv_policy)
     from loopify import capture
     from loopify.backends import tvm as tvm_backend
     from loopify.backends.tvm.build import CompileOptions
@@ -128,4 +136,106 @@ def validate_artifact(path: Path, reference, inputs: list[torch.Tensor], loops: 
     for counts in loop_counts_to_check(loops):
         got = list(art(*inputs, loops=counts or None, output="numpy"))
         rows += check_rows(flat_tensors(reference(counts)), got, ARTIFACT_RTOL, loops=counts)
+    return rows
+
+
+def _generation_source(model: Path):
+    """(wrapper, example inputs, assets directory, source description) of a model to generate from."""
+    if is_converted(model):
+        from loopify.convert import load_converted
+
+        module, inputs, manifest = load_converted(model)
+        if manifest.get("architecture", {}).get("kind") != "hf":
+            raise LoopifyError(f"{model}: generation needs a converted Hugging Face model (this one came from an "
+                               "export archive, a fixed-shape graph without a KV cache)")
+        return module, inputs.kwargs, Path(inputs.info["assets_dir"]), {"path": str(model), "kind": "converted"}
+    from loopify.capture import hf
+    from loopify.capture.loader import sniff
+
+    kind = sniff(model)
+    try:
+        if kind == "gguf":
+            from loopify.capture import gguf
+
+            m = gguf.load(model)
+        elif kind == "hf-dir":
+            m = hf.load_hf_dir(model)
+        else:
+            raise LoopifyError(f"{model}: generation needs a Hugging Face directory, a GGUF file or a converted .pt2")
+    except hf.HFLoadError as e:
+        raise LoopifyError(str(e)) from None
+    return m.module, m.inputs, Path(m.info.get("assets_dir") or model), {"path": str(model), "kind": "original"}
+
+
+def compile_generation(model: str | Path, out: str | Path, *, target: str = "x86", arch: str | None = None,
+                       mcpu: str | None = None, schedule: str = "loopify", validate: bool = True,
+                       max_context: int = 512, kv_policy: str = "per-depth") -> CompiledModel:
+    """Compile a causal LM (original or converted) for generation: ``prefill`` and ``decode``
+    entry points over one set of weights, every prompt length up to ``max_context``, the loop
+    count a run-time input. Validated on the host: prefill logits and a few greedy decode steps
+    against the eager model with the same KV policy."""
+    from loopify.backends.tvm.build import CompileOptions
+    from loopify.backends.tvm.generation import compile_generation as build
+    from loopify.backends.tvm.targets import target_for
+    from loopify.generate.export import export_step
+    from loopify.io import atomic_path
+    from loopify.nn import kv
+
+    if kv_policy not in kv.POLICIES:
+        raise LoopifyError(f"--kv-policy must be one of {', '.join(kv.POLICIES)}")
+    if max_context < 2:
+        raise LoopifyError("--max-context must be at least 2")
+    model, out = Path(model), Path(out)
+    wrapper, inputs, assets, source = _generation_source(model)
+    if "pixel_values" in inputs:
+        raise LoopifyError(f"{model}: compiled generation of vision-language models is not supported yet; generate "
+                           "from the .pt2 (PyTorch)")
+    tgt = target_for(target, arch=arch, mcpu=mcpu)
+    exported = export_step(wrapper, inputs, kv_policy, max_context)
+    with atomic_path(out, directory=True) as tmp:
+        result = build(exported, tgt, tmp, options=CompileOptions(schedule=schedule), assets=assets, source=source)
+        checks = []
+        if validate and _runs_here(result.manifest):
+            checks = validate_generation(Path(result.path), wrapper, inputs, kv_policy)
+            bad = next((c for c in checks if not c["ok"]), None)
+            if bad is not None:
+                raise LoopifyError(f"{out}: artifact does not match PyTorch ({bad['what']} at loops={bad['loops']}: "
+                                   f"{bad['detail']}); nothing written (--no-validate keeps it)")
+    compiled = CompiledModel(out, result.manifest)
+    compiled.checks = checks
+    return compiled
+
+
+def validate_generation(path: Path, wrapper, inputs: dict, policy: str, new_tokens: int = 4) -> list[dict]:
+    """At every loop count: prefill logits within ARTIFACT_RTOL of the eager model's, and the same
+    greedy tokens for ``new_tokens`` decode steps."""
+    from loopify.generate import Sampling
+    from loopify.generate.compiled import TVMDecoder
+    from loopify.generate.eager import EagerDecoder
+    from loopify.generate.engine import run
+    from loopify.nn import set_loops
+    from loopify import runtime
+    from loopify.verify import diff
+
+    art = runtime.load(path)
+    prompt = [int(i) for i in inputs["input_ids"][0][:12]]
+    rows = []
+    s = Sampling(max_new_tokens=new_tokens)
+    for counts in loop_counts_to_check(art.loops):
+        set_loops(wrapper, counts or None)
+        with torch.no_grad():
+            ids = torch.tensor([prompt])
+            ref = wrapper.run_model({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        ref = ref if isinstance(ref, torch.Tensor) else ref["logits"]
+        dec = TVMDecoder(art, policy, counts or None)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(len(prompt))[None]}
+        got = dec.prefill(batch)
+        d = diff(ref[:, -1], got)
+        rows.append({"what": "prefill logits", "loops": counts, "ok": d.rel_err <= ARTIFACT_RTOL,
+                     "max_abs_err": d.max_abs_err, "rel_err": d.rel_err, "detail": f"rel err {d.rel_err:.3g}"})
+        a = run(EagerDecoder(wrapper, policy), [prompt], s).tokens[0]
+        b = run(TVMDecoder(art, policy, counts or None), [prompt], s).tokens[0]
+        rows.append({"what": "greedy tokens", "loops": counts, "ok": a == b, "detail": f"{b} vs eager {a}",
+                     "max_abs_err": 0.0, "rel_err": 0.0})
+    set_loops(wrapper, None)
     return rows

@@ -83,8 +83,13 @@ def storage_key(t: torch.Tensor) -> tuple:
 
 def unique_state(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The state dict with each storage once, and the tie map (alias -> canonical name)."""
+    return dedupe(module.state_dict(keep_vars=True).items())
+
+
+def dedupe(named) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(name, tensor)`` pairs with each storage once (contiguous), and the tie map."""
     tensors, ties, seen = {}, {}, {}
-    for name, t in module.state_dict(keep_vars=True).items():
+    for name, t in named:
         k = storage_key(t)
         if k in seen:
             ties[name] = seen[k]

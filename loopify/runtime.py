@@ -236,7 +236,65 @@ class Artifact:
                 "repeat": repeat}
 
 
-def load(path, *, device_id: int = 0, verify: bool = True, num_threads: int | None = None) -> Artifact:
+class GenerationArtifact:
+    """A generation artifact: ``prefill`` and ``decode`` entry points over one set of weights
+    (see :mod:`loopify.backends.tvm.generation`). Each takes ``(input_ids, attention_mask,
+    position_ids, past_k, past_v, loops)`` and returns ``(logits, new_k, new_v)``; the caller
+    keeps the cache (:class:`loopify.generate.compiled.TVMDecoder`)."""
+
+    def __init__(self, path, *, device_id: int = 0, verify: bool = True):
+        import tvm.runtime
+        from tvm.runtime.vm import VirtualMachine
+
+        self.path = Path(path)
+        self.manifest = _artifact.read_manifest(self.path, verify=verify)
+        self.gen = self.manifest["generation"]
+        kind = _check_runnable(self.manifest, self.path)
+        self.device = tvm.runtime.cuda(device_id) if kind == "cuda" else tvm.runtime.cpu(0)
+        self._vms = {}
+        for entry, lib in self.gen["entries"].items():
+            try:
+                mod = tvm.runtime.load_module(str(self.path / lib))
+            except Exception as e:  # noqa: BLE001
+                raise ArtifactError(f"{self.path}: cannot load {lib}: "
+                                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+            self._vms[entry] = VirtualMachine(mod, self.device)["main"]
+        self.params = self._load_params()
+
+    def _load_params(self) -> list:
+        import tvm.runtime
+        from safetensors.numpy import load_file
+
+        try:
+            arrays = load_file(str(self.path / _artifact.PARAMS))
+        except Exception as e:  # noqa: BLE001
+            raise ArtifactError(f"{self.path}: unreadable {_artifact.PARAMS}: {e}") from None
+        ties = self.manifest.get("param_ties") or {}
+        on_device = {n: tvm.runtime.tensor(np.ascontiguousarray(a), self.device) for n, a in arrays.items()}
+        names = self.manifest["params"]
+        missing = [n for n in names if ties.get(n, n) not in on_device]
+        if missing:
+            raise ArtifactError(f"{self.path}: {_artifact.PARAMS} lacks {missing[0]!r}")
+        return [on_device[ties.get(n, n)] for n in names]
+
+    @property
+    def loops(self) -> list[dict]:
+        return self.manifest.get("loops", [])
+
+    def tensor(self, x, dtype: str | None = None):
+        import tvm.runtime
+
+        if hasattr(x, "detach"):
+            x = x.detach().cpu().numpy()
+        x = np.ascontiguousarray(x if dtype is None else np.asarray(x, dtype=dtype))
+        return tvm.runtime.tensor(x, self.device)
+
+    def run(self, entry: str, *args):
+        """Run ``prefill`` or ``decode`` on TVM tensors; returns TVM tensors."""
+        return self._vms[entry](*args, *self.params)
+
+
+def load(path, *, device_id: int = 0, verify: bool = True, num_threads: int | None = None):
     """Load an artifact directory (checks its manifest, files and target first).
 
     Args:
@@ -248,10 +306,13 @@ def load(path, *, device_id: int = 0, verify: bool = True, num_threads: int | No
 
     Raises:
         loopify.artifact.ArtifactError: missing / corrupt / wrong version / wrong target.
+
+    Returns an :class:`Artifact`, or a :class:`GenerationArtifact` for ``kind: generation``.
     """
     if num_threads:
         os.environ["TVM_NUM_THREADS"] = str(num_threads)
-    art = Artifact(path, device_id=device_id, verify=verify)
+    kind = _artifact.read_manifest(Path(path), verify=False).get("kind")
+    art = (GenerationArtifact if kind == "generation" else Artifact)(path, device_id=device_id, verify=verify)
     if num_threads:
         set_num_threads(num_threads)
     return art

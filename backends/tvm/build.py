@@ -180,17 +180,57 @@ def _x86_flags(target: dict) -> list[str]:
     return flags
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    def v(p):
+def resolve_options(options: CompileOptions | None, kw: dict) -> CompileOptions:
+    if options is not None and kw:
+        raise CompileError("pass either options= or keyword options, not both")
+    if options is None:
         try:
-            return md.version(p)
-        except md.PackageNotFoundError:
-            return None
+            options = CompileOptions(**kw)
+        except TypeError as e:
+            raise CompileError(f"unknown compile option: {e}; valid: "
+                               f"{', '.join(CompileOptions.__dataclass_fields__)}") from None
+    if options.schedule not in ("loopify", "dlight", "none"):
+        raise CompileError(f"schedule must be loopify, dlight or none, got {options.schedule!r}")
+    return options
 
-    return {"torch": torch.__version__, "tvm": v("apache-tvm"), "tvm_ffi": v("apache-tvm-ffi"),
-            "loopify": v("loopify")}
+
+def resolve_target(target, options: CompileOptions) -> tuple[dict, str]:
+    target, name = _as_target(target)
+    if options.tune and target.get("kind") == "llvm" and "num-cores" not in target:
+        # MetaSchedule sizes its parallel loops by the target's core count.
+        target["num-cores"] = int(options.num_threads or os.cpu_count() or 1)
+    return target, name
+
+
+def target_manifest(target: dict, name: str, options: CompileOptions, timings: dict) -> dict:
+    """The manifest fields every artifact has (target, versions, options, timings)."""
+    from loopify.versions import versions
+
+    m = {"target": target, "target_name": name, "versions": versions("torch", "tvm", "tvm_ffi", "loopify"),
+         "options": options.to_dict(), "timings": timings}
+    if name == "x86":
+        m["requires_cpu_flags"] = _x86_flags(target)
+    return m
+
+
+def link(ex, path: Path, target: dict, name: str, timings: dict, manifest: dict, device_record: dict) -> None:
+    """Export one executable as a shared library (cross-linked for arm64; CUDA device code as an
+    nvcc fatbin inside it, recorded in the manifest)."""
+    t = time.time()
+    kw = {}
+    if target.get("kind") == "cuda":
+        from .cuda_pack import make_fpack_imports
+
+        kw["fpack_imports"] = make_fpack_imports(target.get("arch", "sm_90"), device_record)
+    try:
+        ex.export_library(str(path), fcompile=_targets.fcompile_for(target), **kw)
+    except Exception as e:  # noqa: BLE001
+        raise CompileError(f"linking {path.name} for {name} failed: {e}") from e
+    timings[f"link_{path.stem}_s"] = round(time.time() - t, 1)
+    if device_record.get("fatbins"):
+        manifest["device_code"] = {
+            "format": "fatbin", "arch": target.get("arch"), "compiler": "nvcc",
+            "modules": [{"bytes": len(fb), "sha256": hashlib.sha256(fb).hexdigest()} for fb in device_record["fatbins"]]}
 
 
 def compile_stages(stages: list[Stage], target="x86", out=None, *, options: CompileOptions | None = None,
@@ -207,20 +247,8 @@ def compile_stages(stages: list[Stage], target="x86", out=None, *, options: Comp
     Returns:
         A :class:`CompileResult` with the artifact path, its manifest and the executable.
     """
-    if options is not None and kw:
-        raise CompileError("pass either options= or keyword options, not both")
-    if options is None:
-        try:
-            options = CompileOptions(**kw)
-        except TypeError as e:
-            raise CompileError(f"unknown compile option: {e}; valid: "
-                               f"{', '.join(CompileOptions.__dataclass_fields__)}") from None
-    if options.schedule not in ("loopify", "dlight", "none"):
-        raise CompileError(f"schedule must be loopify, dlight or none, got {options.schedule!r}")
-    target, name = _as_target(target)
-    if options.tune and target.get("kind") == "llvm" and "num-cores" not in target:
-        # MetaSchedule sizes its parallel loops by the target's core count.
-        target["num-cores"] = int(options.num_threads or os.cpu_count() or 1)
+    options = resolve_options(options, kw)
+    target, name = resolve_target(target, options)
     timings = {}
     t = time.time()
     staged = build_module(stages, pack_width=_pack_width(target, options))
@@ -231,55 +259,14 @@ def compile_stages(stages: list[Stage], target="x86", out=None, *, options: Comp
         t = time.time()
         ex = build_executable(staged, target, options, work, timings, device_record)
         timings["build_s"] = round(time.time() - t, 1)
-        manifest = {
-            "target": target,
-            "target_name": name,
-            "inputs": staged.inputs,
-            "outputs": staged.outputs,
-            "loops": staged.loops,
-            "assumptions": staged.assumptions,
-            "params": staged.params.names,
-            "stages": [{"kind": s.kind, "name": s.name or f"stage{i}"} for i, s in enumerate(stages)],
-            "versions": _versions(),
-            "tuning": {"tuned": options.tune, "trials": options.trials if options.tune else 0,
-                       "database": "tuning" if options.tune else None,
-                       "rpc": options.rpc,
-                       "functions": getattr(options, "_tuning_report", [])},
-            "options": options.to_dict(),
-            "params_info": {"unique": len(staged.params.tensors),
-                            "references": staged.params.references,
-                            "bytes": staged.params.nbytes},
-            "timings": timings,
-        }
-        if name == "x86":
-            manifest["requires_cpu_flags"] = _x86_flags(target)
-        if len(staged.loops) == 1:
-            lp = staged.loops[0]
-            manifest["loop"] = {"min": lp["min"], "max": lp["max"], "default": lp["default"]}
+        manifest = _stages_manifest(staged, stages, target, name, options, timings)
         if out is None:
             return CompileResult(None, manifest, ex, timings)
 
         def populate(tmp: Path):
             from safetensors.torch import save_file
 
-            t = time.time()
-            kw = {}
-            if target.get("kind") == "cuda":
-                from .cuda_pack import make_fpack_imports
-
-                kw["fpack_imports"] = make_fpack_imports(target.get("arch", "sm_90"), device_record)
-            try:
-                ex.export_library(str(tmp / _artifact.LIBRARY), fcompile=_targets.fcompile_for(target),
-                                  **kw)
-            except Exception as e:  # noqa: BLE001
-                raise CompileError(f"linking lib.so for {name} failed: {e}") from e
-            timings["link_s"] = round(time.time() - t, 1)
-            if device_record.get("fatbins"):
-                fbs = device_record["fatbins"]
-                manifest["device_code"] = {
-                    "format": "fatbin", "arch": target.get("arch"), "compiler": "nvcc",
-                    "modules": [{"bytes": len(fb), "sha256": hashlib.sha256(fb).hexdigest()}
-                                for fb in fbs]}
+            link(ex, tmp / _artifact.LIBRARY, target, name, timings, manifest, device_record)
             save_file({n: t.contiguous() for n, t in zip(staged.params.names, staged.params.tensors)},
                       str(tmp / _artifact.PARAMS))
             db = Path(options.tuning_db) if options.tuning_db else work / "tuning"
@@ -294,6 +281,24 @@ def compile_stages(stages: list[Stage], target="x86", out=None, *, options: Comp
         return CompileResult(path, manifest, ex, timings)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _stages_manifest(staged, stages, target, name, options, timings) -> dict:
+    manifest = {
+        **target_manifest(target, name, options, timings),
+        "inputs": staged.inputs, "outputs": staged.outputs, "loops": staged.loops,
+        "assumptions": staged.assumptions, "params": staged.params.names,
+        "stages": [{"kind": s.kind, "name": s.name or f"stage{i}"} for i, s in enumerate(stages)],
+        "tuning": {"tuned": options.tune, "trials": options.trials if options.tune else 0,
+                   "database": "tuning" if options.tune else None, "rpc": options.rpc,
+                   "functions": getattr(options, "_tuning_report", [])},
+        "params_info": {"unique": len(staged.params.tensors), "references": staged.params.references,
+                        "bytes": staged.params.nbytes},
+    }
+    if len(staged.loops) == 1:
+        lp = staged.loops[0]
+        manifest["loop"] = {"min": lp["min"], "max": lp["max"], "default": lp["default"]}
+    return manifest
 
 
 def compile_program(ep: torch.export.ExportedProgram, target="x86", out=None, *, example=None,

@@ -79,3 +79,47 @@ def build_entries(ep: torch.export.ExportedProgram, target: dict, options, timin
             raise CompileError(f"building {name} failed: {type(e).__name__}: {str(e).splitlines()[-1][:300]}") from e
         timings[f"{name}_build_s"] = round(time.time() - t, 1)
     return out, pnames
+
+
+def compile_generation(exported, target="x86", out=None, *, options=None, assets: Path | None = None,
+                       source: dict | None = None, **kw):
+    """Compile a decode step (:class:`loopify.generate.export.Exported`) into a generation
+    artifact at ``out``: ``prefill.so``, ``decode.so``, ``params.safetensors`` (raw layout, each
+    weight once), the architecture's tokenizer and config files under ``assets/``, and the
+    manifest's ``generation`` section (entries, KV layout and shapes, loops, maximum context)."""
+    import shutil
+
+    from loopify import artifact as _artifact
+
+    from .build import CompileResult, link, resolve_options, resolve_target, target_manifest
+
+    options = resolve_options(options, kw)
+    target, name = resolve_target(target, options)
+    timings: dict = {}
+    exes, pnames = build_entries(exported.program, target, options, timings)
+    sd = exported.program.state_dict
+    manifest = {**target_manifest(target, name, options, timings),
+                "kind": "generation", "params": pnames, "loops": exported.loops, "source": source or {},
+                "generation": {"entries": dict(LIBRARIES), "max_context": exported.max_context,
+                               "kv_policy": exported.layout.policy, "layout": exported.layout.to_dict(),
+                               "kv_heads": exported.heads, "head_dim": exported.head_dim, "vocab": exported.vocab,
+                               "inputs": ["input_ids", "attention_mask", "position_ids", "past_k", "past_v", "loops"],
+                               "outputs": ["logits", "new_k", "new_v"]}}
+    if out is None:
+        return CompileResult(None, manifest, exes, timings)
+
+    def populate(tmp: Path):
+        from safetensors.torch import save_file
+
+        for entry, ex in exes.items():
+            link(ex, tmp / LIBRARIES[entry], target, name, timings, manifest, {})
+        from loopify.converted import dedupe
+
+        unique, ties = dedupe((n, sd[n]) for n in pnames)  # tied weights (one storage, two names) once
+        manifest["param_ties"] = ties
+        save_file(unique, str(tmp / _artifact.PARAMS))
+        if assets is not None and Path(assets).is_dir():
+            shutil.copytree(assets, tmp / "assets")
+
+    path = _artifact.write(out, populate, manifest)
+    return CompileResult(path, manifest, exes, timings)

@@ -1,0 +1,73 @@
+"""Decoding with a compiled generation artifact: its ``prefill`` and ``decode`` entry points, the
+loop count a run-time input, the KV cache held here between calls.
+
+The cache is two numpy arrays ``[S, B, H, P, D]`` (keys, values) laid out as the manifest's
+``generation.layout`` says; each call returns the new tokens' entries ``[S, B, H, T, D]``, which
+are appended. Prefill runs one prompt row at a time (the artifact is built for batch 1); a batch
+of prompts is served row by row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from loopify.generate.engine import GenerateError
+
+
+class TVMDecoder:
+    def __init__(self, art, policy: str, loops):
+        gen = art.gen
+        if policy != gen["kv_policy"]:
+            raise GenerateError(f"{art.path}: built for KV policy {gen['kv_policy']}, not {policy} (compile with "
+                                f"--kv-policy {policy})")
+        self.art, self.gen = art, gen
+        counts = [l["default"] for l in art.loops] if loops is None else (
+            [loops] * len(art.loops) if isinstance(loops, int) else list(loops))
+        self.loops = art.tensor(np.asarray(counts, dtype="int64"))
+        self.k = self.v = None
+
+    def _call(self, entry: str, ids, mask, pos):
+        out = self.art.run(entry, self.art.tensor(ids, "int64"), self.art.tensor(mask, "int64"),
+                           self.art.tensor(pos, "int64"), self.art.tensor(self.k), self.art.tensor(self.v), self.loops)
+        logits, nk, nv = (o.numpy() for o in out)
+        self.k = np.concatenate([self.k, nk], axis=3)
+        self.v = np.concatenate([self.v, nv], axis=3)
+        return logits[:, -1]
+
+    def prefill(self, batch: dict):
+        import torch
+
+        if batch["input_ids"].shape[0] != 1:
+            raise GenerateError(f"{self.art.path}: this artifact serves one prompt at a time (batch 1)")
+        if any(k not in ("input_ids", "attention_mask", "position_ids") for k in batch):
+            raise GenerateError(f"{self.art.path}: this artifact takes text only (no image inputs)")
+        lay = self.gen["layout"]
+        shape = (lay["slots"], 1, self.gen["kv_heads"], 0, self.gen["head_dim"])
+        self.k, self.v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        return torch.from_numpy(self._call("prefill", batch["input_ids"], batch["attention_mask"],
+                                           batch["position_ids"]).copy())
+
+    def decode(self, ids, attention_mask, position_ids):
+        import torch
+
+        return torch.from_numpy(self._call("decode", ids, attention_mask, position_ids).copy())
+
+    def kv_bytes(self) -> int:
+        return 0 if self.k is None else int(self.k.nbytes + self.v.nbytes)
+
+
+def open_artifact(path: Path, *, threads: int | None = None):
+    from loopify import runtime
+    from loopify.generate.model import Generator, _json, _text_config, _tokenizer
+
+    art = runtime.load(path, num_threads=threads)
+    if not isinstance(art, runtime.GenerationArtifact):
+        raise GenerateError(f"{path}: not compiled for generation (compile with --max-context N)")
+    assets = path / "assets"
+    cfg = _json(assets, "config.json")
+    gen = art.gen
+    return Generator(path, "artifact", lambda policy, loops: TVMDecoder(art, policy, loops),
+                     _tokenizer(assets) if assets.is_dir() else None, _text_config(cfg), assets if assets.is_dir() else None,
+                     art.loops, policies=(gen["kv_policy"],), max_context=gen["max_context"])
