@@ -376,19 +376,32 @@ def run_cmd(model, loops_s, inputs, out_file, save_inputs, threads):
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Uncounted calls first.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write throughput / Pareto plots (PNG).")
+@click.option("--generate", "gen", is_flag=True,
+              help="Benchmark generation instead: time to first token and decode tokens/s per prompt length "
+                   "(backends hf, eager, tvm; ARTIFACTS are generation artifacts).")
+@click.option("--prompt-lengths", default="32,128,512", show_default=True, help="--generate: prompt lengths.")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="--generate: tokens decoded after each prompt.")
+@click.option("--kv-policies", default="per-depth", show_default=True,
+              help="--generate: KV policies of the converted model (eager); 'all' for the three.")
+@click.option("--kv-table", is_flag=True, help="--generate: also the KV policy table (bytes per token, agreement).")
 def bench_cmd(original, converted, artifacts, backends, loops_s, threads, seq, batch, rounds, per_round, warmup, json_out,
-              plot):
+              plot, gen, prompt_lengths, new_tokens, kv_policies, kv_table):
     """Benchmark CONVERTED (a `loopify convert` output) against ORIGINAL, side by side.
 
     ARTIFACTS: the TVM artifact directories of the original and the converted model (compiled
     on the fly for the host when not given). Each configuration runs in its own process; timing
-    rounds are interleaved; ratios are converted / original for the same backend.
+    rounds are interleaved; ratios are converted / original for the same backend. With
+    --generate: generation (see `loopify.bench_generate`).
     """
     from tqdm import tqdm
 
     from loopify import bench
 
     loops = _loops_option(loops_s)
+    if gen:
+        return _bench_generate(original, converted, artifacts, backends, loops, threads, rounds, warmup, json_out,
+                               plot, prompt_lengths, new_tokens, kv_policies, kv_table)
     spec = bench.BenchSpec(str(original), str(converted), [str(a) for a in artifacts],
                            tuple(b.strip() for b in backends.split(",") if b.strip()),
                            tuple([loops] if isinstance(loops, int) else loops) if loops is not None else None,
@@ -415,6 +428,58 @@ def bench_cmd(original, converted, artifacts, backends, loops_s, threads, seq, b
         click.echo(f"wrote {plot}", err=True)
 
 
+def _bench_generate(original, converted, artifacts, backends, loops, threads, rounds, warmup, json_out, plot,
+                    prompt_lengths, new_tokens, kv_policies, kv_table):
+    from tqdm import tqdm
+
+    from loopify import bench_generate as bg
+    from loopify.nn.kv import POLICIES
+
+    chosen = tuple(b.strip() for b in backends.split(",") if b.strip())
+    if backends == "eager,compile,tvm":  # the default of the forward benchmark
+        chosen = ("hf", "eager", "tvm")
+    bad = [b for b in chosen if b not in ("hf", "eager", "tvm")]
+    if bad:
+        raise LoopifyError(f"--generate backends are hf, eager, tvm; not {bad[0]!r}")
+    policies = POLICIES if kv_policies == "all" else tuple(p.strip() for p in kv_policies.split(","))
+    if any(p not in POLICIES for p in policies):
+        raise LoopifyError(f"--kv-policies: each one of {', '.join(POLICIES)} (or 'all')")
+    try:
+        lengths = tuple(int(x) for x in prompt_lengths.split(","))
+    except ValueError:
+        raise LoopifyError(f"--prompt-lengths {prompt_lengths!r}: give comma-separated integers") from None
+    spec = bg.GenBenchSpec(str(original), str(converted), [str(a) for a in artifacts], chosen,
+                           tuple([loops] if isinstance(loops, int) else loops) if loops is not None else None,
+                           policies, lengths, new_tokens, threads, rounds, warmup)
+    click.echo(f"bench --generate: backends={','.join(chosen)} loops={spec.loops or 'all'} kv={','.join(policies)} "
+               f"prompts={','.join(map(str, lengths))} new_tokens={new_tokens} threads={threads} rounds={rounds} "
+               "(interleaved, one process per configuration)", err=True)
+    bar = tqdm(desc="bench", unit="step", leave=False, file=sys.stderr, disable=not sys.stderr.isatty())
+
+    def step(msg):
+        bar.set_postfix_str(msg)
+        bar.update(1)
+
+    try:
+        report = bg.run(spec, progress=step)
+        if kv_table:
+            report["kv_policies"] = bg.kv_policy_table(converted)
+    finally:
+        bar.close()
+    click.echo(bg.format_table(report))
+    for r in report.get("kv_policies", []):
+        click.echo(f"kv policy loops={r['loops']} {r['kv_policy']:<12} {r['kv_bytes_per_token']:>10,.0f} bytes/token  "
+                   f"next-token agreement with per-depth {r['agreement_with_per_depth']:.3f}")
+    if json_out:
+        from loopify.io import write_json
+
+        write_json(json_out, report)
+        click.echo(f"wrote {json_out}", err=True)
+    if plot:
+        bg.plot(report, plot)
+        click.echo(f"wrote {plot}", err=True)
+
+
 @cli.command("train")
 @click.argument("converted", type=click.Path(path_type=Path))
 @click.option("--teacher", type=click.Path(path_type=Path), default=None,
@@ -430,8 +495,8 @@ def bench_cmd(original, converted, artifacts, backends, loops_s, threads, seq, b
               help="mrl: every depth supervised, a depth worse than the previous weighted by beta; last: final depth only.")
 @click.option("--beta", type=float, default=2.0, show_default=True, help="MRL weight of a depth worse than the previous one (>= 1).")
 @click.option("--train", "groups", default="base,lora,connector", show_default=True, help="Parameter groups to train.")
-@click.option("--objective", type=click.Choice(["auto", "kl", "cosine", "mse"]), default="auto", show_default=True,
-              help="auto: KL on logits, cosine on pooled embeddings for encoders.")
+@click.option("--objective", type=click.Choice(["auto", "kl", "cosine", "mse", "ce"]), default="auto", show_default=True,
+              help="auto: KL on logits, cosine on pooled embeddings for encoders; ce: next-token cross-entropy on the data (no teacher).")
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None, help="Held-out data (default: part of --data).")
 @click.option("--holdout", type=float, default=0.1, show_default=True)
 @click.option("--eval-every", type=int, default=0, show_default=True, help="0: before and after only.")

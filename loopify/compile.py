@@ -148,7 +148,10 @@ def _generation_source(model: Path):
         if manifest.get("architecture", {}).get("kind") != "hf":
             raise LoopifyError(f"{model}: generation needs a converted Hugging Face model (this one came from an "
                                "export archive, a fixed-shape graph without a KV cache)")
-        return module, inputs.kwargs, Path(inputs.info["assets_dir"]), {"path": str(model), "kind": "converted"}
+        src = manifest["source"]
+        return module, inputs.kwargs, Path(inputs.info["assets_dir"]), {
+            "path": str(model), "kind": "converted", "image_token_id": src.get("image_token_id"),
+            "model_type": src.get("model_type", "")}
     from loopify.capture import hf
     from loopify.capture.loader import sniff
 
@@ -164,7 +167,8 @@ def _generation_source(model: Path):
             raise LoopifyError(f"{model}: generation needs a Hugging Face directory, a GGUF file or a converted .pt2")
     except hf.HFLoadError as e:
         raise LoopifyError(str(e)) from None
-    return m.module, m.inputs, Path(m.info.get("assets_dir") or model), {"path": str(model), "kind": "original"}
+    return m.module, m.inputs, Path(m.info.get("assets_dir") or model), {
+        "path": str(model), "kind": "original", "image_token_id": m.image_token_id, "model_type": m.model_type}
 
 
 def compile_generation(model: str | Path, out: str | Path, *, target: str = "x86", arch: str | None = None,
@@ -187,11 +191,11 @@ def compile_generation(model: str | Path, out: str | Path, *, target: str = "x86
         raise LoopifyError("--max-context must be at least 2")
     model, out = Path(model), Path(out)
     wrapper, inputs, assets, source = _generation_source(model)
-    if "pixel_values" in inputs:
-        raise LoopifyError(f"{model}: compiled generation of vision-language models is not supported yet; generate "
-                           "from the .pt2 (PyTorch)")
     tgt = target_for(target, arch=arch, mcpu=mcpu)
-    exported = export_step(wrapper, inputs, kv_policy, max_context)
+    try:
+        exported = export_step(wrapper, inputs, kv_policy, max_context, source.get("image_token_id"))
+    except NotImplementedError as e:
+        raise LoopifyError(f"{model}: {e}") from None
     with atomic_path(out, directory=True) as tmp:
         result = build(exported, tgt, tmp, options=CompileOptions(schedule=schedule), assets=assets, source=source)
         checks = []
@@ -219,22 +223,27 @@ def validate_generation(path: Path, wrapper, inputs: dict, policy: str, new_toke
 
     art = runtime.load(path)
     prompt = [int(i) for i in inputs["input_ids"][0][:12]]
+    image = art.gen.get("image")
+    if image:  # with the example image: its prompt (image tokens where the model expects them)
+        prompt = [int(i) for i in inputs["input_ids"][0]]
+    extra = {"pixel_values": inputs["pixel_values"][:1]} if image else {}
     rows = []
     s = Sampling(max_new_tokens=new_tokens)
     for counts in loop_counts_to_check(art.loops):
         set_loops(wrapper, counts or None)
         with torch.no_grad():
             ids = torch.tensor([prompt])
-            ref = wrapper.run_model({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-        ref = ref if isinstance(ref, torch.Tensor) else ref["logits"]
+            ref = EagerDecoder(wrapper, policy).prefill({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                                         "position_ids": torch.arange(len(prompt))[None], **extra})
         dec = TVMDecoder(art, policy, counts or None)
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(len(prompt))[None]}
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(len(prompt))[None],
+                 **extra}
         got = dec.prefill(batch)
-        d = diff(ref[:, -1], got)
+        d = diff(ref, got)
         rows.append({"what": "prefill logits", "loops": counts, "ok": d.rel_err <= ARTIFACT_RTOL,
                      "max_abs_err": d.max_abs_err, "rel_err": d.rel_err, "detail": f"rel err {d.rel_err:.3g}"})
-        a = run(EagerDecoder(wrapper, policy), [prompt], s).tokens[0]
-        b = run(TVMDecoder(art, policy, counts or None), [prompt], s).tokens[0]
+        a = run(EagerDecoder(wrapper, policy), [prompt], s, extra=extra).tokens[0]
+        b = run(TVMDecoder(art, policy, counts or None), [prompt], s, extra=extra).tokens[0]
         rows.append({"what": "greedy tokens", "loops": counts, "ok": a == b, "detail": f"{b} vs eager {a}",
                      "max_abs_err": 0.0, "rel_err": 0.0})
     set_loops(wrapper, None)

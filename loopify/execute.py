@@ -36,6 +36,9 @@ def run(model: str | Path, *, loops=None, inputs: str | Path | None = None, thre
         from loopify import runtime
 
         art = runtime.load(model, num_threads=threads)
+        if isinstance(art, runtime.GenerationArtifact):
+            raise LoopifyError(f"{model}: a generation artifact (prefill / decode entry points): run it with "
+                               "`loopify generate`")
         names = [s["name"] for s in art.inputs]
         if inputs is None:
             raise LoopifyError(f"{model}: an artifact needs --inputs FILE (write one with "

@@ -247,8 +247,28 @@ def find_spans(captured, *, min_length: int = 2, stacks: tuple[str, ...] = (), s
         if missing:
             raise ValueError(f"no layer stack '{missing[0]}'; stacks found: {', '.join(all_stacks) or 'none'}")
         all_stacks = {s: all_stacks[s] for s in stacks}
+    layer_graphs = _layer_graphs(index, program, all_stacks)
+    reports = []
+    wanted_values: set[str] = set()
+    hidden_nodes: dict[str, tuple] = {}
+    for stack, layers in all_stacks.items():
+        lgs = [layer_graphs[p] for p in layers]
+        reports.append(_stack_report(index, stack, layers, lgs, min_length))
+        for lg in lgs:
+            hin, hout = _hidden_io(lg)
+            hidden_nodes[lg.path] = (hin, hout)
+            if hin is not None:
+                wanted_values.update({hin.name, hout.name})
+    if similarity and wanted_values:
+        values = _record_values(program, captured.args, captured.kwargs, wanted_values)
+        for rep in reports:
+            _hidden_similarity(rep, hidden_nodes, values)
+    return SpanAnalysis(reports)
 
-    # One sweep over the graph assigns call_function nodes to every layer path they run in.
+
+def _layer_graphs(index: ProgramIndex, program, all_stacks: dict) -> dict[str, LayerGraph]:
+    """Every layer's op graph; one sweep over the graph assigns call_function nodes to every
+    layer path they run in."""
     layer_paths = {p for layers in all_stacks.values() for p in layers}
     members: dict[str, list[torch.fx.Node]] = {p: [] for p in layer_paths}
     for n in program.graph.nodes:
@@ -257,93 +277,76 @@ def find_spans(captured, *, min_length: int = 2, stacks: tuple[str, ...] = (), s
         for p in module_paths(n):
             if p in members:
                 members[p].append(n)
+    return {p: layer_graph(index, p, members[p]) for p in layer_paths}
 
-    layer_graphs = {p: layer_graph(index, p, members[p]) for p in layer_paths}
-    reports = []
-    wanted_values: set[str] = set()
-    hidden_nodes: dict[str, tuple] = {}
-    for stack, layers in all_stacks.items():
-        lgs = [layer_graphs[p] for p in layers]
-        checks = [_check_pair(index, lgs[i], lgs[i + 1]) for i in range(len(lgs) - 1)]
-        runs, start = [], 0
-        refused = []
-        for i, chk in enumerate(checks):
-            if not chk.ok:
-                runs.append((start, i + 1 - start))
-                refused.append({"stack": stack, "layer": i + 1,
-                                "reason": f"breaks the run at layer {i + 1} (vs layer {i}): {chk.reason}"})
-                start = i + 1
-        runs.append((start, len(lgs) - start))
-        for i, lg in enumerate(lgs):
-            if lg.num_ops == 0 and not any(r["layer"] == i for r in refused):
-                refused.append({"stack": stack, "layer": i, "reason": "layer has no ops in the captured graph (unused)"})
 
-        params = []
-        vectors = []
-        for lg in lgs:
-            key, vec = _param_vector(index, lg)
-            vectors.append((key, vec))
-            params.append(sum(index.state_tensor("param", f).numel() for r, (k, f) in lg.state.items()
-                              if k == "param" and not r.startswith("<outside>")))
-        n = len(lgs)
-        wcos = [[float("nan")] * n for _ in range(n)]
-        for i in range(n):
-            for j in range(n):
-                ki, vi = vectors[i]
-                kj, vj = vectors[j]
-                if vi is not None and vj is not None and ki == kj:
-                    wcos[i][j] = _cos(vi, vj)
+def _runs(stack: str, lgs: list, checks: list) -> tuple[list[tuple[int, int]], list[dict]]:
+    """Maximal runs (start, length) between the refused pairs, and the refusals with reasons."""
+    runs, start, refused = [], 0, []
+    for i, chk in enumerate(checks):
+        if not chk.ok:
+            runs.append((start, i + 1 - start))
+            refused.append({"stack": stack, "layer": i + 1,
+                            "reason": f"breaks the run at layer {i + 1} (vs layer {i}): {chk.reason}"})
+            start = i + 1
+    runs.append((start, len(lgs) - start))
+    for i, lg in enumerate(lgs):
+        if lg.num_ops == 0 and not any(r["layer"] == i for r in refused):
+            refused.append({"stack": stack, "layer": i, "reason": "layer has no ops in the captured graph (unused)"})
+    return runs, refused
 
-        spans = []
-        for s, length in runs:
-            if length < min_length:
-                continue
-            members_run = list(range(s, s + length))
-            vecs = [vectors[i][1] for i in members_run]
-            sim: dict[str, Any] = {}
-            if all(v is not None for v in vecs):
-                mean = torch.stack(vecs).mean(0)
-                sim["weight_residual"] = [float((v - mean).norm() / v.norm().clamp_min(1e-30)) for v in vecs]
-                sim["weight_cosine_to_mean"] = [_cos(v, mean) for v in vecs]
-            side = checks[s].side_inputs if s < len(checks) else []
-            spans.append(Span(stack, s, length, layers[s:s + length], params[s], side, sim))
-        for lg in lgs:
-            hin, hout = _hidden_io(lg)
-            hidden_nodes[lg.path] = (hin, hout)
-            if hin is not None:
-                wanted_values.update({hin.name, hout.name})
-        reports.append(StackReport(stack, layers, params, [lg.wl_hash[:12] for lg in lgs], spans, refused,
-                                   {"weight_cosine": wcos}, {}))
 
-    if similarity and wanted_values:
-        values = _record_values(program, captured.args, captured.kwargs, wanted_values)
-        for rep in reports:
-            ang, bi = [], []
-            outs = []
-            for p in rep.layers:
-                hin, hout = hidden_nodes[p]
-                if hin is not None and hin.name in values and hout.name in values:
-                    c = _token_cos(values[hin.name], values[hout.name])
-                    ang.append(float((torch.arccos(c) / math.pi).mean()))
-                    bi.append(float(1.0 - c.mean()))
-                    outs.append(values[hout.name])
-                else:
-                    ang.append(float("nan"))
-                    bi.append(float("nan"))
-                    outs.append(None)
-            rep.hidden = {"angular_distance": ang, "block_influence": bi}
-            n = len(outs)
-            adist = [[float("nan")] * n for _ in range(n)]
-            for i in range(n):
-                for j in range(n):
-                    if outs[i] is not None and outs[j] is not None and outs[i].shape == outs[j].shape:
-                        adist[i][j] = _angular(outs[i], outs[j])
-            rep.matrices["hidden_angular_distance"] = adist
-            for sp in rep.spans:
-                sl = slice(sp.start, sp.start + sp.length)
-                sp.similarity["angular_distance"] = ang[sl]
-                sp.similarity["block_influence"] = bi[sl]
-    return SpanAnalysis(reports)
+def _stack_report(index: ProgramIndex, stack: str, layers: list[str], lgs: list, min_length: int) -> StackReport:
+    checks = [_check_pair(index, lgs[i], lgs[i + 1]) for i in range(len(lgs) - 1)]
+    runs, refused = _runs(stack, lgs, checks)
+    params, vectors = [], []
+    for lg in lgs:
+        vectors.append(_param_vector(index, lg))
+        params.append(sum(index.state_tensor("param", f).numel() for r, (k, f) in lg.state.items()
+                          if k == "param" and not r.startswith("<outside>")))
+    n = len(lgs)
+    wcos = [[_cos(vectors[i][1], vectors[j][1]) if vectors[i][1] is not None and vectors[j][1] is not None
+             and vectors[i][0] == vectors[j][0] else float("nan") for j in range(n)] for i in range(n)]
+    spans = []
+    for s, length in runs:
+        if length < min_length:
+            continue
+        vecs = [vectors[i][1] for i in range(s, s + length)]
+        sim: dict[str, Any] = {}
+        if all(v is not None for v in vecs):
+            mean = torch.stack(vecs).mean(0)
+            sim["weight_residual"] = [float((v - mean).norm() / v.norm().clamp_min(1e-30)) for v in vecs]
+            sim["weight_cosine_to_mean"] = [_cos(v, mean) for v in vecs]
+        side = checks[s].side_inputs if s < len(checks) else []
+        spans.append(Span(stack, s, length, layers[s:s + length], params[s], side, sim))
+    return StackReport(stack, layers, params, [lg.wl_hash[:12] for lg in lgs], spans, refused,
+                       {"weight_cosine": wcos}, {})
+
+
+def _hidden_similarity(rep: StackReport, hidden_nodes: dict, values: dict) -> None:
+    """Per layer on the example inputs: angular distance and block influence between its input
+    and output hidden states; between layers: angular distance of their outputs."""
+    ang, bi, outs = [], [], []
+    for p in rep.layers:
+        hin, hout = hidden_nodes[p]
+        if hin is not None and hin.name in values and hout.name in values:
+            c = _token_cos(values[hin.name], values[hout.name])
+            ang.append(float((torch.arccos(c) / math.pi).mean()))
+            bi.append(float(1.0 - c.mean()))
+            outs.append(values[hout.name])
+        else:
+            ang.append(float("nan"))
+            bi.append(float("nan"))
+            outs.append(None)
+    rep.hidden = {"angular_distance": ang, "block_influence": bi}
+    n = len(outs)
+    rep.matrices["hidden_angular_distance"] = [
+        [_angular(outs[i], outs[j]) if outs[i] is not None and outs[j] is not None and outs[i].shape == outs[j].shape
+         else float("nan") for j in range(n)] for i in range(n)]
+    for sp in rep.spans:
+        sl = slice(sp.start, sp.start + sp.length)
+        sp.similarity["angular_distance"] = ang[sl]
+        sp.similarity["block_influence"] = bi[sl]
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,12 @@ class InsertConnectors(Pass):
     def run(self, state: State) -> PassResult:
         if not require(self, state):
             return PassResult(state, False, {"note": "fold-loops made no loop: nothing to connect"})
+        have = [r.connector for r in recursions(state.module).values() if r.connector is not None]
+        if have:
+            kinds = {c.kind for c in have}
+            if kinds != {self.kind}:
+                raise ValueError(f"the loops already have {'/'.join(sorted(kinds))} connectors")
+            return PassResult(state, False, {"kind": self.kind, "note": f"already connected ({self.kind})"})
         module = clone(state.module)
         token_id = self.image_token_id if self.image_token_id >= 0 else state.captured.info.get("image_token_id")
         hidden = None if is_graph_form(module) else _hidden_shapes(module, state.captured)

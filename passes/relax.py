@@ -23,7 +23,7 @@ from torch import nn
 
 from loopify.hierarchy import clone
 from loopify.nn import lora
-from loopify.nn.recursion import Recursion, key, recursions
+from loopify.nn.recursion import Recursion, key, recursions, unkey
 from loopify.pipeline import Pass, PassResult, State, require
 
 
@@ -56,6 +56,9 @@ class Relax(Pass):
             return PassResult(state, False, {"note": "fold-loops made no loop: nothing to relax"})
         if self.rank == 0 and not self.vectors:
             return PassResult(state, False, {"rank": 0, "note": "rank 0: nothing to relax"})
+        done = self._already(state.module)
+        if done:
+            return PassResult(state, False, {"rank": self.rank, "note": f"already relaxed at rank {self.rank}"})
         module = clone(state.module)
         original = state.captured.program.state_dict
         report = []
@@ -68,6 +71,23 @@ class Relax(Pass):
         lossless = bool(relaxed) and all(r["full_rank"] for r in relaxed)
         return PassResult(state.replace(module=module), True, {"rank": self.rank, "lossless": lossless,
                                                                "loops": report})
+
+    def _already(self, module) -> bool:
+        """Whether every compressed loop already has this relaxation (a second run is a no-op);
+        another rank is refused, since the factors are made from the original weights."""
+        loops = [r for r in recursions(module).values() if not r.deepen]
+        relaxed = [r for r in loops if r.lora_A or r.depth_params]
+        if not relaxed:
+            return False
+        for r in relaxed:
+            names = lora.matrix_params(r.blocks[0])
+            blocks = dict(r.blocks[0].named_parameters())
+            want = {n: self._rank(blocks[n].shape) for n in names} if self.rank != 0 else {}
+            have = {unkey(k): int(a.shape[1]) for k, a in r.lora_A.items()}
+            if have != want:
+                raise ValueError(f"{r.key} is already relaxed at another rank ({sorted(set(have.values()))}); "
+                                 "convert again from the original")
+        return len(relaxed) == len(loops)
 
     def _rank(self, shape) -> int:
         full = lora.full_rank(shape)

@@ -12,6 +12,9 @@ TVM 0.27's CPU pipeline schedules nothing; its DLight CPU rules cover GEMV and r
   dot-product kernel instead (k split into vector lanes by rfactor).
 * :class:`Elementwise` - injective functions: outer loops fused and parallel, innermost
   vectorised.
+* :mod:`.sym_rules` (after ``Matmul``): NT / GEMV / symbolic-shape matmuls and row reductions
+  of the generation entry points (``prefill`` / ``decode``); :class:`Elementwise` also
+  schedules loop nests with symbolic extents.
 * DLight's ``cpu.GEMV`` and ``cpu.Reduction`` for the rest.
 """
 
@@ -228,6 +231,7 @@ class Elementwise(ScheduleRule):
                 continue
             extents = [_const(sch.get(lp).extent) for lp in loops]
             if any(e is None for e in extents):
+                _symbolic_elementwise(sch, loops, extents, lanes)
                 continue
             inner = loops[-1]
             if len(loops) > 1 and extents[-1] % lanes == 0 and extents[-1] >= lanes:
@@ -245,11 +249,31 @@ class Elementwise(ScheduleRule):
         return sch
 
 
+def _symbolic_elementwise(sch, loops, extents, lanes) -> None:
+    """A loop nest with symbolic extents (generation entry points): the innermost loop
+    vectorised when its extent is a static multiple of the vector width (a symbolic innermost
+    stays scalar: a predicated vector loop would be scalarised anyway), the others fused and
+    parallel."""
+    inner = loops[-1]
+    n = extents[-1]
+    outer_loops = loops[:-1]
+    if n is not None and n % lanes == 0 and n >= lanes:
+        _, v = sch.split(inner, [None, lanes])
+        sch.vectorize(v)
+    elif n is not None and 2 <= n < lanes:
+        sch.vectorize(inner)
+    if outer_loops:
+        sch.parallel(sch.fuse(*outer_loops) if len(outer_loops) > 1 else outer_loops[0])
+
+
 def default_rules(target, options=None) -> list:
     """The CPU rules in the order they are tried."""
     from tvm.s_tir import dlight as dl
 
-    return [Guarded(Matmul()), Guarded(dl.cpu.GEMV()), Guarded(dl.cpu.Reduction()), Guarded(Elementwise())]
+    from . import sym_rules
+
+    return [Guarded(Matmul()), Guarded(sym_rules.MatmulLike()), Guarded(sym_rules.RowReduction()),
+            Guarded(dl.cpu.GEMV()), Guarded(dl.cpu.Reduction()), Guarded(Elementwise())]
 
 
 class Guarded(ScheduleRule):

@@ -21,7 +21,7 @@ import torch
 
 from .errors import CompileError
 
-LIBRARIES = {"prefill": "prefill.so", "decode": "decode.so"}
+LIBRARIES = {"prefill": "prefill.so", "decode": "decode.so", "prefill_image": "prefill_image.so"}
 
 
 def symbol_names(ep: torch.export.ExportedProgram) -> tuple[str, str]:
@@ -48,37 +48,45 @@ def specialise(mod, binds: dict):
     return out
 
 
-def import_step(ep: torch.export.ExportedProgram):
+def import_step(ep: torch.export.ExportedProgram, example=None, assumptions=None):
     """The step as a Relax module (``main`` and its ``cond`` branches) and its parameter names."""
     from .importer import import_program, parameter_names
 
-    mod = import_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=False)
+    mod = import_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=False, example=example,
+                         assumptions=assumptions)
     return mod, parameter_names(ep)
 
 
-def build_entries(ep: torch.export.ExportedProgram, target: dict, options, timings: dict) -> dict:
-    """{entry: tvm.relax.Executable} for prefill and decode."""
-    import tvm
-
+def _build(name: str, mod, target: dict, options, timings: dict):
     from .build import build_executable_module
 
+    t = time.time()
+    try:
+        ex = build_executable_module(mod, target, options)
+    except CompileError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise CompileError(f"building {name} failed: {type(e).__name__}: {str(e).splitlines()[-1][:300]}") from e
+    timings[f"{name}_build_s"] = round(time.time() - t, 1)
+    return ex
+
+
+def build_entries(exported, target: dict, options, timings: dict):
+    """({entry: tvm.relax.Executable}, parameter names, assumptions) for prefill and decode (and
+    prefill_image for a vision-language model: its own program over the same weights)."""
+    ep = exported.program
     mod, pnames = import_step(ep)
     t_sym, p_sym = symbol_names(ep)
-    out = {}
-    for name, binds in (("prefill", {p_sym: 0}), ("decode", {t_sym: 1})):
-        t = time.time()
-        spec = specialise(mod, binds)
-        main = spec["main"].with_attr("global_symbol", "main")
-        spec = tvm.IRModule({**{gv: f for gv, f in spec.functions.items() if gv.name_hint != "main"},
-                             spec.get_global_var("main"): main})
-        try:
-            out[name] = build_executable_module(spec, target, options)
-        except CompileError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise CompileError(f"building {name} failed: {type(e).__name__}: {str(e).splitlines()[-1][:300]}") from e
-        timings[f"{name}_build_s"] = round(time.time() - t, 1)
-    return out, pnames
+    out = {name: _build(name, specialise(mod, binds), target, options, timings)
+           for name, binds in (("prefill", {p_sym: 0}), ("decode", {t_sym: 1}))}
+    assumptions: list = []
+    if exported.image is not None:
+        flat = [x for x in exported.image_example if x is not None]
+        img, inames = import_step(exported.image, example=flat, assumptions=assumptions)
+        if inames != pnames:
+            raise CompileError("the image prefill step takes other weights than the text step")
+        out["prefill_image"] = _build("prefill_image", img, target, options, timings)
+    return out, pnames, assumptions
 
 
 def compile_generation(exported, target="x86", out=None, *, options=None, assets: Path | None = None,
@@ -96,11 +104,17 @@ def compile_generation(exported, target="x86", out=None, *, options=None, assets
     options = resolve_options(options, kw)
     target, name = resolve_target(target, options)
     timings: dict = {}
-    exes, pnames = build_entries(exported.program, target, options, timings)
+    exes, pnames, assumptions = build_entries(exported, target, options, timings)
     sd = exported.program.state_dict
     manifest = {**target_manifest(target, name, options, timings),
                 "kind": "generation", "params": pnames, "loops": exported.loops, "source": source or {},
-                "generation": {"entries": dict(LIBRARIES), "max_context": exported.max_context,
+                "assumptions": assumptions,
+                "generation": {"entries": {k: LIBRARIES[k] for k in exes}, "max_context": exported.max_context,
+                               "token_types": exported.token_types,
+                               "image": None if exported.image is None else {
+                                   "tokens": exported.image_tokens, "pixel_shape": exported.pixel_shape,
+                                   "image_token_id": (source or {}).get("image_token_id"),
+                                   "model_type": (source or {}).get("model_type", "")},
                                "kv_policy": exported.layout.policy, "layout": exported.layout.to_dict(),
                                "kv_heads": exported.heads, "head_dim": exported.head_dim, "vocab": exported.vocab,
                                "inputs": ["input_ids", "attention_mask", "position_ids", "past_k", "past_v", "loops"],

@@ -84,15 +84,19 @@ def strip_assertions(ep: torch.export.ExportedProgram) -> tuple[torch.export.Exp
 def _masked_scatter(node, importer):
     """``out = input; out[mask] = source[:mask.sum()]`` in row-major order.
 
-    Static shapes: the k-th true position of the (broadcast) mask takes the k-th element of the
-    flattened source, i.e. ``take(source, cumsum(mask) - 1)`` selected by ``where``.
+    The k-th true position of the (broadcast) mask takes the k-th element of the flattened
+    source, i.e. ``take(source, cumsum(mask) - 1)`` selected by ``where``. Works with symbolic
+    sizes of ``input`` (a prompt of any length holding the image tokens); ``source`` (the image
+    features) has a static size.
     """
+    import functools
+
     from tvm import relax
 
     bb = importer.block_builder
     x, mask, source = (importer.env[a] for a in node.args[:3])
-    shape = [int(s) for s in x.ty.shape]
-    numel = int(np.prod(shape))
+    shape = list(x.ty.shape)
+    numel = functools.reduce(lambda a, b: a * b, shape)
     src_numel = int(np.prod([int(s) for s in source.ty.shape]))
     mask = bb.emit(relax.op.broadcast_to(mask, relax.ShapeExpr(shape)))
     flat_mask = bb.emit(relax.op.reshape(mask, (numel,)))
@@ -103,7 +107,7 @@ def _masked_scatter(node, importer):
     gathered = bb.emit(relax.op.take(flat_src, idx, axis=0))
     flat_x = bb.emit(relax.op.reshape(x, (numel,)))
     out = bb.emit(relax.op.where(flat_mask, gathered, flat_x))
-    return bb.emit(relax.op.reshape(out, shape))
+    return bb.emit(relax.op.reshape(out, relax.ShapeExpr(shape)))
 
 
 def _unfold(node, importer):
@@ -357,11 +361,24 @@ def custom_convert_map() -> dict[str, Callable]:
 
 
 @contextlib.contextmanager
-def _custom_ops_in_branches():
-    """TVM 0.27 imports ``cond`` branches without the custom converter set, so it calls loopify's
-    converters with the wrong signature there; remember the set on the importer and use it for
-    every graph it translates."""
+def _importer_patches():
+    """What loopify changes in TVM 0.27's importer while it runs:
+
+    * gathers (``take``: embeddings, ``index_select``) are imported in ``clip`` mode, not the
+      default ``fast`` mode that reads out of bounds for an out-of-range index (a token id past
+      the vocabulary crashed the process; the runtime also refuses such ids in one line) and
+      printed a warning per gather at every build;
+    * ``cond`` branches are imported with loopify's converters (TVM calls them with the wrong
+      signature there) and with fresh symbolic sizes substituted everywhere (see
+      :func:`_branch_params`).
+    """
+    from tvm import relax
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter as EPI
+
+    take = relax.op.take
+
+    def _take(x, indices, axis=None, mode="clip"):
+        return take(x, indices, axis, "clip" if mode == "fast" else mode)
 
     translate, update = EPI._translate_fx_graph, EPI.update_convert_map
 
@@ -375,11 +392,13 @@ def _custom_ops_in_branches():
     branch = EPI._import_branch_subgraph
     EPI.update_convert_map, EPI._translate_fx_graph = _update, _translate
     EPI._import_branch_subgraph = _import_branch
+    relax.op.take = _take
     try:
         yield
     finally:
         EPI.update_convert_map, EPI._translate_fx_graph = update, translate
         EPI._import_branch_subgraph = branch
+        relax.op.take = take
 
 
 def _branch_params(operands, placeholders):
@@ -494,7 +513,7 @@ def import_program(ep: torch.export.ExportedProgram, *, keep_params_as_input: bo
     if assumptions is not None:
         assumptions.extend(assumed)
     try:
-        with _custom_ops_in_branches():
+        with _importer_patches():
             mod = from_exported_program(ep, keep_params_as_input=keep_params_as_input,
                                         unwrap_unit_return_tuple=unwrap_unit_return_tuple,
                                         custom_convert_map=custom_convert_map(),

@@ -9,10 +9,24 @@ def prepare_passes(target, options) -> list:
 
 
 def legalize_passes(target) -> list:
-    """Legalise to TIR and fuse (the same on every target)."""
+    """Legalise to TIR and fuse.
+
+    On CPUs two Relax passes come first (GPU pipelines are left as they were):
+
+    * ``ConvertToDataflow``: the importer emits ``cond`` branches (and the generation step's
+      ``main``) as plain binding blocks, where ``FuseOps`` fuses nothing: every op (each
+      RMSNorm piece, each rotary slice) was its own kernel with its own intermediate buffer;
+    * ``FuseTransposeMatmul``: ``matmul(x, permute_dims(W))`` becomes one "NT" matmul reading
+      ``W [out, in]`` as it is (k contiguous in both operands), which the CPU rules schedule
+      (:mod:`.sym_rules`); otherwise a transpose kernel copied every weight on every call.
+      Static-shape models pre-transpose their weights, so they keep loopify's NN Matmul rule.
+    """
     from tvm import relax
 
-    return [
+    front = []
+    if getattr(getattr(target, "kind", None), "name", None) == "llvm":
+        front = [relax.transform.ConvertToDataflow(), relax.transform.FuseTransposeMatmul()]
+    return front + [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),

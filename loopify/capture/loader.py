@@ -169,30 +169,37 @@ def load(path: str | Path, *, inputs: str | Path | None = None, trust_pickle: bo
         return Captured(program, tuple(args), dict(kwargs), path, "export-archive", info=info)
 
     if kind in ("hf-dir", "gguf"):
-        from loopify.capture import hf  # transformers is imported only for these
-
-        try:
-            if kind == "gguf":
-                from loopify.capture import gguf
-
-                model = gguf.load(path, seq_len=seq_len, attn_implementation=attn_implementation, batch=batch)
-            else:
-                model = hf.load_hf_dir(path, seq_len=seq_len, attn_implementation=attn_implementation, batch=batch)
-        except hf.HFLoadError as e:
-            raise CaptureError(str(e)) from None
-        args, kwargs = user_inputs if user_inputs is not None else ((), dict(model.inputs))
-        program = export_module(model.module, args, kwargs, source=path)
-        info = {"architecture": model.architecture, "model_type": model.model_type,
-                "attn_implementation": model.attn_implementation, "output_names": list(model.output_names),
-                "image_token_id": model.image_token_id, **model.info}
-        cap = Captured(program, tuple(args), dict(kwargs), path, kind, eager=model.module, info=info)
-        cap.export_check = check_export(model.module, program, cap.args, cap.kwargs)
-        return _finish_check(cap, allow_export_mismatch)
-
+        return _load_hf(path, kind, user_inputs, seq_len, attn_implementation, batch, allow_export_mismatch)
     if kind == "torchscript":
         raise CaptureError(f"{path}: TorchScript archives are not supported; export the model with torch.export.save (or give its Hugging Face directory)")
+    return _load_pickle(path, user_inputs, trust_pickle, allow_export_mismatch)
 
-    # torch.save file or legacy pickle: find out whether it is plain data before anything runs.
+
+def _load_hf(path: Path, kind: str, user_inputs, seq_len, attn_implementation, batch, allow_export_mismatch) -> Captured:
+    """A Hugging Face directory or GGUF file: built, given example inputs, exported, checked."""
+    from loopify.capture import hf  # transformers is imported only for these
+
+    try:
+        if kind == "gguf":
+            from loopify.capture import gguf
+
+            model = gguf.load(path, seq_len=seq_len, attn_implementation=attn_implementation, batch=batch)
+        else:
+            model = hf.load_hf_dir(path, seq_len=seq_len, attn_implementation=attn_implementation, batch=batch)
+    except hf.HFLoadError as e:
+        raise CaptureError(str(e)) from None
+    args, kwargs = user_inputs if user_inputs is not None else ((), dict(model.inputs))
+    program = export_module(model.module, args, kwargs, source=path)
+    info = {"architecture": model.architecture, "model_type": model.model_type,
+            "attn_implementation": model.attn_implementation, "output_names": list(model.output_names),
+            "image_token_id": model.image_token_id, **model.info}
+    cap = Captured(program, tuple(args), dict(kwargs), path, kind, eager=model.module, info=info)
+    cap.export_check = check_export(model.module, program, cap.args, cap.kwargs)
+    return _finish_check(cap, allow_export_mismatch)
+
+
+def _load_pickle(path: Path, user_inputs, trust_pickle: bool, allow_export_mismatch: bool) -> Captured:
+    """A torch.save file or legacy pickle: find out whether it is plain data before anything runs."""
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError:

@@ -28,9 +28,15 @@ class TVMDecoder:
         self.loops = art.tensor(np.asarray(counts, dtype="int64"))
         self.k = self.v = None
 
-    def _call(self, entry: str, ids, mask, pos):
-        out = self.art.run(entry, self.art.tensor(ids, "int64"), self.art.tensor(mask, "int64"),
-                           self.art.tensor(pos, "int64"), self.art.tensor(self.k), self.art.tensor(self.v), self.loops)
+    def _call(self, entry: str, ids, mask, pos, types=None, pixels=None):
+        a = self.art
+        args = [a.tensor(ids, "int64"), a.tensor(mask, "int64"), a.tensor(pos, "int64"), a.tensor(self.k),
+                a.tensor(self.v), self.loops]
+        if self.gen.get("token_types"):
+            args.append(a.tensor(types if types is not None else np.zeros_like(np.asarray(ids)), "int64"))
+        if pixels is not None:
+            args.append(a.tensor(pixels, "float32"))
+        out = a.run(entry, *args)
         logits, nk, nv = (o.numpy() for o in out)
         self.k = np.concatenate([self.k, nk], axis=3)
         self.v = np.concatenate([self.v, nv], axis=3)
@@ -41,18 +47,24 @@ class TVMDecoder:
 
         if batch["input_ids"].shape[0] != 1:
             raise GenerateError(f"{self.art.path}: this artifact serves one prompt at a time (batch 1)")
-        if any(k not in ("input_ids", "attention_mask", "position_ids") for k in batch):
-            raise GenerateError(f"{self.art.path}: this artifact takes text only (no image inputs)")
+        extra = set(batch) - {"input_ids", "attention_mask", "position_ids", "pixel_values", "token_type_ids"}
+        if extra:
+            raise GenerateError(f"{self.art.path}: this artifact takes no {sorted(extra)[0]}")
+        pixels = batch.get("pixel_values")
+        if pixels is not None and "prefill_image" not in self.gen["entries"]:
+            raise GenerateError(f"{self.art.path}: a text-only model takes no --image")
         lay = self.gen["layout"]
         shape = (lay["slots"], 1, self.gen["kv_heads"], 0, self.gen["head_dim"])
         self.k, self.v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-        return torch.from_numpy(self._call("prefill", batch["input_ids"], batch["attention_mask"],
-                                           batch["position_ids"]).copy())
+        entry = "prefill" if pixels is None else "prefill_image"
+        return torch.from_numpy(self._call(entry, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                                           batch.get("token_type_ids"), pixels).copy())
 
     def decode(self, ids, attention_mask, position_ids):
         import torch
 
-        return torch.from_numpy(self._call("decode", ids, attention_mask, position_ids).copy())
+        types = np.ones(np.asarray(ids).shape, dtype="int64")  # generated tokens: the suffix of prefix-LMs
+        return torch.from_numpy(self._call("decode", ids, attention_mask, position_ids, types).copy())
 
     def kv_bytes(self) -> int:
         return 0 if self.k is None else int(self.k.nbytes + self.v.nbytes)
@@ -68,6 +80,9 @@ def open_artifact(path: Path, *, threads: int | None = None):
     assets = path / "assets"
     cfg = _json(assets, "config.json")
     gen = art.gen
+    image = gen.get("image") or {}
     return Generator(path, "artifact", lambda policy, loops: TVMDecoder(art, policy, loops),
                      _tokenizer(assets) if assets.is_dir() else None, _text_config(cfg), assets if assets.is_dir() else None,
-                     art.loops, policies=(gen["kv_policy"],), max_context=gen["max_context"])
+                     art.loops, policies=(gen["kv_policy"],), image_token_id=image.get("image_token_id"),
+                     image_tokens=image.get("tokens"), pixel_shape=tuple(image["pixel_shape"]) if image else None,
+                     model_type=image.get("model_type", ""), max_context=gen["max_context"])

@@ -25,7 +25,7 @@ import torch.utils._pytree as pytree
 from transformers.cache_utils import Cache
 
 from loopify.nn import kv
-from loopify.nn.recursion import _CURRENT, Depth, Recursion, recursions
+from loopify.nn.recursion import _CURRENT, Depth, Recursion, _capture_begin, recursions
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,15 @@ class Layout:
                 "slots": self.slots}
 
 
-def layout(module, policy: str, outside: list[int]) -> Layout:
+def layout(module, policy: str, outside: list[int], cached: set[str] | None = None) -> Layout:
     """The slot layout of a model: ``outside`` = the layer indices of its attention layers that
-    are not in loops (as the attention modules' ``layer_idx`` says); each loop then has a slot per
-    depth it runs at its maximum count (per-depth) or per block (shared policies)."""
+    are not in loops (as the attention modules' ``layer_idx`` says); each loop that uses the
+    cache (``cached``: their keys; default all) then has a slot per depth it runs at its maximum
+    count (per-depth) or per block (shared policies)."""
     loops, first = [], len(outside)
     for rec in recursions(module).values():
+        if cached is not None and rec.key not in cached:
+            continue
         n = len(rec.depth_schedule(rec.spec.max_loops)) if policy == "per-depth" else len(rec.blocks)
         loops.append((rec.key, first, n))
         first += n
@@ -109,6 +112,7 @@ class ExportKV(Cache):
 
 
 _COUNTS: dict = {}
+_CACHE_SLOT = object()  # where the cache sits among a loop call's arguments
 
 
 @contextlib.contextmanager
@@ -160,14 +164,57 @@ def _cond_forward(rec: Recursion, *args, **kwargs):
     if rec.connector is not None:
         raise NotImplementedError(f"loop {rec.key}: compiled generation of loops with connectors is not "
                                   "supported yet; generate in PyTorch (the .pt2)")
-    cache: ExportKV = kwargs["cache"]
     n = _COUNTS[rec.key]
     where, s = rec._state(list(args), kwargs)
     h = args[s] if where == "arg" else kwargs[s]
-    leaves, spec = pytree.tree_flatten((list(args), {k: v for k, v in kwargs.items() if k != "cache"}))
+    leaves, spec = pytree.tree_flatten((list(args), dict(kwargs)))
+    # the cache (by keyword, or positional as nanoGPT passes it): replaced by a local one in branches
+    at = next((i for i, x in enumerate(leaves) if isinstance(x, ExportKV)), None)
+    cache = leaves[at] if at is not None else None
+    if cache is not None and rec.key not in {k for k, _, _ in cache.lay.loops}:
+        cache = None
+    leaves = [_CACHE_SLOT if i == at else x for i, x in enumerate(leaves)]
     tensor_at = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x is not h]
     side = [leaves[i] for i in tensor_at]
+    capture = _capture_begin()
+    h_in = h
+    with _without_capture_hooks(rec):
+        h, after = _cond_groups(rec, h, side, leaves, spec, tensor_at, where, s, cache, n)
+    if capture is not None:  # what the hooks would have added (the first call adds its input too) ...
+        calls = sum(len(g) for g in _groups(rec))
+        capture[0].extend(([h_in] if capture[1] == 0 else []) + [None] * calls)
+        rec._capture_end(capture, calls, after, h)  # ... rewritten as the loop does in eager mode
+    return h
+
+
+@contextlib.contextmanager
+def _without_capture_hooks(rec: Recursion):
+    """Hugging Face's output-capturing hooks on the blocks append to a list outside the ``cond``
+    branches (which must not have side effects); the loop records its hidden states itself."""
+    saved = []
+    for block in rec.blocks:
+        for m in block.modules():
+            for k, fn in list(m._forward_hooks.items()):
+                if getattr(fn, "__name__", "") == "output_capturing_hook":
+                    saved.append((m, k, fn))
+                    del m._forward_hooks[k]
+    try:
+        yield
+    finally:
+        for m, k, fn in saved:
+            m._forward_hooks[k] = fn
+
+
+def _cond_groups(rec, h, side, leaves, spec, tensor_at, where, s, cache, n):
+    """The groups under cond; returns the hidden state and the state after each depth (the
+    output of the depth's group: a group that does not run passes its input through)."""
+    after: dict[int, torch.Tensor] = {}
     for group in _groups(rec):
+        if cache is None:  # a loop without a KV cache (a vision tower): the hidden state alone
+            h = torch.cond(n > group[0].recursion, _Run((rec, group, None, (), leaves, spec, tensor_at, where, s, None)),
+                           _Skip(len(side), 0), (h, *side))
+            after.update({d.depth: h for d in group})
+            continue
         slots = [kv.slot(cache.lay.policy, d, 0) for d in group]
         idx = sorted({cache.index_of(sk.key) for sk in slots})
         if idx != list(range(idx[0], idx[-1] + 1)):
@@ -177,10 +224,11 @@ def _cond_forward(rec: Recursion, *args, **kwargs):
                *[cache.new[j][0] for j in reads], *[cache.new[j][1] for j in reads])
         ctx = (rec, group, idx, reads, leaves, spec, tensor_at, where, s, cache)
         h, nk, nv = torch.cond(n > group[0].recursion, _Run(ctx), _Skip(len(side), len(idx)), ops)
+        after.update({d.depth: h for d in group})
         for q, j in enumerate(idx):
             if j not in reads:
                 cache.new[j] = (nk[q], nv[q])
-    return h
+    return h, after
 
 
 class _Run:
@@ -192,6 +240,8 @@ class _Run:
     def __call__(self, h, *rest):
         rec, group, idx, reads, leaves, spec, tensor_at, where, s, cache = self.ctx
         side = rest[:len(tensor_at)]
+        if cache is None:
+            return self._plain(h, side)
         pk, pv = rest[len(tensor_at)], rest[len(tensor_at) + 1]
         prev = rest[len(tensor_at) + 2:]
         base = idx[0]
@@ -199,11 +249,10 @@ class _Run:
         local = ExportKV(pk, pv, cache.lay, index_of=lambda key: cache.index_of(key) - base, plan=plan)
         for j, k_, v_ in zip(reads, prev[:len(reads)], prev[len(reads):]):
             local.new[j - base] = (k_, v_)
-        lv = list(leaves)
+        lv = [local if x is _CACHE_SLOT else x for x in leaves]
         for pos, t in zip(tensor_at, side):
             lv[pos] = t
         a, kw = pytree.tree_unflatten(lv, spec)
-        kw = {**kw, "cache": local}
         box = a if where == "arg" else kw
         box[s] = h
         for d in group:
@@ -215,6 +264,23 @@ class _Run:
                 torch.stack([g[1] if g is not None else zero for g in got]))
 
 
+def _plain_run(self, h, side):
+    rec, group, _idx, _reads, leaves, spec, tensor_at, where, s, _cache = self.ctx
+    lv = [None if x is _CACHE_SLOT else x for x in leaves]
+    for pos, t in zip(tensor_at, side):
+        lv[pos] = t
+    a, kw = pytree.tree_unflatten(lv, spec)
+    box = a if where == "arg" else kw
+    box[s] = h
+    for d in group:
+        out = rec.call_block(d.block, rec.overrides(d.block, lambda st, dd=d.depth: st[dd]), tuple(a), kw)
+        box[s] = out[0] if isinstance(out, tuple) else out
+    return box[s]
+
+
+_Run._plain = _plain_run
+
+
 class _Skip:
     """The false branch: the hidden state unchanged, zero keys for the group's slots."""
 
@@ -222,6 +288,8 @@ class _Skip:
         self.n_side, self.n_slots = n_side, n_slots
 
     def __call__(self, h, *rest):
+        if not self.n_slots:
+            return h.clone()
         pk = rest[self.n_side]
         zero = pk.new_zeros((self.n_slots, pk.shape[1], pk.shape[2], h.shape[-2], pk.shape[4]))
         return h.clone(), zero, zero.clone()
@@ -234,13 +302,18 @@ class Step(torch.nn.Module):
         super().__init__()
         self.wrapper = wrapper
         self.lay = lay
-        self.keys = [k for k, _, _ in lay.loops]
+        self.keys = [r.key for r in recursions(wrapper).values()]  # one count per loop, KV or not
         self.logits_last = logits_last
 
-    def forward(self, input_ids, attention_mask, position_ids, past_k, past_v, loops, **extra):
+    def forward(self, input_ids, attention_mask, position_ids, past_k, past_v, loops, token_type_ids=None,
+                pixel_values=None):
         torch._check(attention_mask.shape[1] == past_k.shape[3] + input_ids.shape[1])
         cache = ExportKV(past_k, past_v, self.lay)
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **extra}
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        if pixel_values is not None:
+            inputs["pixel_values"] = pixel_values
         with _unrolled(self.wrapper, {k: loops[j] for j, k in enumerate(self.keys)}):
             out = self.wrapper.run_model(inputs, use_cache=True, cache=cache)
         logits = out if isinstance(out, torch.Tensor) else out["logits"]
@@ -250,21 +323,23 @@ class Step(torch.nn.Module):
         return logits, new_k, new_v
 
 
-def outside_layers(wrapper, inputs: dict) -> list[int]:
-    """The layer indices of the attention layers outside loops: the slots a loop cache opens
-    for layer indices on one run."""
+def kv_users(wrapper, inputs: dict, image_token_id=None) -> tuple[list[int], set[str]]:
+    """Which attention layers outside loops (their layer indices) and which loops (their keys)
+    use the cache: the slots a loop cache opens on one text-only run."""
     from loopify.generate.cache import LoopCache
 
     cache = LoopCache()
-    ids = inputs["input_ids"][:1, :4]
+    row = inputs["input_ids"][0]
+    ids = (row[row != image_token_id] if image_token_id is not None else row)[:4].reshape(1, -1)
     with torch.no_grad():
         wrapper.run_model({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, use_cache=True, cache=cache)
-    return sorted(k[1] for k in cache.index if k[0] == "layer")
+    return sorted(k[1] for k in cache.index if k[0] == "layer"), {k[1] for k in cache.index if k[0] == "loop"}
 
 
 @dataclass
 class Exported:
-    """The exported decode step and what its inputs are."""
+    """The exported decode step (and, for a vision-language model, the prefill step that takes an
+    image) and what their inputs are."""
 
     program: torch.export.ExportedProgram
     layout: Layout
@@ -274,43 +349,84 @@ class Exported:
     loops: list[dict]
     max_context: int
     example: tuple
+    token_types: bool = False                      # the steps take token_type_ids (prefix-LM models)
+    image: torch.export.ExportedProgram | None = None
+    image_example: tuple | None = None
+    image_tokens: int = 0
+    pixel_shape: list | None = None
 
 
-def kv_shape(wrapper, inputs: dict, lay: Layout) -> tuple[int, int]:
+def kv_shape(wrapper, inputs: dict, lay: Layout, image_token_id=None) -> tuple[int, int]:
     """(KV heads, head dim) of the model's attention, read off one prefill's cache."""
     from loopify.generate.cache import LoopCache
 
     cache = LoopCache(lay.policy)
-    ids = inputs["input_ids"][:1, :2]
+    row = inputs["input_ids"][0]
+    ids = (row[row != image_token_id] if image_token_id is not None else row)[:2].reshape(1, -1)
     with torch.no_grad():
         wrapper.run_model({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, use_cache=True, cache=cache)
     k = cache.layers[0].keys
     return int(k.shape[1]), int(k.shape[3])
 
 
-def export_step(wrapper, inputs: dict, policy: str, max_context: int) -> Exported:
+def export_step(wrapper, inputs: dict, policy: str, max_context: int, image_token_id: int | None = None) -> Exported:
     """torch.export of the decode step (see :class:`Step`) with symbolic token count T in
     [1, max_context] and past length P in [0, max_context - 1] (one program serves prefill and
-    decode: the compiler binds T = 1 or P = 0 to specialise), batch 1."""
+    decode: the compiler binds T = 1 or P = 0 to specialise), batch 1. A vision-language model
+    (``pixel_values`` in ``inputs``) also gets the prefill step that takes an image (P = 0, at
+    least its image tokens plus one)."""
+    import inspect
+
     from torch.export import Dim
 
     from loopify.nn import recursions
 
-    lay = layout(wrapper, policy, outside_layers(wrapper, inputs))
-    heads, hd = kv_shape(wrapper, inputs, lay)
+    outside, cached = kv_users(wrapper, inputs, image_token_id)
+    lay = layout(wrapper, policy, outside, cached)
+    heads, hd = kv_shape(wrapper, inputs, lay, image_token_id)
     step = Step(wrapper, lay).eval()
     loops = [{"key": r.key, "min": 0 if r.deepen else 1, "max": r.spec.max_loops, "default": r.loops}
              for r in recursions(wrapper).values()]
+    token_types = "token_type_ids" in inspect.signature(wrapper.model.forward).parameters
+    counts = torch.tensor([max(1, l["default"]) for l in loops], dtype=torch.long)
     t, p = 3, 5  # example sizes >= 2: export specialises 0 and 1
-    vocab_ids = inputs["input_ids"][0]
-    ids = vocab_ids[:t].reshape(1, t) if vocab_ids.numel() >= t else vocab_ids.repeat(t)[:t].reshape(1, t)
-    example = (ids, torch.ones(1, p + t, dtype=torch.long), torch.arange(p, p + t).reshape(1, t),
-               torch.zeros(lay.slots, 1, heads, p, hd), torch.zeros(lay.slots, 1, heads, p, hd),
-               torch.tensor([max(1, l["default"]) for l in loops], dtype=torch.long))
+    row = inputs["input_ids"][0]
+    text = row[row != image_token_id] if image_token_id is not None else row
+    ids = text.repeat(t)[:t].reshape(1, t)
+    kv0 = torch.zeros(lay.slots, 1, heads, p, hd)
+    example = (ids, torch.ones(1, p + t, dtype=torch.long), torch.arange(p, p + t).reshape(1, t), kv0, kv0.clone(),
+               counts)
+    kw = {"token_type_ids": torch.zeros_like(ids)} if token_types else {}
     T, P = Dim("T", min=1, max=max_context), Dim("P", min=0, max=max_context - 1)
-    ds = ({1: T}, {1: Dim.AUTO}, {1: T}, {3: P}, {3: P}, None)
+    ds = {"input_ids": {1: T}, "attention_mask": {1: Dim.AUTO}, "position_ids": {1: T}, "past_k": {3: P},
+          "past_v": {3: P}, "loops": None, **({"token_type_ids": {1: T}} if token_types else {})}
     with torch.no_grad():
-        ep = torch.export.export(step, example, dynamic_shapes=ds, strict=False)
+        ep = torch.export.export(step, example, kw, dynamic_shapes=ds, strict=False)
+        logits = step(*example, **kw)[0]
+    out = Exported(ep, lay, heads, hd, int(logits.shape[-1]), loops, max_context, example + tuple(kw.values()),
+                   token_types)
+    if "pixel_values" in inputs:
+        _export_image_step(out, step, inputs, image_token_id, counts)
+    return out
+
+
+def _export_image_step(out: Exported, step: Step, inputs: dict, image_token_id, counts) -> None:
+    """The prefill step with an image: the example prompt (its image tokens where the model
+    expects them) and pixel values of the example's shape; T symbolic from the image tokens up."""
+    from torch.export import Dim
+
+    ids = inputs["input_ids"][:1]
+    n_img = int((ids == image_token_id).sum()) if image_token_id is not None else 0
+    t = ids.shape[1]
+    kv0 = torch.zeros(out.layout.slots, 1, out.heads, 0, out.head_dim)
+    pixels = inputs["pixel_values"][:1]
+    ex = (ids, torch.ones(1, t, dtype=torch.long), torch.arange(t).reshape(1, t), kv0, kv0.clone(), counts)
+    kw = {**({"token_type_ids": torch.zeros_like(ids)} if out.token_types else {}), "pixel_values": pixels}
+    T = Dim("T", min=n_img + 1, max=out.max_context)
+    ds = {"input_ids": {1: T}, "attention_mask": {1: T}, "position_ids": {1: T}, "past_k": None, "past_v": None,
+          "loops": None, **({"token_type_ids": {1: T}} if out.token_types else {}), "pixel_values": None}
     with torch.no_grad():
-        logits = step(*example)[0]
-    return Exported(ep, lay, heads, hd, int(logits.shape[-1]), loops, max_context, example)
+        out.image = torch.export.export(step, ex, kw, dynamic_shapes=ds, strict=False)
+    out.image_example = ex + tuple(kw.values())
+    out.image_tokens = n_img
+    out.pixel_shape = list(pixels.shape)
