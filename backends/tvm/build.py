@@ -86,13 +86,13 @@ def _backend(target):
     return relax.backend.cuda.pipeline if target.kind.name == "cuda" else relax.backend.cpu_generic.pipeline
 
 
-def front_passes(target, options: CompileOptions) -> list:
+def front_passes(target, options: CompileOptions, dataflow: bool = True) -> list:
     """prepare + library dispatch + legalise + fuse: the module MetaSchedule tunes."""
     from . import schedules
 
     return (schedules.prepare_passes(target, options)
             + _backend(target).library_dispatch_passes(target)
-            + schedules.legalize_passes(target))
+            + schedules.legalize_passes(target, dataflow))
 
 
 def back_pipeline(target, options: CompileOptions):
@@ -135,7 +135,13 @@ def build_executable_module(mod, target: dict, options: CompileOptions, work_dir
     tgt = tvm.target.Target(target)
     try:
         with tgt:
-            mod = tvm.transform.Sequential(front_passes(tgt, options))(mod)
+            try:
+                front = tvm.transform.Sequential(front_passes(tgt, options))(mod)
+            except Exception as e:  # noqa: BLE001 - TVM's FuseTIR on dataflow-converted branches
+                log.info("front passes failed (%s); again without ConvertToDataflow", str(e).splitlines()[-1][:120])
+                timings["dataflow_fallback"] = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+                front = tvm.transform.Sequential(front_passes(tgt, options, dataflow=False))(mod)
+            mod = front
         if options.tune:
             from . import tuning
 

@@ -277,7 +277,11 @@ def default_rules(target, options=None) -> list:
 
 
 class Guarded(ScheduleRule):
-    """Run a rule; a schedule error means "rule does not apply" (logged), never a failed build."""
+    """Run a rule; a schedule error means "rule does not apply" (logged), never a failed build.
+
+    The result must also be well formed: inlining an epilogue that reads the matmul's output
+    twice (``matmul + bias + gelu``, fused once the branches are dataflow) left a reference to a
+    buffer that no longer exists, without any schedule error, and the build failed at lowering."""
 
     def __init__(self, rule: ScheduleRule):
         self.rule = rule
@@ -285,8 +289,14 @@ class Guarded(ScheduleRule):
     def apply(self, func, target, tunable):
         import logging
 
+        from tvm.tirx.analysis import verify_well_formed
+
         try:
-            return self.rule.apply(func, target, tunable)
+            sch = self.rule.apply(func, target, tunable)
+            for one in (sch if isinstance(sch, list) else [sch] if sch is not None else []):
+                if not verify_well_formed(one.mod, assert_mode=False):
+                    raise ValueError("the schedule is not well formed")
+            return sch
         except Exception as e:  # noqa: BLE001
             logging.getLogger(__name__).debug("%s skipped a function: %s", type(self.rule).__name__,
                                               str(e).splitlines()[-1] if str(e) else e)

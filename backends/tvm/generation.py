@@ -5,7 +5,9 @@ length P, KV tensors in and out, each loop's count an input) is imported once; t
 specialised by binding a symbolic size (``BindSymbolicVars``, in the step and in every ``cond``
 branch it calls, whose heavy work it is):
 
-* ``prefill``: P = 0, T symbolic (a prompt of any length up to the maximum context);
+* ``prefill``: T and P symbolic (a prompt of any length up to the maximum context, after any
+  cached tokens; binding P = 0 would let constant folding make zero-size constants, which TVM
+  0.27 saves into the library but cannot load back);
 * ``decode``: T = 1, P symbolic (one token against a cache of any length): matrix-vector shaped.
 
 Each is built into its own library (``prefill.so``, ``decode.so``) over one parameter file, so
@@ -77,8 +79,10 @@ def build_entries(exported, target: dict, options, timings: dict):
     ep = exported.program
     mod, pnames = import_step(ep)
     t_sym, p_sym = symbol_names(ep)
+    # prefill keeps P symbolic (it also serves a prompt after a cached one): bound to 0, constant
+    # folding makes zero-size constants, which TVM 0.27 saves but cannot load back
     out = {name: _build(name, specialise(mod, binds), target, options, timings)
-           for name, binds in (("prefill", {p_sym: 0}), ("decode", {t_sym: 1}))}
+           for name, binds in (("prefill", {}), ("decode", {t_sym: 1}))}
     assumptions: list = []
     if exported.image is not None:
         flat = [x for x in exported.image_example if x is not None]

@@ -332,6 +332,48 @@ def _float_unary(relax_name: str | None):
     return convert
 
 
+def _constant_pad_nd(node, importer):
+    """``aten.constant_pad_nd`` whose pad widths may be symbolic sizes (a mask padded to the
+    symbolic cache length: PaliGemma's prefix mask); TVM's converter takes static widths only.
+    Symbolic widths become concatenations with blocks of ``value``."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    x = importer.env[node.args[0]]
+    pads = [importer.env[p] if isinstance(p, torch.fx.Node) else p for p in node.args[1]]
+    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0.0)
+    value = 0.0 if value is None else value
+    ndim = x.ty.ndim
+    if all(isinstance(p, int) for p in pads):
+        width = [0] * (2 * ndim)
+        pairs = [pads[i:i + 2] for i in range(0, len(pads), 2)]
+        flat = [v for pair in reversed(pairs) for v in pair]
+        width[-len(flat):] = flat
+        return bb.emit(relax.op.nn.pad(x, width, "constant", value))
+    out = x
+    for i in range(len(pads) // 2):
+        dim = ndim - 1 - i
+        parts = []
+        for j, width in enumerate(pads[2 * i:2 * i + 2]):
+            if isinstance(width, int) and width == 0:
+                continue
+            if isinstance(width, int) and width < 0:
+                raise ValueError("negative symbolic padding (a crop) is not supported")
+            shape = list(out.ty.shape)
+            shape[dim] = width
+            dtype = str(x.ty.dtype)
+            if value in (0, 1):  # no constant: a bool constant in the library does not load back
+                make = relax.op.zeros if value == 0 else relax.op.ones
+                block = bb.emit(make(relax.ShapeExpr(shape), dtype))
+            else:
+                block = bb.emit(relax.op.full(relax.ShapeExpr(shape), relax.const(value, dtype), dtype))
+            parts.append((j, block))
+        if parts:
+            seq = [b for j, b in parts if j == 0] + [out] + [b for j, b in parts if j == 1]
+            out = bb.emit(relax.op.concat(seq, axis=dim))
+    return out
+
+
 def _sym_sum(node, importer):
     """``torch.sym_sum(sizes)``: the sum of symbolic (or static) sizes, as the importer's ``add``
     of sizes gives it."""
@@ -355,6 +397,7 @@ def custom_convert_map() -> dict[str, Callable]:
         "index.Tensor": _index_tensor,
         "sym_size.int": _sym_size_int,
         "sym_sum": _sym_sum,
+        "constant_pad_nd.default": _constant_pad_nd,
         "reciprocal.default": _float_unary(None),
         **{f"{op}.default": _float_unary(op) for op in ("exp", "log", "sin", "cos", "tanh", "sigmoid", "rsqrt")},
     }

@@ -8,14 +8,16 @@ def prepare_passes(target, options) -> list:
     return []
 
 
-def legalize_passes(target) -> list:
+def legalize_passes(target, dataflow: bool = True) -> list:
     """Legalise to TIR and fuse.
 
     On CPUs two Relax passes come first (GPU pipelines are left as they were):
 
     * ``ConvertToDataflow``: the importer emits ``cond`` branches (and the generation step's
       ``main``) as plain binding blocks, where ``FuseOps`` fuses nothing: every op (each
-      RMSNorm piece, each rotary slice) was its own kernel with its own intermediate buffer;
+      RMSNorm piece, each rotary slice) was its own kernel with its own intermediate buffer
+      (``dataflow=False`` leaves it out: the build falls back to that when TVM 0.27's FuseTIR
+      fails on the larger groups, as it does for a Gemma decoder);
     * ``FuseTransposeMatmul``: ``matmul(x, permute_dims(W))`` becomes one "NT" matmul reading
       ``W [out, in]`` as it is (k contiguous in both operands), which the CPU rules schedule
       (:mod:`.sym_rules`); otherwise a transpose kernel copied every weight on every call.
@@ -25,7 +27,7 @@ def legalize_passes(target) -> list:
 
     front = []
     if getattr(getattr(target, "kind", None), "name", None) == "llvm":
-        front = [relax.transform.ConvertToDataflow(), relax.transform.FuseTransposeMatmul()]
+        front = ([relax.transform.ConvertToDataflow()] if dataflow else []) + [relax.transform.FuseTransposeMatmul()]
     return front + [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),

@@ -112,6 +112,9 @@ class ExportKV(Cache):
 
 
 _COUNTS: dict = {}
+#: per loop: the shapes its tensor arguments had on the example (eager), to pin sizes that export
+#: can only see as data-dependent (Idefics3's count of real images) inside cond branches
+_SHAPES: dict = {}
 _CACHE_SLOT = object()  # where the cache sits among a loop call's arguments
 
 
@@ -175,7 +178,9 @@ def _cond_forward(rec: Recursion, *args, **kwargs):
         cache = None
     leaves = [_CACHE_SLOT if i == at else x for i, x in enumerate(leaves)]
     tensor_at = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x is not h]
-    side = [leaves[i] for i in tensor_at]
+    h, *side = _pin_data_dependent_sizes(rec, [h, *[leaves[i] for i in tensor_at]])
+    # branches get every tensor as an operand: none may hide in what they close over
+    leaves = [None if isinstance(x, torch.Tensor) else x for x in leaves]
     capture = _capture_begin()
     h_in = h
     with _without_capture_hooks(rec):
@@ -185,6 +190,51 @@ def _cond_forward(rec: Recursion, *args, **kwargs):
         capture[0].extend(([h_in] if capture[1] == 0 else []) + [None] * calls)
         rec._capture_end(capture, calls, after, h)  # ... rewritten as the loop does in eager mode
     return h
+
+
+def _pin_data_dependent_sizes(rec: Recursion, tensors: list) -> list:
+    """A size export only knows as data-dependent (an unbacked symbol: a boolean mask's count)
+    cannot flow into a cond branch. Its value on the example is read off the hidden state's
+    shape in eager mode (recorded by :func:`record_shapes`), and every tensor whose shape holds
+    it is reshaped to the concrete size, as the importer pins boolean-mask counts (the
+    manifest's assumptions; a mask with another count at run time makes the selection NaN)."""
+    import sympy
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    shape = _SHAPES.get(rec.key)
+    if shape is None:
+        return tensors
+    values = {}
+    for d, v in zip(tensors[0].shape, shape):
+        if isinstance(d, torch.SymInt) and free_unbacked_symbols(d) and isinstance(d.node.expr, sympy.Symbol):
+            values[d.node.expr] = v
+    if not values:
+        return tensors
+    out = []
+    for t in tensors:
+        if any(isinstance(d, torch.SymInt) and free_unbacked_symbols(d) for d in t.shape):
+            sizes = [int(d.node.expr.subs(values)) if isinstance(d, torch.SymInt) and free_unbacked_symbols(d) else d
+                     for d in t.shape]
+            t = t.reshape(sizes)
+        out.append(t)
+    return out
+
+
+@contextlib.contextmanager
+def record_shapes(module):
+    """Record, on one eager run, the shapes of every loop's tensor arguments (for
+    :func:`_pin_data_dependent_sizes`)."""
+    handles = []
+    for rec in recursions(module).values():
+        def hook(mod, args, kwargs):
+            where, s = mod._state(list(args), kwargs)
+            _SHAPES[mod.key] = tuple((args[s] if where == "arg" else kwargs[s]).shape)
+        handles.append(rec.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextlib.contextmanager
@@ -425,6 +475,8 @@ def _export_image_step(out: Exported, step: Step, inputs: dict, image_token_id, 
     T = Dim("T", min=n_img + 1, max=out.max_context)
     ds = {"input_ids": {1: T}, "attention_mask": {1: T}, "position_ids": {1: T}, "past_k": None, "past_v": None,
           "loops": None, **({"token_type_ids": {1: T}} if out.token_types else {}), "pixel_values": None}
+    with torch.no_grad(), record_shapes(step.wrapper):
+        step(*ex, **kw)  # eager: the loops' argument shapes on the example
     with torch.no_grad():
         out.image = torch.export.export(step, ex, kw, dynamic_shapes=ds, strict=False)
     out.image_example = ex + tuple(kw.values())
