@@ -59,6 +59,30 @@ def import_step(ep: torch.export.ExportedProgram, example=None, assumptions=None
     return mod, parameter_names(ep)
 
 
+def used_weights(mod) -> set[int]:
+    """Indices (into the weights: ``main``'s inputs after ``num_input``) that ``main`` uses."""
+    from tvm import relax
+
+    main = mod["main"]
+    n = int(main.attrs["num_input"])
+    free = set(relax.analysis.free_vars(main.body))
+    return {i for i, v in enumerate(main.params[n:]) if v in free}
+
+
+def keep_weights(mod, keep: list[int]):
+    """``mod`` with ``main`` taking only the weights at ``keep`` (in that order)."""
+    import tvm
+    from tvm import relax
+
+    main = mod["main"]
+    n = int(main.attrs["num_input"])
+    params = list(main.params[:n]) + [main.params[n + i] for i in keep]
+    f = relax.Function(params, main.body, main.ret_ty, main.is_pure, main.attrs, main.span)
+    out = tvm.IRModule(dict(mod.functions.items()))
+    out["main"] = f
+    return out
+
+
 def _build(name: str, mod, target: dict, options, timings: dict):
     from .build import build_executable_module
 
@@ -79,16 +103,26 @@ def build_entries(exported, target: dict, options, timings: dict):
     ep = exported.program
     mod, pnames = import_step(ep)
     t_sym, p_sym = symbol_names(ep)
-    # prefill keeps P symbolic (it also serves a prompt after a cached one): bound to 0, constant
-    # folding makes zero-size constants, which TVM 0.27 saves but cannot load back
-    out = {name: _build(name, specialise(mod, binds), target, options, timings)
-           for name, binds in (("prefill", {}), ("decode", {t_sym: 1}))}
     assumptions: list = []
+    img = None
     if exported.image is not None:
         flat = [x for x in exported.image_example if x is not None]
         img, inames = import_step(exported.image, example=flat, assumptions=assumptions)
         if inames != pnames:
             raise CompileError("the image prefill step takes other weights than the text step")
+    # weights no entry reads stay out of the artifact (a LoRA'd matrix's base and factors once
+    # the step holds its per-depth merges: Step.premerge)
+    used = used_weights(mod) | (used_weights(img) if img is not None else set())
+    keep = sorted(used)
+    if len(keep) < len(pnames):
+        mod = keep_weights(mod, keep)
+        img = keep_weights(img, keep) if img is not None else None
+        pnames = [pnames[i] for i in keep]
+    # prefill keeps P symbolic (it also serves a prompt after a cached one): bound to 0, constant
+    # folding makes zero-size constants, which TVM 0.27 saves but cannot load back
+    out = {name: _build(name, specialise(mod, binds), target, options, timings)
+           for name, binds in (("prefill", {}), ("decode", {t_sym: 1}))}
+    if img is not None:
         out["prefill_image"] = _build("prefill_image", img, target, options, timings)
     return out, pnames, assumptions
 

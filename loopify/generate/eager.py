@@ -33,7 +33,8 @@ class EagerDecoder:
 
     def _run(self, inputs: dict) -> torch.Tensor:
         inputs = {k: v for k, v in inputs.items() if k in self.takes}
-        out = self.wrapper.run_model(inputs, use_cache=True, cache=self.cache)
+        with torch.no_grad():  # a decoder serves tokens: no autograd graph kept across steps
+            out = self.wrapper.run_model(inputs, use_cache=True, cache=self.cache)
         return _logits(out)[:, -1]
 
     def prefill(self, batch: dict) -> torch.Tensor:

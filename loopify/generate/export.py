@@ -24,8 +24,8 @@ import torch
 import torch.utils._pytree as pytree
 from transformers.cache_utils import Cache
 
-from loopify.nn import kv
-from loopify.nn.recursion import _CURRENT, Depth, Recursion, _capture_begin, recursions
+from loopify.nn import kv, lora
+from loopify.nn.recursion import _CURRENT, Depth, Recursion, _capture_begin, recursions, unkey
 
 
 @dataclass(frozen=True)
@@ -306,7 +306,7 @@ class _Run:
         box = a if where == "arg" else kw
         box[s] = h
         for d in group:
-            out = rec.call_block(d.block, rec.overrides(d.block, lambda st, dd=d.depth: st[dd]), tuple(a), kw)
+            out = rec.call_block(d.block, _overrides(rec, d), tuple(a), kw)
             box[s] = out[0] if isinstance(out, tuple) else out
         zero = pk.new_zeros((pk.shape[1], pk.shape[2], h.shape[-2], pk.shape[4]))
         got = [local.new.get(j - base) for j in idx]
@@ -323,7 +323,7 @@ def _plain_run(self, h, side):
     box = a if where == "arg" else kw
     box[s] = h
     for d in group:
-        out = rec.call_block(d.block, rec.overrides(d.block, lambda st, dd=d.depth: st[dd]), tuple(a), kw)
+        out = rec.call_block(d.block, _overrides(rec, d), tuple(a), kw)
         box[s] = out[0] if isinstance(out, tuple) else out
     return box[s]
 
@@ -345,6 +345,30 @@ class _Skip:
         return h.clone(), zero, zero.clone()
 
 
+def _overrides(rec: Recursion, d: Depth) -> dict:
+    """A depth's parameter overrides inside an unrolled step: its own vectors (slices), its
+    premerged matrices where the step holds them, else the merge ``W + s * B @ A`` in the graph
+    (cheap at low rank; at full rank a rank-576 product per matrix and depth made decoding take
+    seconds per token, hence the premerge)."""
+    names = dict(rec.blocks[d.block].named_parameters())
+    store, keys = rec.__dict__.get("_premerged", (None, {}))
+    merged = {name: store[key] for name, key in keys.get(d.depth, {}).items()}  # looked up now: see premerge
+    over = {unkey(k): st[d.depth] for k, st in rec.depth_params.items()}
+    for key in rec.lora_A.keys():
+        name = unkey(key)
+        over[name] = merged[name] if name in merged else lora.merged(
+            names[name], rec.lora_A[key][d.depth], rec.lora_B[key][d.depth], rec.lora_scales.get(name, 1.0))
+    return over
+
+
+def _worth_premerging(weight: torch.Tensor, A: torch.Tensor) -> bool:
+    """Premerge when the factors are at least half the matrix's size: the artifact then grows by
+    at most twice the factors, and no rank-r product runs per token; below that the factors stay
+    (an adapter at rank 8 keeps the artifact small, and its merge costs ~r/in of a matmul)."""
+    r, (out_f, in_f) = A.shape[-2], weight.shape
+    return r * (in_f + out_f) * 2 >= in_f * out_f
+
+
 class Step(torch.nn.Module):
     """The decode step (see the module docstring) of a wrapped model (an ExportWrapper)."""
 
@@ -354,6 +378,32 @@ class Step(torch.nn.Module):
         self.lay = lay
         self.keys = [r.key for r in recursions(wrapper).values()]  # one count per loop, KV or not
         self.logits_last = logits_last
+        self.merged = torch.nn.ParameterDict()
+        self.premerge()
+
+    def premerge(self) -> None:
+        """High-rank LoRA'd depths' merged matrices as parameters of the step (stored in the
+        artifact as per-depth full matrices: the original's size at full rank)."""
+        for i, rec in enumerate(recursions(self.wrapper).values()):
+            rec.__dict__["_premerged"] = (self.merged, {})  # this step's (a loop can be exported twice)
+            if not rec.lora_A:
+                continue
+            for depth in range(rec.spec.layers):
+                b = rec.block_for_depth(depth)
+                names = dict(rec.blocks[b].named_parameters())
+                keys = [k for k in rec.lora_A.keys() if _worth_premerging(names[unkey(k)], rec.lora_A[k])]
+                with torch.no_grad():
+                    merged = {unkey(k): lora.merged(names[unkey(k)], rec.lora_A[k][depth], rec.lora_B[k][depth],
+                                                    rec.lora_scales.get(unkey(k), 1.0)) for k in keys}
+                entry = {}
+                for name, w in merged.items():
+                    key = f"loop{i}_depth{depth}_{name.replace('.', '_')}"
+                    self.merged[key] = torch.nn.Parameter(w, requires_grad=False)
+                    entry[name] = key
+                # a plain attribute (not a submodule): the step owns the parameters, the loop
+                # finds them by key in the step's dict at trace time (export swaps parameters
+                # by attribute: a reference kept to the tensor would be baked in as a constant)
+                rec.__dict__["_premerged"][1][depth] = entry
 
     def forward(self, input_ids, attention_mask, position_ids, past_k, past_v, loops, token_type_ids=None,
                 pixel_values=None):
