@@ -170,8 +170,13 @@ def compile_generation(exported, target="x86", out=None, *, options=None, assets
         unique, ties = dedupe((n, sd[n]) for n in pnames)  # tied weights (one storage, two names) once
         manifest["param_ties"] = ties
         save_file(unique, str(tmp / _artifact.PARAMS))
-        if assets is not None and Path(assets).is_dir():
-            shutil.copytree(assets, tmp / "assets")
+        if assets is not None and Path(assets).is_dir():  # the architecture's files, never its weights
+            from loopify.converted import ASSET_FILES
+
+            (tmp / "assets").mkdir()
+            for f in ASSET_FILES:
+                if (Path(assets) / f).is_file():
+                    shutil.copy2(Path(assets) / f, tmp / "assets" / f)
 
     path = _artifact.write(out, populate, manifest)
     return CompileResult(path, manifest, exes, timings)
