@@ -270,10 +270,15 @@ def _cond_groups(rec, h, side, leaves, spec, tensor_at, where, s, cache, n):
         if idx != list(range(idx[0], idx[-1] + 1)):
             raise ValueError(f"loop {rec.key}: the slots of one step are not contiguous ({idx})")
         reads = sorted({cache.index_of(sk.key) for sk in slots if sk.mode == "read"})
+        # slots an earlier recursion wrote and this one replaces (Ouro's "last"): when the step
+        # does not run, they keep the earlier entries (not zeros)
+        held = [j for j in idx if j not in reads and j in cache.new]
         ops = (h, *side, cache.past_k[idx[0]:idx[-1] + 1], cache.past_v[idx[0]:idx[-1] + 1],
-               *[cache.new[j][0] for j in reads], *[cache.new[j][1] for j in reads])
+               *[cache.new[j][0].clone() for j in reads], *[cache.new[j][1].clone() for j in reads],
+               *[cache.new[j][0].clone() for j in held], *[cache.new[j][1].clone() for j in held])
         ctx = (rec, group, idx, reads, leaves, spec, tensor_at, where, s, cache)
-        h, nk, nv = torch.cond(n > group[0].recursion, _Run(ctx), _Skip(len(side), len(idx)), ops)
+        skip = _Skip(len(side), len(idx), 2 * len(reads), [idx.index(j) for j in held])
+        h, nk, nv = torch.cond(n > group[0].recursion, _Run(ctx), skip, ops)
         after.update({d.depth: h for d in group})
         for q, j in enumerate(idx):
             if j not in reads:
@@ -293,7 +298,7 @@ class _Run:
         if cache is None:
             return self._plain(h, side)
         pk, pv = rest[len(tensor_at)], rest[len(tensor_at) + 1]
-        prev = rest[len(tensor_at) + 2:]
+        prev = rest[len(tensor_at) + 2:len(tensor_at) + 2 + 2 * len(reads)]
         base = idx[0]
         plan = [kv.slot(cache.lay.policy, d, 0) for d in group]
         local = ExportKV(pk, pv, cache.lay, index_of=lambda key: cache.index_of(key) - base, plan=plan)
@@ -309,7 +314,10 @@ class _Run:
             out = rec.call_block(d.block, _overrides(rec, d), tuple(a), kw)
             box[s] = out[0] if isinstance(out, tuple) else out
         zero = pk.new_zeros((pk.shape[1], pk.shape[2], h.shape[-2], pk.shape[4]))
-        got = [local.new.get(j - base) for j in idx]
+        # a slot this group only reads (share-first's later recursions) returns zeros, never its
+        # operand: a cond branch may not return an input (aliasing), and the caller keeps the
+        # writer's entry anyway
+        got = [None if j in reads else local.new.get(j - base) for j in idx]
         return (box[s], torch.stack([g[0] if g is not None else zero for g in got]),
                 torch.stack([g[1] if g is not None else zero for g in got]))
 
@@ -332,17 +340,25 @@ _Run._plain = _plain_run
 
 
 class _Skip:
-    """The false branch: the hidden state unchanged, zero keys for the group's slots."""
+    """The false branch: the hidden state unchanged, zero keys for the group's slots, except
+    the ``held`` ones (positions in the group's slots), which keep the entries passed in after
+    the ``n_reads`` read operands."""
 
-    def __init__(self, n_side: int, n_slots: int):
-        self.n_side, self.n_slots = n_side, n_slots
+    def __init__(self, n_side: int, n_slots: int, n_reads: int = 0, held: list[int] | None = None):
+        self.n_side, self.n_slots, self.n_reads, self.held = n_side, n_slots, n_reads, list(held or [])
 
     def __call__(self, h, *rest):
         if not self.n_slots:
             return h.clone()
         pk = rest[self.n_side]
-        zero = pk.new_zeros((self.n_slots, pk.shape[1], pk.shape[2], h.shape[-2], pk.shape[4]))
-        return h.clone(), zero, zero.clone()
+        shape = (pk.shape[1], pk.shape[2], h.shape[-2], pk.shape[4])
+        at = self.n_side + 2 + self.n_reads
+        n = len(self.held)
+        keys = {q: rest[at + i] for i, q in enumerate(self.held)}
+        vals = {q: rest[at + n + i] for i, q in enumerate(self.held)}
+        ks = [keys[q].clone() if q in keys else pk.new_zeros(shape) for q in range(self.n_slots)]
+        vs = [vals[q].clone() if q in vals else pk.new_zeros(shape) for q in range(self.n_slots)]
+        return h.clone(), torch.stack(ks), torch.stack(vs)
 
 
 def _overrides(rec: Recursion, d: Depth) -> dict:

@@ -93,6 +93,24 @@ def _png(tmp_path):
     return p
 
 
+@pytest.mark.parametrize("policy", ["share-first", "last"])
+def test_shared_kv_policies_compile_and_decode_the_eager_tokens(gen_artifact, tmp_path, policy):
+    """MoR's share-first and Ouro's last: one slot per block. The exported step passes a read
+    slot's entries into the later recursion's ``cond`` as copies (views of one tensor are aliased
+    operands, which torch.cond refuses), and a step that does not run keeps the slot's earlier
+    entries ("last" at one loop: zeros there had the next token attend to nothing)."""
+    from loopify.compile import compile_model
+
+    pt2, _, _ = gen_artifact
+    res = compile_model(pt2, tmp_path / f"{policy}.gen", max_context=64, kv_policy=policy)
+    assert res.manifest["generation"]["layout"]["slots"] == 2          # 2 blocks, a slot each
+    eager, compiled = open_model(pt2), open_model(tmp_path / f"{policy}.gen")
+    for loops in (1, 2):
+        a = eager.generate([[1, 9, 44, 3]], Sampling(max_new_tokens=10), loops=loops, policy=policy)
+        b = compiled.generate([[1, 9, 44, 3]], Sampling(max_new_tokens=10), loops=loops, policy=policy)
+        assert a.tokens == b.tokens, (policy, loops)
+
+
 def test_generate_cli_streams_and_reports(gen_artifact, tmp_path):
     _, art, _ = gen_artifact
     out = tmp_path / "g.json"

@@ -63,13 +63,15 @@ def test_smollm2_lossless_decodes_transformers_greedy_tokens(tmp_path_factory):
     m = hf.load_hf_dir(src)
     prompts = _prompts(load_tokenizer(src))
     assert [len(p) for p in prompts] == LENGTHS
-    greedy = Sampling(max_new_tokens=NEW)  # no eos: 64 tokens, as min_new_tokens below
+    greedy = Sampling(max_new_tokens=NEW)  # no eos: 64 tokens; transformers' eos is unset below
+    # (min_new_tokens would instead mask EOS's logit, another argmax where EOS is the top token)
+    gc = m.module.model.generation_config
+    gc.eos_token_id, gc.pad_token_id = None, 0
     ref = []
     with torch.no_grad():
         for p in prompts:
             x = torch.tensor([p])
-            out = m.module.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, do_sample=False,
-                                          min_new_tokens=NEW)
+            out = m.module.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, do_sample=False)
             ref.append(out[0, len(p):].tolist())
     for path in (pt2, art):
         g = open_model(path)
