@@ -31,9 +31,10 @@ from loopify.errors import LoopifyError
 @dataclass(frozen=True)
 class GenConfig:
     model: str            # original | converted
-    backend: str          # hf | eager | tvm
+    backend: str          # hf | eager | tvm | llama.cpp
     loops: int | None = None
     policy: str = "per-depth"
+    gguf: str | None = None   # llama.cpp: the GGUF file
 
 
 @dataclass
@@ -49,6 +50,13 @@ class GenBenchSpec:
     threads: int = 1
     rounds: int = 3
     warmup: int = 1
+    ggufs: list[str] = field(default_factory=list)        # llama.cpp rows: GGUF files of the original
+
+
+def llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def bandwidth_gbs(threads: int = 1, mb: int = 512, repeat: int = 3) -> float:
@@ -133,6 +141,10 @@ def _open(cfg: GenConfig, spec: GenBenchSpec):
     torch.set_num_threads(spec.threads)
     from loopify.generate import Sampling, open_model
 
+    if cfg.backend == "llama.cpp":
+        src = open_model(spec.original)
+        return _llama_cpp_runner(cfg.gguf, spec), _gguf_weight_bytes(cfg.gguf), src.tokenizer, \
+            int(src.config.get("vocab_size") or 32000)
     if cfg.backend == "tvm":
         idx = 0 if cfg.model == "original" else 1
         if len(spec.artifacts) <= idx:
@@ -176,6 +188,40 @@ def _hf_runner(wrapper, spec: GenBenchSpec):
     return run
 
 
+def _gguf_weight_bytes(path: str) -> int:
+    """Bytes of the GGUF's tensors that a decoded token reads: all but the token embedding table
+    (one row of it), unless the head reads the table too (tied: no ``output.weight``)."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(path).tensors}
+    tied = "output.weight" not in tensors
+    return sum(n for name, n in tensors.items() if tied or name != "token_embd.weight")
+
+
+def _llama_cpp_runner(path: str, spec: GenBenchSpec):
+    """llama.cpp (llama-cpp-python) on a GGUF, fed loopify's prompt token ids: TTFT is the
+    prompt's evaluation plus the first sampled token, then one ``eval`` per decoded token;
+    greedy (top-k 1)."""
+    from llama_cpp import Llama
+
+    ctx = max(spec.prompt_lengths) + spec.new_tokens + 8
+    llm = Llama(model_path=path, n_ctx=ctx, n_threads=spec.threads, n_threads_batch=spec.threads,
+                n_batch=min(512, ctx), verbose=False)
+
+    def run(prompt):
+        llm.reset()
+        t0 = time.perf_counter()
+        stream = llm.generate(prompt, top_k=1, temp=0.0, reset=True)
+        next(stream)
+        t1 = time.perf_counter()
+        for _ in range(spec.new_tokens):
+            next(stream)
+        t2 = time.perf_counter()
+        stream.close()
+        return t1 - t0, spec.new_tokens / max(t2 - t1, 1e-9), None
+    return run
+
+
 def _worker(conn, cfg: GenConfig, spec: GenBenchSpec):
     import warnings
 
@@ -208,7 +254,7 @@ def _worker(conn, cfg: GenConfig, spec: GenBenchSpec):
 
 def configs(spec: GenBenchSpec, max_loops: int) -> list[GenConfig]:
     loops = list(spec.loops) if spec.loops else list(range(1, max_loops + 1))
-    out = []
+    out = [GenConfig("original", "llama.cpp", gguf=g) for g in spec.ggufs]
     for b in spec.backends:
         out.append(GenConfig("original", b))
         if b == "hf":
@@ -276,7 +322,9 @@ def _row(c: GenConfig, n: int, msgs: list[dict], wbytes: int, bw: float) -> dict
     tps = statistics.median(m["decode_tps"] for m in msgs)
     bound = bw * 1e9 / wbytes if wbytes else float("nan")
     kv = msgs[-1]["kv_bytes"]
-    return {"model": c.model, "backend": c.backend, "loops": c.loops, "kv_policy": c.policy, "prompt_tokens": n,
+    return {"model": c.model, "backend": c.backend, "loops": c.loops,
+            "kv_policy": c.policy if c.backend != "llama.cpp" else Path(c.gguf).name,  # keys a row
+            "weights": Path(c.gguf).name if c.gguf else "float32", "prompt_tokens": n,
             "ttft_ms": ttft * 1e3, "decode_tokens_per_s": tps, "peak_mb": max(m["peak_mb"] for m in msgs),
             "kv_bytes": kv, "weight_bytes_per_token": wbytes, "bandwidth_bound_tokens_per_s": bound,
             "bandwidth_fraction": tps / bound if bound == bound else None, "n": len(msgs)}

@@ -385,8 +385,13 @@ def run_cmd(model, loops_s, inputs, out_file, save_inputs, threads):
 @click.option("--kv-policies", default="per-depth", show_default=True,
               help="--generate: KV policies of the converted model (eager); 'all' for the three.")
 @click.option("--kv-table", is_flag=True, help="--generate: also the KV policy table (bytes per token, agreement).")
+@click.option("--gguf", "ggufs", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="--generate: a GGUF of the original for llama.cpp rows (repeatable; needs llama-cpp-python, "
+                   "the bench extra).")
+@click.option("--gguf-f32", is_flag=True, help="--generate: also a float32 GGUF written from each --gguf's weights "
+                                               "(llama.cpp at loopify's precision).")
 def bench_cmd(original, converted, artifacts, backends, loops_s, threads, seq, batch, rounds, per_round, warmup, json_out,
-              plot, gen, prompt_lengths, new_tokens, kv_policies, kv_table):
+              plot, gen, prompt_lengths, new_tokens, kv_policies, kv_table, ggufs, gguf_f32):
     """Benchmark CONVERTED (a `loopify convert` output) against ORIGINAL, side by side.
 
     ARTIFACTS: the TVM artifact directories of the original and the converted model (compiled
@@ -399,9 +404,11 @@ def bench_cmd(original, converted, artifacts, backends, loops_s, threads, seq, b
     from loopify import bench
 
     loops = _loops_option(loops_s)
+    if ggufs and not gen:
+        raise LoopifyError("--gguf is for --generate (llama.cpp rows)")
     if gen:
         return _bench_generate(original, converted, artifacts, backends, loops, threads, rounds, warmup, json_out,
-                               plot, prompt_lengths, new_tokens, kv_policies, kv_table)
+                               plot, prompt_lengths, new_tokens, kv_policies, kv_table, ggufs, gguf_f32)
     spec = bench.BenchSpec(str(original), str(converted), [str(a) for a in artifacts],
                            tuple(b.strip() for b in backends.split(",") if b.strip()),
                            tuple([loops] if isinstance(loops, int) else loops) if loops is not None else None,
@@ -429,7 +436,7 @@ def bench_cmd(original, converted, artifacts, backends, loops_s, threads, seq, b
 
 
 def _bench_generate(original, converted, artifacts, backends, loops, threads, rounds, warmup, json_out, plot,
-                    prompt_lengths, new_tokens, kv_policies, kv_table):
+                    prompt_lengths, new_tokens, kv_policies, kv_table, ggufs=(), gguf_f32=False):
     from tqdm import tqdm
 
     from loopify import bench_generate as bg
@@ -451,6 +458,21 @@ def _bench_generate(original, converted, artifacts, backends, loops, threads, ro
     spec = bg.GenBenchSpec(str(original), str(converted), [str(a) for a in artifacts], chosen,
                            tuple([loops] if isinstance(loops, int) else loops) if loops is not None else None,
                            policies, lengths, new_tokens, threads, rounds, warmup)
+    if ggufs:
+        if not bg.llama_cpp_available():
+            raise LoopifyError("--gguf needs llama-cpp-python (pip install 'loopify[bench-llamacpp]': it builds "
+                               "llama.cpp from source)")
+        spec.ggufs = [str(g) for g in ggufs]
+    tmp = None
+    if gguf_f32 and ggufs:
+        import tempfile
+
+        from loopify.capture.gguf import write_float_copy
+
+        tmp = tempfile.TemporaryDirectory(prefix="loopify-gguf-")
+        for g in ggufs:
+            click.echo(f"writing a float32 copy of {g.name}", err=True)
+            spec.ggufs.append(str(write_float_copy(g, Path(tmp.name) / f"{g.stem}.f32.gguf")))
     click.echo(f"bench --generate: backends={','.join(chosen)} loops={spec.loops or 'all'} kv={','.join(policies)} "
                f"prompts={','.join(map(str, lengths))} new_tokens={new_tokens} threads={threads} rounds={rounds} "
                "(interleaved, one process per configuration)", err=True)
@@ -466,6 +488,8 @@ def _bench_generate(original, converted, artifacts, backends, loops, threads, ro
             report["kv_policies"] = bg.kv_policy_table(converted)
     finally:
         bar.close()
+        if tmp is not None:
+            tmp.cleanup()
     click.echo(bg.format_table(report))
     for r in report.get("kv_policies", []):
         click.echo(f"kv policy loops={r['loops']} {r['kv_policy']:<12} {r['kv_bytes_per_token']:>10,.0f} bytes/token  "

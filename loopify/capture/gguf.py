@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from loopify.capture.hf import HFLoadError, HFModel, finish_model, one_line
+from loopify.errors import LoopifyError
 
 MAGIC = b"GGUF"
 
@@ -105,3 +106,35 @@ def load(path: Path, *, seq_len: int | None = None, attn_implementation: str | N
     arch = type(model).__name__
     info = {"assets_dir": str(assets), "gguf": path.name}
     return finish_model(assets, arch, model, seq_len, attn_implementation, batch or 1, tokenizer=tok, info=info)
+
+
+def write_float_copy(src: Path, dst: Path, dtype: str = "f32") -> Path:
+    """Write ``src`` (a quantised GGUF) as a float GGUF with the same metadata and the same
+    weights dequantised: a llama.cpp model of equal precision to loopify's float32 one (``f16``:
+    matrices in float16, vectors stay float32 as llama.cpp wants them)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+    from gguf.quants import dequantize
+
+    if dtype not in ("f32", "f16"):
+        raise LoopifyError(f"GGUF float copy: dtype f32 or f16, not {dtype!r}")
+    reader = GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
+    writer = GGUFWriter(str(dst), arch)
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == GGUFValueType.ARRAY else None
+        value = field.contents()
+        if field.name == "general.file_type":
+            value = 0 if dtype == "f32" else 1  # LLAMA_FTYPE_ALL_F32 / MOSTLY_F16
+        writer.add_key_value(field.name, value, kind, sub_type=sub)
+    for t in reader.tensors:
+        arr = np.asarray(dequantize(t.data, GGMLQuantizationType(t.tensor_type)), dtype=np.float32)
+        writer.add_tensor(t.name, arr.astype(np.float16) if dtype == "f16" and arr.ndim > 1 else arr)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst

@@ -180,3 +180,38 @@ def test_every_zoo_generative_model_decodes_the_originals_tokens(written, tmp_pa
     for model in (pt2, tmp_path / f"{name}.gen"):
         got = open_model(model).generate([ids[0].tolist()], Sampling(max_new_tokens=n), extra=extra)
         assert got.tokens[0] == ref, (model, got.tokens[0], ref)
+
+
+def test_bench_generate_measures_every_configuration_side_by_side(written, gen_artifact, tmp_path):
+    """``loopify bench --generate`` on the tiny Llama: transformers' generate, eager (original and
+    converted at both loop counts) and the converted artifact (the original's artifact is built
+    here too), every prompt length; the JSON as the README's schema says; per-depth agrees with
+    itself exactly and the KV table's bytes per token follow the policies' slot counts."""
+    import json
+
+    from loopify.compile import compile_model
+
+    pt2, art, _ = gen_artifact
+    orig = written["llama"]["hf"]
+    orig_art = tmp_path / "orig.gen"
+    compile_model(orig, orig_art, max_context=96)
+    out = tmp_path / "gen.json"
+    r = CliRunner().invoke(cli, ["bench", str(orig), str(pt2), str(orig_art), str(art), "--generate",
+                                 "--prompt-lengths", "4,16", "--new-tokens", "4", "--rounds", "1", "--warmup", "0",
+                                 "--kv-table", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(out.read_text())
+    assert rep["machine"]["bandwidth_gbs"] > 0
+    seen = {(x["model"], x["backend"], x["loops"]) for x in rep["results"]}
+    assert seen == {("original", "hf", None), ("original", "eager", None), ("converted", "eager", 1),
+                    ("converted", "eager", 2), ("original", "tvm", None), ("converted", "tvm", 1),
+                    ("converted", "tvm", 2)}
+    for x in rep["results"]:
+        assert x["prompt_tokens"] in (4, 16) and x["ttft_ms"] > 0 and x["decode_tokens_per_s"] > 0
+        assert 0 < x["bandwidth_fraction"] and x["weight_bytes_per_token"] > 0
+    assert all(q["decode_vs_hf"] > 0 for q in rep["ratios"]) and len(rep["ratios"]) == 2 * (len(seen) - 1)
+    kv = {(x["loops"], x["kv_policy"]): x for x in rep["kv_policies"]}
+    assert kv[(2, "per-depth")]["agreement_with_per_depth"] == 1.0
+    # 2 blocks: per-depth keeps a slot per executed depth (4 at two loops), the shared policies one per block
+    assert kv[(2, "per-depth")]["kv_bytes_per_token"] == pytest.approx(2 * kv[(2, "share-first")]["kv_bytes_per_token"])
+    assert kv[(1, "per-depth")]["kv_bytes_per_token"] == pytest.approx(kv[(1, "last")]["kv_bytes_per_token"])
