@@ -296,7 +296,7 @@ class _Run:
         rec, group, idx, reads, leaves, spec, tensor_at, where, s, cache = self.ctx
         side = rest[:len(tensor_at)]
         if cache is None:
-            return self._plain(h, side)
+            return self._blocks(h, side, None)
         pk, pv = rest[len(tensor_at)], rest[len(tensor_at) + 1]
         prev = rest[len(tensor_at) + 2:len(tensor_at) + 2 + 2 * len(reads)]
         base = idx[0]
@@ -304,7 +304,20 @@ class _Run:
         local = ExportKV(pk, pv, cache.lay, index_of=lambda key: cache.index_of(key) - base, plan=plan)
         for j, k_, v_ in zip(reads, prev[:len(reads)], prev[len(reads):]):
             local.new[j - base] = (k_, v_)
-        lv = [local if x is _CACHE_SLOT else x for x in leaves]
+        h = self._blocks(h, side, local)
+        zero = pk.new_zeros((pk.shape[1], pk.shape[2], h.shape[-2], pk.shape[4]))
+        # a slot this group only reads (share-first's later recursions) returns zeros, never its
+        # operand: a cond branch may not return an input (aliasing), and the caller keeps the
+        # writer's entry anyway
+        got = [None if j in reads else local.new.get(j - base) for j in idx]
+        return (h, torch.stack([g[0] if g is not None else zero for g in got]),
+                torch.stack([g[1] if g is not None else zero for g in got]))
+
+    def _blocks(self, h, side, cache):
+        """The group's depths on ``h``, the block call's other arguments rebuilt from the
+        branch operands (``cache`` in the cache's place: None for a loop without KV)."""
+        rec, group, _idx, _reads, leaves, spec, tensor_at, where, s, _cache = self.ctx
+        lv = [cache if x is _CACHE_SLOT else x for x in leaves]
         for pos, t in zip(tensor_at, side):
             lv[pos] = t
         a, kw = pytree.tree_unflatten(lv, spec)
@@ -313,30 +326,7 @@ class _Run:
         for d in group:
             out = rec.call_block(d.block, _overrides(rec, d), tuple(a), kw)
             box[s] = out[0] if isinstance(out, tuple) else out
-        zero = pk.new_zeros((pk.shape[1], pk.shape[2], h.shape[-2], pk.shape[4]))
-        # a slot this group only reads (share-first's later recursions) returns zeros, never its
-        # operand: a cond branch may not return an input (aliasing), and the caller keeps the
-        # writer's entry anyway
-        got = [None if j in reads else local.new.get(j - base) for j in idx]
-        return (box[s], torch.stack([g[0] if g is not None else zero for g in got]),
-                torch.stack([g[1] if g is not None else zero for g in got]))
-
-
-def _plain_run(self, h, side):
-    rec, group, _idx, _reads, leaves, spec, tensor_at, where, s, _cache = self.ctx
-    lv = [None if x is _CACHE_SLOT else x for x in leaves]
-    for pos, t in zip(tensor_at, side):
-        lv[pos] = t
-    a, kw = pytree.tree_unflatten(lv, spec)
-    box = a if where == "arg" else kw
-    box[s] = h
-    for d in group:
-        out = rec.call_block(d.block, _overrides(rec, d), tuple(a), kw)
-        box[s] = out[0] if isinstance(out, tuple) else out
-    return box[s]
-
-
-_Run._plain = _plain_run
+        return box[s]
 
 
 class _Skip:
