@@ -72,6 +72,14 @@ def check_generation(case: Path, spec: dict) -> list[dict]:
     return rows
 
 
+def packages_loaded() -> list[str]:
+    """The top-level non-standard-library packages this process imported: what a board running
+    loopify's artifacts must install (loopify itself, numpy, TVM and what they pull in)."""
+    top = {m.split(".")[0] for m in list(sys.modules)} - set(sys.stdlib_module_names)
+    return sorted(m for m in top if not m.startswith("_") and m not in ("sitecustomize", "usercustomize")
+                  and getattr(sys.modules.get(m), "__file__", None))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("work", type=Path)
@@ -90,15 +98,16 @@ def main(argv=None) -> int:
         rows = (check_generation if spec["kind"] == "generation" else check_forward)(case, spec)
         report[name] = rows
         for r in rows:
-            err = f"rel err {r['rel_err']:.2e}" if "rel_err" in r else r.get("detail", "")
+            err = (f"max abs err {r['max_abs_err']:.2e} (rel {r['rel_err']:.2e})" if "rel_err" in r
+                   else r.get("detail", ""))
             print(f"{name:12s} loops={r['loops']!s:6s} {r['what']:18s} {'ok' if r['ok'] else 'FAIL':4s} {err}"
                   f"  ({r['emulated_ms']:.0f} ms emulated)", flush=True)
         ok &= all(r["ok"] for r in rows)
         print(f"{name}: {sum(r['ok'] for r in rows)}/{len(rows)} ok in {time.perf_counter() - t0:.0f} s "
               "(emulated; not ARM timings)", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"rtol": ARTIFACT_RTOL, "machine": platform.machine(), "cases": report},
-                                        indent=1) + "\n")
+        args.json.write_text(json.dumps({"rtol": ARTIFACT_RTOL, "machine": platform.machine(),
+                                         "packages": packages_loaded(), "cases": report}, indent=1) + "\n")
     return 0 if ok else 1
 
 

@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import logging
 import shutil
 import sys
 import time
@@ -158,7 +159,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from loopify.errors import LoopifyError
 
-    warnings.filterwarnings("ignore", category=FutureWarning)  # torch's pytree deprecations, as the CLI
+    for category in (FutureWarning, DeprecationWarning, UserWarning):  # library chatter, as the CLI
+        warnings.filterwarnings("ignore", category=category)
+    logging.getLogger("torch").setLevel(logging.ERROR)
     torch.manual_seed(0)
     digest = source_hash()
     try:
