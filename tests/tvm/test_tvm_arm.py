@@ -108,6 +108,7 @@ def test_arm64_tuning_through_an_rpc_server_in_the_emulator(tmp_path, emulated_r
                           rpc=emulated_rpc_server)
     tuning = json.loads((res.path / "manifest.json").read_text())["tuning"]
     assert tuning["rpc"] == emulated_rpc_server and tuning["functions"]
-    for f in tuning["functions"]:
+    for f in tuning["functions"]:  # both schedules timed remotely, several uploads in one session
         assert f["default_ms"] is not None and f["default_ms"] > 0, f
+        assert f["tuned_ms"] is not None and f["tuned_ms"] > 0, f
     assert (tmp_path / "db" / "database_tuning_record.json").stat().st_size > 0
