@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-all bench zoo clean
+.PHONY: setup demo test test-all test-arm bench zoo clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,17 @@ test: $(STAMP)
 # Everything, slow cases included (the all-sharing-maps sweep, the large benchmark model export).
 test-all: $(STAMP)
 	LOOPIFY_SLOW=1 $(PY) -m pytest -q -m "not bench" --timeout=3600 $(PYTEST_ARGS)
+
+# arm64 artifacts run under emulation: tools/arm/setup.sh sets up qemu-user and an aarch64 Python
+# (numpy + TVM) in .arm/, prepare.py builds arm64 artifacts of converted zoo models and their
+# PyTorch outputs on this host, check.py runs them emulated at every loop count. Emulated timings
+# are not ARM timings.
+ARM_DIR ?= .arm
+ARM_CASES ?= minilm,llava-clip,idefics3,gen-llama
+test-arm: $(STAMP)
+	ARM_DIR=$(ARM_DIR) tools/arm/setup.sh
+	$(PY) tools/arm/prepare.py $(ARM_DIR)/work --cases $(ARM_CASES)
+	ARM_DIR=$(ARM_DIR) tools/arm/python tools/arm/check.py $(ARM_DIR)/work --cases $(ARM_CASES) --json $(ARM_DIR)/work/report.json
 
 bench: $(STAMP)
 	$(PY) -m pytest -q tests/bench -m bench --benchmark-only --benchmark-columns=min,median,max,rounds $(PYTEST_ARGS)

@@ -11,6 +11,7 @@ without a GPU).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import platform
@@ -195,12 +196,14 @@ class Artifact:
         out = self._main(*args, *self.params)
         return list(out) if not hasattr(out, "numpy") else [out]
 
-    def __call__(self, *inputs, loops=None, output: str = "torch"):
-        """Run the model. ``output``: ``"torch"`` (default) or ``"numpy"``. Returns a tuple."""
+    def __call__(self, *inputs, loops=None, output: str | None = None):
+        """Run the model. ``output``: ``"torch"`` or ``"numpy"``; by default torch tensors where
+        torch is installed, else numpy arrays (a board runs artifacts with numpy and TVM alone).
+        Returns a tuple."""
         outs = self.run_tvm(*inputs, loops=loops)
         arrays = [o.numpy() for o in outs]
         self._check_assumptions(arrays)
-        if output == "numpy":
+        if output == "numpy" or (output is None and importlib.util.find_spec("torch") is None):
             return tuple(arrays)
         import torch
 
@@ -292,6 +295,24 @@ class GenerationArtifact:
     def run(self, entry: str, *args):
         """Run ``prefill`` or ``decode`` on TVM tensors; returns TVM tensors."""
         return self._vms[entry](*args, *self.params)
+
+    def empty_cache(self) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values of no token, ``[S, 1, H, 0, D]``, to prefill a prompt against."""
+        shape = (self.gen["layout"]["slots"], 1, self.gen["kv_heads"], 0, self.gen["head_dim"])
+        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+
+    def step(self, entry: str, ids, mask, pos, k, v, loops, types=None, pixels=None):
+        """One call of ``entry`` on numpy (or torch) inputs and the cache ``k``, ``v``; returns
+        ``(logits [B, T, V], k, v)`` with the new tokens' keys and values appended. ``types``:
+        token types of prefix-LMs (default 0); ``loops``: one count per loop."""
+        args = [self.tensor(ids, "int64"), self.tensor(mask, "int64"), self.tensor(pos, "int64"),
+                self.tensor(k), self.tensor(v), self.tensor(loops, "int64")]
+        if self.gen.get("token_types"):
+            args.append(self.tensor(types if types is not None else np.zeros_like(np.asarray(ids)), "int64"))
+        if pixels is not None:
+            args.append(self.tensor(pixels, "float32"))
+        logits, nk, nv = (o.numpy() for o in self.run(entry, *args))
+        return logits, np.concatenate([k, nk], axis=3), np.concatenate([v, nv], axis=3)
 
 
 def load(path, *, device_id: int = 0, verify: bool = True, num_threads: int | None = None):

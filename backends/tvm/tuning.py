@@ -118,6 +118,7 @@ class _Timer:
         self.target = target
         self.options = options
         self._session = None
+        self._uploads = 0
 
     def session(self):
         if self.options.rpc and self._session is None:
@@ -136,7 +137,10 @@ class _Timer:
             sess = self.session()
             if sess is not None:
                 tmpdir = tempfile.mkdtemp(prefix="loopify-ms-time-")
-                path = os.path.join(tmpdir, "timed.so")
+                # One remote name per upload: the session keeps one directory, and overwriting a
+                # library the server has loaded crashes it (seen on the emulated arm64 server).
+                self._uploads += 1
+                path = os.path.join(tmpdir, f"timed{self._uploads}.so")
                 _export(rt_mod, self.target, path)
                 sess.upload(path)
                 rt_mod = sess.load_module(os.path.basename(path))

@@ -25,21 +25,11 @@ class TVMDecoder:
         self.art, self.gen = art, gen
         counts = [l["default"] for l in art.loops] if loops is None else (
             [loops] * len(art.loops) if isinstance(loops, int) else list(loops))
-        self.loops = art.tensor(np.asarray(counts, dtype="int64"))
+        self.loops = counts
         self.k = self.v = None
 
     def _call(self, entry: str, ids, mask, pos, types=None, pixels=None):
-        a = self.art
-        args = [a.tensor(ids, "int64"), a.tensor(mask, "int64"), a.tensor(pos, "int64"), a.tensor(self.k),
-                a.tensor(self.v), self.loops]
-        if self.gen.get("token_types"):
-            args.append(a.tensor(types if types is not None else np.zeros_like(np.asarray(ids)), "int64"))
-        if pixels is not None:
-            args.append(a.tensor(pixels, "float32"))
-        out = a.run(entry, *args)
-        logits, nk, nv = (o.numpy() for o in out)
-        self.k = np.concatenate([self.k, nk], axis=3)
-        self.v = np.concatenate([self.v, nv], axis=3)
+        logits, self.k, self.v = self.art.step(entry, ids, mask, pos, self.k, self.v, self.loops, types, pixels)
         return logits[:, -1]
 
     def prefill(self, batch: dict):
@@ -53,9 +43,7 @@ class TVMDecoder:
         pixels = batch.get("pixel_values")
         if pixels is not None and "prefill_image" not in self.gen["entries"]:
             raise GenerateError(f"{self.art.path}: a text-only model takes no --image")
-        lay = self.gen["layout"]
-        shape = (lay["slots"], 1, self.gen["kv_heads"], 0, self.gen["head_dim"])
-        self.k, self.v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        self.k, self.v = self.art.empty_cache()
         entry = "prefill" if pixels is None else "prefill_image"
         return torch.from_numpy(self._call(entry, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
                                            batch.get("token_type_ids"), pixels).copy())

@@ -98,8 +98,9 @@ def test_tuning_through_an_rpc_tracker(tmp_path, rpc_tracker):
                           rpc=rpc_tracker)
     tuning = json.loads((res.path / "manifest.json").read_text())["tuning"]
     assert tuning["rpc"] == rpc_tracker and tuning["functions"]
-    for f in tuning["functions"]:
+    for f in tuning["functions"]:  # both schedules timed remotely, several uploads in one session
         assert f["default_ms"] is not None and f["default_ms"] > 0, f
+        assert f["tuned_ms"] is not None and f["tuned_ms"] > 0, f
     assert rt.validate(res.path, lambda *i: m(*i), (x,))[0].ok
 
 
