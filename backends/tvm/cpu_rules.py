@@ -289,7 +289,7 @@ class Guarded(ScheduleRule):
     def apply(self, func, target, tunable):
         import logging
 
-        from tvm.tirx.analysis import verify_well_formed
+        from tvm.s_tir.analysis import verify_well_formed
 
         try:
             sch = self.rule.apply(func, target, tunable)
