@@ -69,7 +69,7 @@ class Stage:
         group: loop stages with the same group share one run-time count (the per-block loops of
             a sequence-shared span); None: the stage has its own count.
         step_params: a loop stage's parameters that take another tensor at each step:
-            ``{state-dict name: [tensor at step 0, step 1, ...]}`` (merged per-depth LoRA
+            ``{state-dict name: [(name, tensor) at step 0, step 1, ...]}`` (merged per-depth LoRA
             matrices: the program reads step 0's; a backend binds step i's at iteration i).
     """
 
@@ -405,7 +405,7 @@ def run_stages(stages: list[Stage], inputs: list, loops: list[int] | None = None
             for i in range(n):
                 step = torch.tensor(i, dtype=torch.long)
                 if st.step_params:
-                    over = {name: ts[i] for name, ts in st.step_params.items()}
+                    over = {name: ts[i][1] for name, ts in st.step_params.items()}
                     carry = tuple(torch.func.functional_call(mod, over, (step, *carry), strict=False))
                 else:
                     carry = tuple(mod(step, *carry))

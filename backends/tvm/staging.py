@@ -154,7 +154,7 @@ def _import_all(stages: list[Stage], params: "ParamTable", pretranspose: bool, p
         sd = st.program.state_dict
         which, pack = layout.stage_layouts(f, num_input, pretranspose, pack_width)
         for q, n in enumerate(pnames):
-            for t in [sd[n]] + list(st.step_params.get(n, ())):  # every step's tensor, one layout
+            for t in [sd[n]] + [t for _, t in st.step_params.get(n, ())]:  # every step's tensor, one layout
                 layout.merge(layouts, params.key(t), layout.want(num_input + q, which, pack))
         imported.append(_Imported(f, num_input, pnames, sd, which, pack))
     return imported, layouts
@@ -230,7 +230,7 @@ def _step_indices(st: Stage, imp: _Imported, idx: list[int], which: dict, pack: 
         row = list(idx)
         for q, n in enumerate(imp.pnames):
             if n in st.step_params:
-                row[q] = params.add(*layout.stored(n, st.step_params[n][i], imp.num_input + q, which, pack))
+                row[q] = params.add(*layout.stored(*st.step_params[n][i], imp.num_input + q, which, pack))
         out.append(row)
     return out
 

@@ -249,20 +249,20 @@ class Recursion(nn.Module):
         return {unkey(k): (pick(self.lora_A[k]), pick(self.lora_B[k]), self.lora_scales.get(unkey(k), 1.0))
                 for k in self.lora_A.keys() if self.lora_forms.get(unkey(k)) == "factored"}
 
-    def step_variants(self, piece: sharing.Piece, prefix: str = "") -> dict[str, list[torch.Tensor]]:
+    def step_variants(self, piece: sharing.Piece, prefix: str = "") -> dict[str, list[tuple[str, torch.Tensor]]]:
         """For a staged loop body (one program for every step): each merged matrix the body reads
         (``premerged`` of its depth at step 0, named ``prefix + "premerged." + slot``) and the
-        tensor it stands for at steps 0..max_loops-1. Empty for bodies whose depths do not
-        depend on the step."""
+        ``(name, tensor)`` it stands for at steps 0..max_loops-1. Empty for bodies whose depths
+        do not depend on the step."""
         if not piece.stride or not self.lora_forms:
             return {}
         out = {}
         for k in range(piece.per):
             for key in self.lora_A.keys():
                 if self.lora_forms.get(unkey(key)) == "merged":
-                    out[f"{prefix}premerged.{_slot(piece.offset + k, key)}"] = [
-                        self.premerged[_slot(piece.offset + s * piece.stride + k, key)]
-                        for s in range(self.spec.max_loops)]
+                    slots = [_slot(piece.offset + s * piece.stride + k, key) for s in range(self.spec.max_loops)]
+                    out[f"{prefix}premerged.{slots[0]}"] = [(f"{prefix}premerged.{sl}", self.premerged[sl])
+                                                            for sl in slots]
         return out
 
     def overrides(self, block_index: int, pick) -> dict[str, torch.Tensor]:
