@@ -51,6 +51,7 @@ class BenchSpec:
     per_round: int = 3
     seq: int | None = None                                 # text length (HF sources); default: the capture's
     batch: int | None = None                               # batch size (HF sources); default: the capture's
+    lora_form: str = "auto"                                # per-depth LoRA form of the eager converted model
 
 
 def machine() -> dict:
@@ -137,7 +138,7 @@ def _build(cfg: Config, spec: BenchSpec):
     from loopify import capture
     from loopify.convert import load_converted, read_manifest, source_bytes, unique_params
     from loopify.converted import Bundle
-    from loopify.nn import set_loops
+    from loopify.nn import deploy_lora, set_loops
 
     if cfg.model == "original":
         cap = capture.load(spec.original, **original_capture_options(spec, read_manifest(spec.converted)))
@@ -147,6 +148,7 @@ def _build(cfg: Config, spec: BenchSpec):
     else:
         module, cap, manifest = load_converted(spec.converted, seq_len=spec.seq, batch=spec.batch)
         set_loops(module, cfg.loops)
+        deploy_lora(module, spec.lora_form)  # as compile does: merged matrices once, or factored
         program = torch.export.export(module, tuple(cap.args), dict(cap.kwargs), strict=False)
         params = manifest["params"]["converted"]
         disk = Bundle.of(spec.converted).weights.stat().st_size

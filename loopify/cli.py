@@ -301,9 +301,12 @@ def _loops_option(value):
                    "(prompt and generated together).")
 @click.option("--kv-policy", type=click.Choice(["per-depth", "share-first", "last"]), default="per-depth",
               show_default=True, help="With --max-context: the KV cache slots of loops.")
+@click.option("--lora-form", type=click.Choice(["auto", "merged", "factored"]), default="auto", show_default=True,
+              help="Per-depth LoRA: each depth's merged matrix precomputed, or factored x@W.T + s*(x@A.T)@B.T; "
+                   "auto: per matrix, factored while the factors add at most 5% to its matmul.")
 @capture_options
 def compile_cmd(model, out, target, arch, mcpu, tune, trials, tuning_db, rpc, schedule, no_validate, max_context,
-                kv_policy, inputs, trust_pickle, allow_export_mismatch, seq_len, batch):
+                kv_policy, lora_form, inputs, trust_pickle, allow_export_mismatch, seq_len, batch):
     """Compile MODEL (any model `convert` takes, or its OUT.pt2) with TVM into an artifact directory:
     lib.so, params.safetensors (shared weights once), manifest.json. A converted model compiles into
     a prologue, a loop body per loop and an epilogue; the loop count is a run-time argument."""
@@ -315,7 +318,7 @@ def compile_cmd(model, out, target, arch, mcpu, tune, trials, tuning_db, rpc, sc
                err=True)
     res = compile_model(model, out, target=target, arch=arch, mcpu=mcpu, tune=tune, trials=trials,
                         tuning_db=str(tuning_db) if tuning_db else None, rpc=rpc, schedule=schedule,
-                        validate=not no_validate, max_context=max_context, kv_policy=kv_policy,
+                        validate=not no_validate, max_context=max_context, kv_policy=kv_policy, lora_form=lora_form,
                         capture_options=dict(inputs=inputs, trust_pickle=trust_pickle,
                                              allow_export_mismatch=allow_export_mismatch, seq_len=seq_len, batch=batch))
     m = res.manifest
@@ -390,8 +393,10 @@ def run_cmd(model, loops_s, inputs, out_file, save_inputs, threads):
                    "the bench extra).")
 @click.option("--gguf-f32", is_flag=True, help="--generate: also a float32 GGUF written from each --gguf's weights "
                                                "(llama.cpp at loopify's precision).")
+@click.option("--lora-form", type=click.Choice(["auto", "merged", "factored"]), default="auto", show_default=True,
+              help="Per-depth LoRA of the converted model in PyTorch (as `compile --lora-form`).")
 def bench_cmd(original, converted, artifacts, backends, loops_s, threads, seq, batch, rounds, per_round, warmup, json_out,
-              plot, gen, prompt_lengths, new_tokens, kv_policies, kv_table, ggufs, gguf_f32):
+              plot, gen, prompt_lengths, new_tokens, kv_policies, kv_table, ggufs, gguf_f32, lora_form):
     """Benchmark CONVERTED (a `loopify convert` output) against ORIGINAL, side by side.
 
     ARTIFACTS: the TVM artifact directories of the original and the converted model (compiled
@@ -412,7 +417,7 @@ def bench_cmd(original, converted, artifacts, backends, loops_s, threads, seq, b
     spec = bench.BenchSpec(str(original), str(converted), [str(a) for a in artifacts],
                            tuple(b.strip() for b in backends.split(",") if b.strip()),
                            tuple([loops] if isinstance(loops, int) else loops) if loops is not None else None,
-                           threads, warmup, rounds, per_round, seq, batch)
+                           threads, warmup, rounds, per_round, seq, batch, lora_form)
     click.echo(f"bench: backends={','.join(spec.backends)} loops={spec.loops or 'all'} threads={threads} "
                f"seq={seq or 'as converted'} batch={batch or 'as converted'} "
                f"warmup={warmup} rounds={rounds}x{per_round} (interleaved, one process per configuration)", err=True)

@@ -52,12 +52,15 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
                   mcpu: str | None = None, tune: bool = False, trials: int = 64, tuning_db: str | None = None,
                   rpc: str | None = None, schedule: str = "loopify", validate: bool = True,
                   capture_options: dict | None = None, max_context: int | None = None,
-                  kv_policy: str = "per-depth") -> CompiledModel:
+                  kv_policy: str = "per-depth", lora_form: str = "auto") -> CompiledModel:
     """Compile ``model`` for ``target`` into the artifact directory ``out`` (written atomically).
 
     ``max_context``: compile for generation instead (``prefill`` / ``decode`` entry points with a
     symbolic token count up to this many tokens, KV policy ``kv_policy``; see
     :func:`compile_generation`).
+
+    ``lora_form``: how per-depth LoRA runs (``auto``, ``merged``, ``factored``; see
+    :data:`loopify.nn.lora.FORMS`), recorded per matrix in the manifest's ``lora``.
 
     Raises:
         LoopifyError: one line naming what failed (capture, staging, import, build, validation).
@@ -81,6 +84,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
 
         opts = capture_options or {}
         module, captured, _manifest = load_converted(model, seq_len=opts.get("seq_len"), batch=opts.get("batch"))
+        extra = lora_manifest(module, lora_form)
         stages = stages_of(module, captured)
 
         def reference(loops: list[int]):
@@ -91,6 +95,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
             return out_
     else:
         captured = capture.load(model, **(capture_options or {}))
+        extra = {}
         stages = [Stage("straight", captured.program, name="model", example=tuple(captured.flat_inputs()))]
 
         def reference(loops: list[int]):
@@ -102,7 +107,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
     out = Path(out)
     # Built and validated beside OUT; moved into place only when it matches PyTorch.
     with atomic_path(out, directory=True) as tmp:
-        result = tvm_backend.compile_stages(stages, tgt, tmp, options=options)
+        result = tvm_backend.compile_stages(stages, tgt, tmp, options=options, extra=extra)
         manifest = read_manifest(Path(result.path), verify=False)
         checks: list[dict] = []
         if validate and _runs_here(manifest):
@@ -115,6 +120,21 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
     compiled = CompiledModel(out, manifest)
     compiled.checks = checks
     return compiled
+
+
+def lora_manifest(module, lora_form: str) -> dict:
+    """Fix the LoRA form of every relaxed matrix of ``module`` (:func:`loopify.nn.deploy_lora`)
+    and describe it for the manifest: ``{"lora": {"policy", "max_factored_overhead", "loops":
+    {loop: {matrix: {"form", "rank", "shape", "overhead"}}}}}`` ({} without LoRA)."""
+    from loopify.nn import deploy_lora, lora
+
+    try:
+        report = deploy_lora(module, lora_form)
+    except ValueError as e:
+        raise LoopifyError(str(e)) from None
+    if not report:
+        return {}
+    return {"lora": {"policy": lora_form, "max_factored_overhead": lora.FACTORED_MAX_OVERHEAD, "loops": report}}
 
 
 def _runs_here(manifest: dict) -> bool:

@@ -23,7 +23,7 @@ which makes every connector kind exactly neutral at step 0, as in eager mode.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.utils._pytree as pytree
@@ -68,6 +68,9 @@ class Stage:
             need them: boolean-mask sizes).
         group: loop stages with the same group share one run-time count (the per-block loops of
             a sequence-shared span); None: the stage has its own count.
+        step_params: a loop stage's parameters that take another tensor at each step:
+            ``{state-dict name: [(name, tensor) at step 0, step 1, ...]}`` (merged per-depth LoRA
+            matrices: the program reads step 0's; a backend binds step i's at iteration i).
     """
 
     kind: str
@@ -78,6 +81,7 @@ class Stage:
     default_loops: int | None = None
     example: tuple | None = None
     group: str | None = None
+    step_params: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.kind not in STAGE_KINDS:
@@ -170,9 +174,14 @@ def loop_step(rec: Recursion, args: list, kwargs: dict, step: torch.Tensor, taps
         depth = ((step * piece.stride + piece.offset + k).reshape(1) if piece.stride
                  else torch.full((1,), piece.offset + k, dtype=torch.long))
         b = piece.block0 + k
-        over = rec.overrides(b, lambda stacked, d=depth: stacked.index_select(0, d).squeeze(0))
+        pick = lambda stacked, d=depth: stacked.index_select(0, d).squeeze(0)  # noqa: E731
+        factors = None
+        if rec.lora_forms:  # merged matrices: step 0's (see Stage.step_params); factored: sliced factors
+            over, factors = rec.deployed_overrides(b, pick, piece.offset + k), rec.lora_factors(pick)
+        else:
+            over = rec.overrides(b, pick)
         box[s] = h
-        out = rec.call_block(b, over, tuple(args), kwargs)
+        out = rec.call_block(b, over, tuple(args), kwargs, factors)
         h = out[0] if isinstance(out, tuple) else out
         if k in positions:
             new_taps.append(h)
@@ -300,9 +309,10 @@ def _loop_stages(item, call: LoopCall, carry, marker, values) -> list[Stage]:
             prog = torch.export.export(body, example, strict=False)
         except Exception as e:
             raise StagingError(f"exporting the body of {path} failed: {str(e).splitlines()[0][:300]}") from e
+        variants = rec.step_variants(piece, path + ".") if kind == "loop" else {}
         out.append(Stage(kind, prog, f"{kind}:{path}:{j}" if j else f"{kind}:{path}",
                          min_loops=0 if rec.deepen else 1, max_loops=None if rec.deepen else rec.spec.max_loops,
-                         default_loops=rec.loops, example=example, group=path))
+                         default_loops=rec.loops, example=example, group=path, step_params=variants))
     return out
 
 
@@ -393,5 +403,10 @@ def run_stages(stages: list[Stage], inputs: list, loops: list[int] | None = None
                 group_counts[key] = next(counts, st.default_loops)
             n = group_counts[key]
             for i in range(n):
-                carry = tuple(mod(torch.tensor(i, dtype=torch.long), *carry))
+                step = torch.tensor(i, dtype=torch.long)
+                if st.step_params:
+                    over = {name: ts[i][1] for name, ts in st.step_params.items()}
+                    carry = tuple(torch.func.functional_call(mod, over, (step, *carry), strict=False))
+                else:
+                    carry = tuple(mod(step, *carry))
     return carry

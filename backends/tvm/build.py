@@ -240,7 +240,7 @@ def link(ex, path: Path, target: dict, name: str, timings: dict, manifest: dict,
 
 
 def compile_stages(stages: list[Stage], target="x86", out=None, *, options: CompileOptions | None = None,
-                   **kw) -> CompileResult:
+                   extra: dict | None = None, **kw) -> CompileResult:
     """Compile a staged model (see :class:`Stage`) for ``target`` and write the artifact to ``out``.
 
     Args:
@@ -249,6 +249,7 @@ def compile_stages(stages: list[Stage], target="x86", out=None, *, options: Comp
         out: the artifact directory (written atomically); None: build only, keep the executable.
         options: a :class:`CompileOptions`; or pass its fields as keywords
             (``tune=True, trials=64, tuning_db=..., rpc="host:port:key", schedule=...``).
+        extra: more manifest fields (the LoRA forms of a converted model).
 
     Returns:
         A :class:`CompileResult` with the artifact path, its manifest and the executable.
@@ -265,7 +266,7 @@ def compile_stages(stages: list[Stage], target="x86", out=None, *, options: Comp
         t = time.time()
         ex = build_executable(staged, target, options, work, timings, device_record)
         timings["build_s"] = round(time.time() - t, 1)
-        manifest = _stages_manifest(staged, stages, target, name, options, timings)
+        manifest = {**_stages_manifest(staged, stages, target, name, options, timings), **(extra or {})}
         if out is None:
             return CompileResult(None, manifest, ex, timings)
 

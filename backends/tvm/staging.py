@@ -79,7 +79,9 @@ class ParamTable:
             self.names.append(unique)
             self.tensors.append(c)
             self._by_content[ckey] = idx
-        if skey is not None:
+        if skey is not None and self.tensors[idx] is t:
+            # only storage the table holds: a temporary's address (a packed copy deduplicated by
+            # content, then freed) is reused by the next temporary, which would match it here
             self._by_storage[skey] = idx
         return idx
 
@@ -148,12 +150,29 @@ def _import_all(stages: list[Stage], params: "ParamTable", pretranspose: bool, p
         if len(f.params) != num_input + len(pnames):
             raise CompileError(f"stage {i}: {len(f.params)} Relax inputs for {num_input} inputs and "
                                f"{len(pnames)} parameters (buffers must not be lifted as inputs)")
+        f, pnames = _drop_unused(f, num_input, pnames)
         sd = st.program.state_dict
         which, pack = layout.stage_layouts(f, num_input, pretranspose, pack_width)
         for q, n in enumerate(pnames):
-            layout.merge(layouts, params.key(sd[n]), layout.want(num_input + q, which, pack))
+            for t in [sd[n]] + [t for _, t in st.step_params.get(n, ())]:  # every step's tensor, one layout
+                layout.merge(layouts, params.key(t), layout.want(num_input + q, which, pack))
         imported.append(_Imported(f, num_input, pnames, sd, which, pack))
     return imported, layouts
+
+
+def _drop_unused(f, num_input: int, pnames: list[str]):
+    """The function without the parameters its body never reads, and their names: a loop body
+    is exported from the whole loop, so it lists every block's weights and, with merged LoRA,
+    the shared matrices and factors that only the merged copies are made of (stored, they made
+    the MiniLM rank-32 artifact 1.5x the original's size)."""
+    from tvm import relax
+
+    used = set(relax.analysis.free_vars(f.body))
+    keep = [q for q in range(len(pnames)) if f.params[num_input + q] in used]
+    if len(keep) == len(pnames):
+        return f, pnames
+    params = list(f.params[:num_input]) + [f.params[num_input + q] for q in keep]
+    return relax.Function(params, f.body, f.ret_ty, f.is_pure, f.attrs), [pnames[q] for q in keep]
 
 
 def _stage_function(i: int, st: Stage, imp: _Imported, layouts: dict, params: "ParamTable"):
@@ -171,6 +190,8 @@ def _stage_function(i: int, st: Stage, imp: _Imported, layouts: dict, params: "P
     if which:
         f = layout.rewrite(f, which, pack)
     idx = [params.add(*layout.stored(n, sd[n], num_input + q, which, pack)) for q, n in enumerate(imp.pnames)]
+    step_idx = _step_indices(st, imp, idx, which, pack, params)
+    idx = idx + sorted({k for ks in step_idx for k in ks} - set(idx))  # what the stage's caller passes
     in_types = [p.ty for p in f.params[:num_input]]
     out_types = _tensor_types(f.ret_ty)
     func = relax.Function(list(f.params), f.body, f.ret_ty, f.is_pure)
@@ -187,7 +208,31 @@ def _stage_function(i: int, st: Stage, imp: _Imported, layouts: dict, params: "P
             raise CompileError(f"stage {i} is a loop but its outputs "
                                f"{[str(t) for t in out_types]} differ from its carry inputs "
                                f"{[str(t) for t in carry_in]}")
-    return gv, func, in_types, idx, out_types, user_input_names(st.program)
+    return gv, func, in_types, idx, out_types, user_input_names(st.program), step_idx
+
+
+def _step_indices(st: Stage, imp: _Imported, idx: list[int], which: dict, pack: dict,
+                  params: "ParamTable") -> list[list[int]]:
+    """For a loop stage with per-step parameters (:attr:`Stage.step_params`): the stage's
+    parameter indices at each step (step i's tensors in place of the program's); else []."""
+    from .importer import parameter_names
+
+    if not st.step_params:
+        return []
+    unknown = set(st.step_params) - set(parameter_names(st.program))
+    if unknown:
+        raise CompileError(f"stage {st.name}: per-step parameters {sorted(unknown)[:3]} are not parameters of its program")
+    steps = {len(v) for v in st.step_params.values()}
+    if len(steps) != 1:
+        raise CompileError(f"stage {st.name}: per-step parameters disagree on the step count ({sorted(steps)})")
+    out = []
+    for i in range(steps.pop()):
+        row = list(idx)
+        for q, n in enumerate(imp.pnames):
+            if n in st.step_params:
+                row[q] = params.add(*layout.stored(*st.step_params[n][i], imp.num_input + q, which, pack))
+        out.append(row)
+    return out
 
 
 def _check_chain(stages: list[Stage], info: list) -> None:
@@ -232,7 +277,7 @@ def _loop_function(bb, i: int, info, param_vars):
     """``loop_i(step, n, *carry, *p)``: if step < n, one step and the recursive call, else the carry."""
     from tvm import relax
 
-    gv_stage, _func, in_types, idx, out_types, _ = info
+    gv_stage, _func, in_types, idx, out_types, _, step_idx = info
     step = relax.Var("step", relax.TensorType([], "int64"))
     n = relax.Var("n", relax.TensorType([], "int64"))
     carry = [relax.Var(f"c{j}", t) for j, t in enumerate(in_types[1:])]
@@ -242,7 +287,7 @@ def _loop_function(bb, i: int, info, param_vars):
     relax.expr._update_type(gv, relax.FuncType([step.ty, n.ty] + [c.ty for c in carry] + [p.ty for p in ps],
                                                ret_ty, True))
     then = _Emitter(bb)
-    r = then(relax.Call(gv_stage, [step] + carry + ps), "body")
+    r = _step_call(bb, then, gv_stage, step, carry, ps, idx, step_idx)
     new_carry = [then(e, f"nc{j}") if isinstance(e, relax.TupleGetItem) else e
                  for j, e in enumerate(_unpack(r, out_types))]
     nxt = then(relax.op.add(step, relax.const(1, "int64")), "next")
@@ -253,6 +298,27 @@ def _loop_function(bb, i: int, info, param_vars):
     more = cond(relax.op.less(step, n), "more")
     out = cond(relax.If(more, then.seq(rec), other.seq(done)), "out")
     return gv, relax.Function([step, n] + carry + ps, cond.seq(out), ret_ty, True)
+
+
+def _step_call(bb, emit, gv_stage, step, carry, ps, idx, step_idx):
+    """Bind the body call of one iteration in ``emit``. With per-step parameters: ``if step == 0:
+    stage(.., p@0) elif step == 1: ...`` (one compiled body; each step's weights are their own
+    parameters of ``main``, laid out like the rest at load)."""
+    from tvm import relax
+
+    if not step_idx:
+        return emit(relax.Call(gv_stage, [step] + carry + ps), "body")
+    var_of = dict(zip(idx, ps))
+
+    def at(i, e):
+        call = relax.Call(gv_stage, [step] + carry + [var_of[k] for k in step_idx[i]])
+        if i == len(step_idx) - 1:
+            return e(call, f"at{i}")
+        hit = e(relax.op.equal(step, relax.const(i, "int64")), f"is{i}")
+        yes, no = _Emitter(bb), _Emitter(bb)
+        return e(relax.If(hit, yes.seq(yes(call, f"at{i}")), no.seq(at(i + 1, no))), f"pick{i}")
+
+    return at(0, emit)
 
 
 def _loop_entries(stages: list[Stage]) -> tuple[list[dict], dict[int, int]]:
@@ -290,7 +356,7 @@ def _main_function(bb, stages, info, loop_gvs, loops, of_stage, param_vars):
     emit = _Emitter(bb)
     carry = list(inputs)
     for i, st in enumerate(stages):
-        gv_stage, _f, _in, idx, out_types, _ = info[i]
+        gv_stage, _f, _in, idx, out_types, *_ = info[i]
         ps = [param_vars[k] for k in idx]
         if st.kind == "loop":
             zero = emit(relax.const(0, "int64"), f"zero_{i}")

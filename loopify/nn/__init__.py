@@ -10,7 +10,7 @@
 Used alike by the passes, staging, training and generation.
 """
 
-from loopify.nn.recursion import Recursion, RecursionSpec, current_depth, recursions, set_loops
+from loopify.nn.recursion import Recursion, RecursionSpec, current_depth, deploy_lora, recursions, set_loops
 from loopify.nn.sharing import schedule, sharing_map
 
-__all__ = ["Recursion", "RecursionSpec", "current_depth", "recursions", "set_loops", "schedule", "sharing_map"]
+__all__ = ["Recursion", "RecursionSpec", "current_depth", "deploy_lora", "recursions", "set_loops", "schedule", "sharing_map"]

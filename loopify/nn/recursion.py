@@ -107,6 +107,9 @@ class Recursion(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_scales: dict[str, float] = {}  # per matrix: alpha / r (1 when alpha is not set)
+        #: inference form of each relaxed matrix ("merged" | "factored"), set by :meth:`deploy_lora`;
+        #: empty: every depth merges ``W + s * B @ A`` where it runs (training)
+        self.lora_forms: dict[str, str] = {}
         self.connector: nn.Module | None = None
         self.n_extra = 0  # trailing call arguments meant for the connector (graph form's modality mask)
         #: image positions are input_ids == this token (module form: the mask is read while the loop
@@ -181,6 +184,8 @@ class Recursion(nn.Module):
         return out
 
     def depth_overrides(self, depth: int) -> dict[str, torch.Tensor]:
+        if self.lora_forms:
+            return self.deployed_overrides(self.block_for_depth(depth), lambda stacked: stacked[depth], depth)
         if not torch.is_grad_enabled() and self.lora_A and not _tracing():
             return self._merged(depth)
         return self.overrides(self.block_for_depth(depth), lambda stacked: stacked[depth])
@@ -203,6 +208,63 @@ class Recursion(nn.Module):
             cache[depth] = hit
         return hit[1]
 
+    # -- inference forms of the relaxation (see lora.FORMS) ---------------------------------------
+
+    def deploy_lora(self, policy: str = "auto") -> dict[str, dict]:
+        """Fix how each relaxed matrix is applied at inference, per matrix by
+        :func:`lora.choose_form`: a *merged* matrix gets every depth's ``W + s * B @ A`` computed
+        once, now, as a parameter of the loop (``premerged``), which the loop (and any program
+        exported from it) then reads as a plain weight; a *factored* one runs as
+        ``x @ W.T + s * (x @ A.T) @ B.T`` (:class:`lora.FactoredMode`). Returns the choice per
+        matrix. For frozen weights: training afterwards would not update the merged copies."""
+        report, store = {}, nn.ParameterDict()
+        for key in self.lora_A.keys():
+            name, A, B = unkey(key), self.lora_A[key], self.lora_B[key]
+            shape, rank = (int(B.shape[1]), int(A.shape[2])), int(A.shape[1])
+            form = lora.choose_form(shape, rank, policy)
+            report[name] = {"form": form, "rank": rank, "shape": list(shape),
+                            "overhead": round(lora.factored_overhead(shape, rank), 4)}
+            if form == "merged":
+                scale = self.lora_scales.get(name, 1.0)
+                for depth in range(self.spec.layers):
+                    W = self.blocks[self.block_for_depth(depth)].get_parameter(name)
+                    with torch.no_grad():
+                        store[_slot(depth, key)] = nn.Parameter(lora.merged(W, A[depth], B[depth], scale),
+                                                                requires_grad=False)
+        self.premerged = store
+        self.lora_forms = {name: r["form"] for name, r in report.items()}
+        return report
+
+    def deployed_overrides(self, block_index: int, pick, depth: int) -> dict[str, torch.Tensor]:
+        """Overrides under :meth:`deploy_lora`: per-depth vectors by ``pick``, and the merged
+        matrices of depth ``depth`` (factored ones are left to :meth:`lora_factors`)."""
+        over = {unkey(k): pick(stacked) for k, stacked in self.depth_params.items()}
+        for key in self.lora_A.keys():
+            if self.lora_forms.get(unkey(key)) == "merged":
+                over[unkey(key)] = self.premerged[_slot(depth, key)]
+        return over
+
+    def lora_factors(self, pick) -> dict[str, tuple]:
+        """``{matrix: (A, B, scale)}`` of the factored matrices, one depth's slice by ``pick``."""
+        return {unkey(k): (pick(self.lora_A[k]), pick(self.lora_B[k]), self.lora_scales.get(unkey(k), 1.0))
+                for k in self.lora_A.keys() if self.lora_forms.get(unkey(k)) == "factored"}
+
+    def step_variants(self, piece: sharing.Piece, prefix: str = "") -> dict[str, list[tuple[str, torch.Tensor]]]:
+        """For a staged loop body (one program for every step): each merged matrix the body reads
+        (``premerged`` of its depth at step 0, named ``prefix + "premerged." + slot``) and the
+        ``(name, tensor)`` it stands for at steps 0..max_loops-1. Empty for bodies whose depths
+        do not depend on the step."""
+        if not piece.stride or not self.lora_forms:
+            return {}
+        out = {}
+        for k in range(piece.per):
+            for key in self.lora_A.keys():
+                if self.lora_forms.get(unkey(key)) == "merged":
+                    slots = [_slot(piece.offset + s * piece.stride + k, key) for s in range(self.spec.max_loops)]
+                    out[f"{prefix}premerged.{slots[0]}"] = [(f"{prefix}premerged.{sl}", self.premerged[sl])
+                                                            for sl in slots]
+        return out
+
     def overrides(self, block_index: int, pick) -> dict[str, torch.Tensor]:
         """Per-depth parameter overrides for block ``block_index``; ``pick`` takes one depth's
         slice of a [L, ...] tensor (an int index in eager mode, a step tensor in staged bodies)."""
@@ -218,8 +280,14 @@ class Recursion(nn.Module):
 
     # -- execution -----------------------------------------------------------------------------
 
-    def call_block(self, b: int, over: dict, args: tuple, kwargs: dict):
+    def call_block(self, b: int, over: dict, args: tuple, kwargs: dict, factors: dict | None = None):
+        """Run block ``b`` with parameter overrides ``over`` and the factored LoRA ``factors``
+        (``{matrix: (A, B, scale)}``, applied by :class:`lora.FactoredMode`)."""
         block = self.blocks[b]
+        if factors:
+            params = dict(block.named_parameters())  # what the block reads (export's tensors while tracing)
+            with lora.FactoredMode({id(params[n]): f for n, f in factors.items()}):
+                return self.call_block(b, over, args, kwargs)
         if over:
             return torch.func.functional_call(block, over, args, kwargs, strict=False)
         return block(*args, **kwargs)
@@ -256,7 +324,8 @@ class Recursion(nn.Module):
                 b = self.block_for_depth(depth)
                 token = _CURRENT.set(Depth(self.key, index, i, b, depth, runs[b]))
                 try:
-                    out = self.call_block(b, self.depth_overrides(depth), tuple(args), kwargs)
+                    factors = self.lora_factors(lambda stacked, d=depth: stacked[d]) if self.lora_forms else None
+                    out = self.call_block(b, self.depth_overrides(depth), tuple(args), kwargs, factors)
                 finally:
                     _CURRENT.reset(token)
                 index += 1
@@ -322,6 +391,17 @@ class Recursion(nn.Module):
         rec.n_extra = int(skel.get("n_extra", 0))
         rec.modality_token = skel.get("modality_token")
         return rec
+
+
+def _slot(depth: int, key: str) -> str:
+    """Name of depth ``depth``'s merged matrix ``key`` in a loop's ``premerged``."""
+    return f"d{depth}_{key}"
+
+
+def deploy_lora(module: nn.Module, policy: str = "auto") -> dict[str, dict]:
+    """:meth:`Recursion.deploy_lora` on every relaxed loop of ``module``: ``{loop path: {matrix:
+    {"form", "rank", "shape", "overhead"}}}`` (what the manifests record)."""
+    return {path: r.deploy_lora(policy) for path, r in recursions(module).items() if r.lora_A}
 
 
 def _tracing() -> bool:
