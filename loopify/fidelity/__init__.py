@@ -11,10 +11,10 @@
 """
 
 from loopify.fidelity.inputs import batch_inputs, embed, tokenizer_for
-from loopify.fidelity.metrics import (NextToken, mean_pooled, pairwise_similarities, sentence_cosines,
+from loopify.fidelity.metrics import (NextToken, agreement, mean_pooled, pairwise_similarities, sentence_cosines,
                                       sentence_fidelity, spearman, top_k_overlap)
 
-__all__ = ["NextToken", "batch_inputs", "embed", "evaluate", "mean_pooled", "pairwise_similarities",
+__all__ = ["NextToken", "agreement", "batch_inputs", "embed", "evaluate", "mean_pooled", "pairwise_similarities",
            "sentence_cosines", "sentence_fidelity", "spearman", "tokenizer_for", "top_k_overlap"]
 
 

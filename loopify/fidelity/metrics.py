@@ -63,6 +63,15 @@ def top_k_overlap(reference: torch.Tensor, candidate: torch.Tensor, k: int = 5) 
     return (r[:, :, None] == c[:, None, :]).any(-1).sum(-1).double() / k
 
 
+def agreement(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
+    """Top-1 agreement and top-5 overlap of two logits tensors [..., V] over every position
+    (for comparing two models on the same inputs, e.g. ``convert``'s verify on its example)."""
+    r = reference.detach().reshape(-1, reference.shape[-1]).double()
+    c = candidate.detach().reshape(-1, candidate.shape[-1]).double()
+    return {"top1_agreement": float((r.argmax(-1) == c.argmax(-1)).double().mean()),
+            "top5_overlap": float(top_k_overlap(r, c, 5).mean())}
+
+
 def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B, S, D], [B, S] -> [B, D], L2-normalised (sentence-transformers' mean pooling)."""
     m = mask.unsqueeze(-1).to(hidden.dtype)
