@@ -51,12 +51,15 @@ class Subject:
                 raise EvalError(f"{self.path}: not a converted model; it has no loops to set (drop --loops)")
             return [None]
         lo = max(int(l.get("min", 1)) for l in self.loops)
-        hi = min(int(l["max"]) for l in self.loops if l.get("max") is not None) if any(
-            l.get("max") is not None for l in self.loops) else max(int(l["default"]) for l in self.loops)
+        maxes = [int(l["max"]) for l in self.loops if l.get("max") is not None]
+        hi = min(maxes) if maxes else None     # deepen-mode loops run any count
         for k in requested or []:
-            if not lo <= k <= hi:
-                raise EvalError(f"--loops {k}: outside the model's range [{lo}, {hi}]")
-        return list(requested) if requested else list(range(lo, hi + 1))
+            if k < lo or (hi is not None and k > hi):
+                raise EvalError(f"--loops {k}: outside the model's range [{lo}, {hi if hi is not None else 'any'}]")
+        if requested:
+            return list(requested)
+        top = hi if hi is not None else max(int(l["default"]) for l in self.loops)
+        return list(range(lo, top + 1))
 
 
 def open_subject(path: str | Path) -> Subject:
