@@ -52,6 +52,11 @@ def test_lossless_conversion_measures_as_the_original(llamas, heldout):
     half = next(r for r in rep["results"] if r["loops"] == 1)
     assert half["top1_agreement"] < 1.0 and half["kl"] > 1e-4
     assert [r["loops"] for r in rep["results"]] == [1, 2] and rep["data"]["windows"] == 6
+    # convert's own verify (example inputs) reports the same agreement through loopify.fidelity
+    v = json.loads(llamas[0].with_suffix(".json").read_text())["verify"]
+    assert v["top1_agreement"] == 1.0 and v["top5_overlap"] == 1.0
+    lossy = json.loads(llamas[1].with_suffix(".json").read_text())["verify"]
+    assert lossy["top1_agreement"] < 1.0
 
 
 def test_lossy_conversion_and_the_cli(llamas, heldout, tmp_path):
