@@ -359,7 +359,8 @@ def _fidelity(reference, outs, manifest) -> dict:
 
     names = manifest.get("source", {}).get("output_names")
     v = report(list(reference), list(outs), names)
-    return {"cosine": v["cosine"], "max_abs_err": v["max_abs_err"], "kl": v["kl"]}
+    return {"cosine": v["cosine"], "max_abs_err": v["max_abs_err"], "kl": v["kl"],
+            **{k: v[k] for k in ("top1_agreement", "top5_overlap") if k in v}}
 
 
 def ratios(results: list[dict]) -> list[dict]:

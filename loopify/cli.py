@@ -59,6 +59,8 @@ def cli(ctx, debug, verbose):
       bench     converted against original, side by side: throughput, latency, memory, size, fidelity
       train     uptrain a converted model by distillation with the Monotonic Recursion Loss
       generate  generate text with a KV cache (original, converted or compiled), loops per request
+      eval      fidelity on a text file at every loop count: perplexity and next-token agreement, or
+                sentence cosine and similarity rank correlation (encoders)
     MODEL is a torch.export archive (.pt2/.pt), a Hugging Face directory, a GGUF file, or (with
     --trust-pickle) a pickled nn.Module.
     """
@@ -617,6 +619,44 @@ def generate_cmd(model, prompts, prompt_ids, image, chat, max_new_tokens, loops_
 
         write_json(json_out, {"model": str(model), "kind": g.kind, "loops": loops, "kv_policy": kv_policy,
                               "sampling": s.__dict__, **res.to_dict()})
+
+
+@cli.command("eval")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help='Text file (one text per line) or JSON lines (.jsonl: a string or {"text": ...}); '
+                   "`python -m loopify.texts DIR` writes a held-out file from text on this machine.")
+@click.option("--loops", "loops", type=click.IntRange(min=1), multiple=True, metavar="K",
+              help="Loop count to measure (repeatable; default: every count the model allows).")
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="The original to compare with (default: the source recorded in MODEL's manifest).")
+@click.option("--tokenizer", default="auto", show_default=True, help="auto (the model's own), bytes, or a tokenizer directory.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=None,
+              help="Tokens per window (causal LMs) or per sentence (encoders); default 128.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="At most this many windows (default 16) or sentences (default 64), evenly spaced over the file.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
+def eval_cmd(model, data, loops, reference, tokenizer, seq_len, limit, threads, json_out):
+    """Fidelity of MODEL (an original, a converted .pt2 or a generation artifact) on the texts of
+    --data, at every loop count, against the original: perplexity and next-token agreement (top-1,
+    top-5 overlap, KL) for causal LMs and VLMs; sentence-embedding cosine and the Spearman
+    correlation of pairwise similarities for encoders."""
+    import torch
+
+    from loopify.fidelity.report import evaluate, format_report
+    from loopify.io import write_json
+
+    if threads:
+        torch.set_num_threads(threads)
+    click.echo(f"eval: model={model} data={data} loops={list(loops) or 'all'} reference={reference or 'recorded'}",
+               err=True)
+    rep = evaluate(model, data, loops=list(loops) or None, reference=reference, tokenizer_choice=tokenizer,
+                   seq_len=seq_len, limit=limit, progress=sys.stderr.isatty())
+    click.echo(format_report(rep))
+    if json_out:
+        write_json(json_out, rep)
+        click.echo(f"wrote {json_out}", err=True)
 
 
 def _ids_option(value: str) -> list[int]:

@@ -374,6 +374,10 @@ def format_summary(m: dict) -> str:
     lines.append(f"verify vs original: max abs err {v['max_abs_err']:.3g}, rel {v['rel_err']:.3g}, "
                  f"cosine {v['cosine']:.6f}{kl}: {status}")
     for o in v["outputs"]:
-        okl = f", KL {o['kl']:.3g}" if "kl" in o else ""
+        okl = f", KL {o['kl']:.3g}, top-1 agreement {o['top1_agreement']:.3f}, top-5 overlap " \
+              f"{o['top5_overlap']:.3f}" if "kl" in o else ""
         lines.append(f"  {o['name']:<20} {str(tuple(o['shape'])):<18} max abs {o['max_abs_err']:.3g}  cosine {o['cosine']:.6f}{okl}")
+    if v.get("kl") is not None:
+        lines.append("  (on the example inputs only; `loopify eval OUT.pt2 --data FILE` measures perplexity and "
+                     "agreement on real text)")
     return "\n".join(lines)

@@ -122,11 +122,24 @@ def report(reference, candidate, output_names: list[str] | None = None) -> dict:
         row = {"name": name, "shape": list(d.shape), "max_abs_err": d.max_abs_err, "rel_err": d.rel_err,
                "cosine": d.cosine}
         if name == "logits" and len(d.shape) >= 2:
+            from loopify.fidelity.metrics import agreement
+
             row["kl"] = kl(a, b)
+            row.update(agreement(_tensor(a), _tensor(b)))
         rows.append(row)
     kls = [r["kl"] for r in rows if "kl" in r]
-    return {"max_abs_err": max(r["max_abs_err"] for r in rows), "rel_err": max(r["rel_err"] for r in rows),
-            "cosine": min(r["cosine"] for r in rows), "kl": max(kls) if kls else None, "outputs": rows}
+    out = {"max_abs_err": max(r["max_abs_err"] for r in rows), "rel_err": max(r["rel_err"] for r in rows),
+           "cosine": min(r["cosine"] for r in rows), "kl": max(kls) if kls else None, "outputs": rows}
+    if kls:  # the worst next-token agreement over the logits outputs
+        out["top1_agreement"] = min(r["top1_agreement"] for r in rows if "kl" in r)
+        out["top5_overlap"] = min(r["top5_overlap"] for r in rows if "kl" in r)
+    return out
+
+
+def _tensor(x):
+    import torch
+
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(as_array(x))
 
 
 def check_rows(reference, candidate, rtol: float, **labels) -> list[dict]:

@@ -17,6 +17,9 @@ from loopify.generate.engine import GenerateError
 
 
 class TVMDecoder:
+    """``prefill(batch, last=False)`` returns the logits of every prompt position [B, T, V] (what
+    :mod:`loopify.fidelity` scores), else of the last one [B, V]."""
+
     def __init__(self, art, policy: str, loops):
         gen = art.gen
         if policy != gen["kv_policy"]:
@@ -28,11 +31,11 @@ class TVMDecoder:
         self.loops = counts
         self.k = self.v = None
 
-    def _call(self, entry: str, ids, mask, pos, types=None, pixels=None):
+    def _call(self, entry: str, ids, mask, pos, types=None, pixels=None, last: bool = True):
         logits, self.k, self.v = self.art.step(entry, ids, mask, pos, self.k, self.v, self.loops, types, pixels)
-        return logits[:, -1]
+        return logits[:, -1] if last else logits
 
-    def prefill(self, batch: dict):
+    def prefill(self, batch: dict, last: bool = True):
         import torch
 
         if batch["input_ids"].shape[0] != 1:
@@ -46,7 +49,7 @@ class TVMDecoder:
         self.k, self.v = self.art.empty_cache()
         entry = "prefill" if pixels is None else "prefill_image"
         return torch.from_numpy(self._call(entry, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-                                           batch.get("token_type_ids"), pixels).copy())
+                                           batch.get("token_type_ids"), pixels, last).copy())
 
     def decode(self, ids, attention_mask, position_ids):
         import torch

@@ -60,7 +60,11 @@ def _load_teacher(config: TrainConfig, inputs, manifest: dict, objective: Object
         if sha256_path(path) != src.get("sha256"):
             raise TrainError(f"{config.converted}: its original model {path} changed since conversion; give "
                              "--teacher PATH")
-    opts = {"seq_len": src.get("text_len"), "batch": src.get("batch")} if src.get("format") in ("hf-dir", "gguf") else {}
+    # the text length the source was captured at: "text_len" (without image tokens) where recorded, else
+    # "seq_len" (a tokenizer sentence records only that; without it a --seq-len conversion got a teacher of
+    # the default length and was refused)
+    length = src.get("text_len", src.get("seq_len"))
+    opts = {"seq_len": length, "batch": src.get("batch")} if src.get("format") in ("hf-dir", "gguf") else {}
     try:
         teacher = capture.load(path, allow_export_mismatch=True, **opts)
     except capture.loader.CaptureError as e:  # a teacher of another format takes no length options

@@ -1,6 +1,5 @@
-"""Fidelity of a converted text encoder on real sentences: cosine between the original's and the
-converted model's sentence embeddings (mean pooling over the attention mask, L2-normalised, as
-sentence-transformers does for all-MiniLM-L6-v2)."""
+"""Text as model inputs for fidelity: tokenizers, token windows for causal LMs, sentences at a
+captured program's static shapes for encoders."""
 
 from __future__ import annotations
 
@@ -9,6 +8,7 @@ from pathlib import Path
 import torch
 
 from loopify.errors import LoopifyError
+from loopify.fidelity.metrics import mean_pooled
 
 
 def tokenizer_for(model_dir: str | Path):
@@ -34,13 +34,6 @@ def batch_inputs(tokenizer, sentences: list[str], template: dict[str, torch.Tens
     return out
 
 
-def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, S, D], [B, S] -> [B, D], L2-normalised."""
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
-    return torch.nn.functional.normalize(pooled, dim=-1)
-
-
 @torch.no_grad()
 def embed(module: torch.nn.Module, inputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     """Sentence embeddings [N, D] from a module whose first output is the last hidden state."""
@@ -52,6 +45,17 @@ def embed(module: torch.nn.Module, inputs: list[dict[str, torch.Tensor]]) -> tor
     return torch.cat(rows)
 
 
-def sentence_cosines(reference: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
-    """Per-sentence cosine between two sets of normalised embeddings."""
-    return (reference * candidate).sum(-1)
+def windows(ids: list[int], length: int, limit: int | None) -> list[list[int]]:
+    """The token stream cut into consecutive windows of at most ``length`` tokens (a last window
+    of fewer than 2 tokens predicts nothing and is dropped), then at most ``limit`` of them,
+    evenly spaced over the stream so every part of the file is sampled."""
+    out = [ids[i:i + length] for i in range(0, len(ids), length)]
+    return evenly([w for w in out if len(w) >= 2], limit)
+
+
+def evenly(items: list, limit: int | None) -> list:
+    """At most ``limit`` items, evenly spaced (deterministic)."""
+    if limit is None or len(items) <= limit:
+        return list(items)
+    step = len(items) / limit
+    return [items[int(i * step)] for i in range(limit)]
