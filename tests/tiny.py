@@ -67,9 +67,28 @@ def _shrink(d: dict, layers: int) -> dict:
             out[k] = _rope(v)
         else:
             out[k] = v
+    if "depths" in out and "hidden_size" in out:  # hierarchical (Swin): the last stage's width, derived
+        out.pop("hidden_size")
     if "spatial_merge_size" in out and "window_size" in out:  # a window in pixels (Qwen2.5-VL), not patches
         out["window_size"] = 4 * _SIZES["patch_size"]
     return out
+
+
+def _mrope(d: dict) -> None:
+    """Models with (t, h, w) patch grids (``temporal_patch_size``) rotate by 3-D positions: their
+    rope needs an ``mrope_section`` that fits the tiny head dim, whether or not the config names one."""
+    def has_grid(x):
+        return any(k == "temporal_patch_size" or (isinstance(v, dict) and has_grid(v)) for k, v in x.items())
+
+    def walk(x):
+        for k, v in x.items():
+            if k in ("rope_parameters", "rope_scaling") and isinstance(v, dict) and "mrope_section" not in v:
+                v["mrope_section"] = [2, 3, 3]
+            elif isinstance(v, dict):
+                walk(v)
+
+    if has_grid(d):
+        walk(d)
 
 
 def _rope(r: dict) -> dict:
@@ -123,6 +142,7 @@ def tiny_config(arch: str, layers: int = LAYERS, **overrides):
     d = {k: v for k, v in cls().to_dict().items() if k not in ("transformers_version", "architectures",
                                                                 "_name_or_path", "id2label", "label2id")}
     d = _shrink(d, layers)
+    _mrope(d)
     _fix_token_ids(d, VOCAB)
     for k, v in overrides.items():
         _set(d, k.replace("__", "."), v)
