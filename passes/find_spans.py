@@ -77,8 +77,21 @@ class StackReport:
 
 
 @dataclass
+class SharedLoop:
+    """A module the model already runs several times in a chain with the same weights (ALBERT's
+    shared layer group): a loop as it is, with nothing to fold."""
+
+    module: str
+    calls: int
+
+    def to_dict(self) -> dict:
+        return {"module": self.module, "calls": self.calls}
+
+
+@dataclass
 class SpanAnalysis:
     stacks: list[StackReport]
+    shared: list[SharedLoop] = field(default_factory=list)
 
     @property
     def spans(self) -> list[Span]:
@@ -90,7 +103,7 @@ class SpanAnalysis:
 
     def to_dict(self) -> dict:
         return {"spans": [s.to_dict() for s in self.spans], "refused": self.refused,
-                "stacks": [st.to_dict() for st in self.stacks]}
+                "stacks": [st.to_dict() for st in self.stacks], "shared": [x.to_dict() for x in self.shared]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,7 +276,27 @@ def find_spans(captured, *, min_length: int = 2, stacks: tuple[str, ...] = (), s
         values = _record_values(program, captured.args, captured.kwargs, wanted_values)
         for rep in reports:
             _hidden_similarity(rep, hidden_nodes, values)
-    return SpanAnalysis(reports)
+    return SpanAnalysis(reports, shared_loops(program))
+
+
+def shared_loops(program: torch.export.ExportedProgram) -> list[SharedLoop]:
+    """Modules called two or more times in a chain (each call reads the previous call's output):
+    torch.export tells the calls of one module apart by ``@k`` suffixes of their
+    ``nn_module_stack`` keys. Only the outermost such module of a nest is reported."""
+    calls: dict[str, dict[str, set]] = {}
+    for n in program.graph.nodes:
+        for key, val in (n.meta.get("nn_module_stack") or {}).items():
+            calls.setdefault(val[0], {}).setdefault(key, set()).add(n)
+    repeated = {p: list(c.values()) for p, c in calls.items() if len(c) >= 2 and p}
+    out = []
+    for path, groups in sorted(repeated.items()):
+        if any(path.startswith(q + ".") for q in repeated):
+            continue
+        chained = all(any(a in groups[i] for n in groups[i + 1] for a in n.all_input_nodes)
+                      for i in range(len(groups) - 1))
+        if chained:
+            out.append(SharedLoop(path, len(groups)))
+    return out
 
 
 def _layer_graphs(index: ProgramIndex, program, all_stacks: dict) -> dict[str, LayerGraph]:
