@@ -41,6 +41,7 @@ class PairCheck:
     reason: str = ""
     state_inputs: list[str] = field(default_factory=list)   # names in layer i+1 fed by layer i
     side_inputs: list[str] = field(default_factory=list)    # names shared by both layers
+    sides: tuple[str, str] | None = None  # the differing side inputs (layer i's, layer i+1's)
 
 
 @dataclass
@@ -128,6 +129,7 @@ def _check_pair(index: ProgramIndex, a: LayerGraph, b: LayerGraph) -> PairCheck:
     by_name_b = {n.name: n for n in b.inputs}
     found_any = False
     last_reason = "no isomorphism preserves the interface"
+    last_sides = None
     for mapping in isomorphisms(a, b):
         found_any = True
         state_in, side, bad = [], [], ""
@@ -143,6 +145,7 @@ def _check_pair(index: ProgramIndex, a: LayerGraph, b: LayerGraph) -> PairCheck:
                 side.append(na.name)
             else:
                 bad = f"different side inputs ({na.name} vs {nb.name}, {_shape(na)})"
+                last_sides = (na.name, nb.name)
                 break
         if bad:
             last_reason = bad
@@ -162,7 +165,7 @@ def _check_pair(index: ProgramIndex, a: LayerGraph, b: LayerGraph) -> PairCheck:
     if not found_any:
         return PairCheck(False, explain_difference(a, b) if a.graph.number_of_nodes() == b.graph.number_of_nodes()
                          else f"different op graph ({a.num_ops} vs {b.num_ops} ops)")
-    return PairCheck(False, last_reason)
+    return PairCheck(False, last_reason, sides=last_sides if last_reason.startswith("different side") else None)
 
 
 def _shape(n: torch.fx.Node) -> str:
@@ -272,11 +275,48 @@ def find_spans(captured, *, min_length: int = 2, stacks: tuple[str, ...] = (), s
             hidden_nodes[lg.path] = (hin, hout)
             if hin is not None:
                 wanted_values.update({hin.name, hout.name})
-    if similarity and wanted_values:
-        values = _record_values(program, captured.args, captured.kwargs, wanted_values)
+    sides = {n for rep in reports for r in rep.refused for n in r.get("sides", [])}
+    if (similarity and wanted_values) or sides:
+        values = _record_values(program, captured.args, captured.kwargs,
+                                (wanted_values if similarity else set()) | sides)
+        if similarity:
+            for rep in reports:
+                _hidden_similarity(rep, hidden_nodes, values)
         for rep in reports:
-            _hidden_similarity(rep, hidden_nodes, values)
+            _name_side_inputs(rep, values)
     return SpanAnalysis(reports, shared_loops(program))
+
+
+def _name_side_inputs(rep: StackReport, values: dict) -> None:
+    """Refusals for differing side inputs, said as a person would: which mask each layer uses
+    (read from the example values), instead of the graph's node names."""
+    for r in rep.refused:
+        a, b = r.pop("sides", (None, None))
+        if a in values and b in values:
+            i = r["layer"]
+            r["reason"] = (f"breaks the run at layer {i} (vs layer {i - 1}): layer {i} uses {describe_mask(values[b])}, "
+                           f"layer {i - 1} {describe_mask(values[a])}")
+
+
+def describe_mask(t: torch.Tensor) -> str:
+    """What an attention mask (boolean, or additive with large negatives) lets a query see:
+    the full causal mask, a sliding-window mask of window w, no mask, or another input."""
+    if t.dim() < 2 or t.shape[-1] != t.shape[-2]:
+        return f"another side input of shape {tuple(t.shape)}"
+    m = t.reshape(-1, *t.shape[-2:])[0]
+    allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2 if m.is_floating_point() else m != 0
+    n = m.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    if bool(allowed.all()):
+        return "no mask (full attention)"
+    if torch.equal(allowed, causal):
+        return "the full causal mask"
+    dist = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+    if not bool((allowed & ~causal).any()):
+        w = int(dist[allowed].max()) + 1
+        if torch.equal(allowed, causal & (dist < w)):
+            return f"the sliding-window mask (window {w})"
+    return f"another mask ({int(allowed.sum())} of {n * n} positions visible)"
 
 
 def shared_loops(program: torch.export.ExportedProgram) -> list[SharedLoop]:
@@ -321,6 +361,8 @@ def _runs(stack: str, lgs: list, checks: list) -> tuple[list[tuple[int, int]], l
             runs.append((start, i + 1 - start))
             refused.append({"stack": stack, "layer": i + 1,
                             "reason": f"breaks the run at layer {i + 1} (vs layer {i}): {chk.reason}"})
+            if chk.sides:
+                refused[-1]["sides"] = list(chk.sides)
             start = i + 1
     runs.append((start, len(lgs) - start))
     for i, lg in enumerate(lgs):

@@ -378,10 +378,20 @@ def _image_inputs(path: Path, model, config, model_type: str, rows: list, bos, i
 def _pixels(path: Path, model, config, model_type: str, fwd_params, batch: int) -> dict[str, torch.Tensor]:
     """Pixel values of ``batch`` images (with their layout inputs when the forward takes them, see
     :mod:`loopify.capture.modalities`) in the model's dtype; empty when none can be made."""
+    from loopify.capture.hf import HFLoadError
+
     dtype = next(model.parameters()).dtype
+    pixels = {}
     if modalities.needs_processor(fwd_params):
-        pixels = modalities.processor_pixels(path, config, model_type, fwd_params, batch)
-    else:
+        # Only families whose processor makes layout inputs need it (LLaVA's forward names
+        # image_sizes but its processor makes none: plain pixels, as before).
+        try:
+            pixels = modalities.processor_pixels(path, config, model_type, fwd_params, batch)
+        except HFLoadError:
+            pixels = {}
+        if not any(k in pixels for k in modalities.IMAGE_LAYOUT_INPUTS):
+            pixels = {}
+    if not pixels:
         pixels = {"pixel_values": modalities.plain_pixels(config, batch, dtype, model_type in _PIXELS_5D)}
     if pixels.get("pixel_values") is None:
         return {}

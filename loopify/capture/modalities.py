@@ -13,7 +13,8 @@ image_sizes,             describe an image's layout (tiles, patch grid), which o
 image_grid_thw           family's image processor knows how to make: the pixels then come from
                          that processor, its settings (size, patch size, merge size, tile
                          pinpoints) taken from the config, or from the directory's own
-                         ``preprocessor_config.json``.
+                         ``preprocessor_config.json`` -- when that processor makes them (LLaVA's
+                         forward names ``image_sizes``, its processor makes none: plain pixels).
 input_features           log-mel features ``(batch, num_mel_bins, frames)``; frames are twice
                          ``max_source_positions`` (a stride-2 convolution front end) when the
                          config gives it, else 64.
@@ -162,16 +163,15 @@ def decoder_inputs(config, fwd_params, batch: int, vocab: int, avoid: set[int]) 
 
 
 def missing(model, fwd_params, inputs: dict) -> list[str]:
-    """The data inputs the forward takes that were not built: required parameters, the model's
-    main input, and the layout inputs of images when pixel values are given."""
+    """The data inputs the forward takes that were not built: required parameters and the
+    model's main input (optional layout inputs are left to the model: LLaVA names
+    ``image_sizes`` and never needs it)."""
     import inspect
 
     sig = inspect.signature(model.forward).parameters
     required = [n for n in fwd_params if sig[n].default is inspect.Parameter.empty and n != "kwargs"]
     main = getattr(model, "main_input_name", None)
     wanted = required + ([main] if main in fwd_params else [])
-    if "pixel_values" in inputs:
-        wanted += [n for n in IMAGE_LAYOUT_INPUTS if n in fwd_params]
     return [n for n in dict.fromkeys(wanted) if n not in inputs]
 
 
