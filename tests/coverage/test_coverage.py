@@ -85,6 +85,7 @@ t5 = _fixture("T5ForConditionalGeneration", layers=3)  # block 0 holds the relat
 llava_next = _fixture("LlavaNextForConditionalGeneration")
 
 
+@pytest.mark.slow
 def test_whisper_audio_encoder_decoder_flow(whisper):
     """input_features for the encoder, decoder tokens for the decoder: both stacks folded."""
     _check_flow(whisper, stacks=2)
