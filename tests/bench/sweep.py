@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -51,7 +52,8 @@ def architectures(kinds: list[str]) -> list[str]:
 
 def _first_line(text: str) -> str:
     lines = [ln for ln in text.splitlines() if ln.startswith("loopify: ")] or text.strip().splitlines()[-1:] or [""]
-    return lines[-1].replace("loopify: error: ", "").replace("|", "/")[:160]
+    line = re.sub(r"\S*/sweep-one-[^/\s]+/[^:\s]+: ", "", lines[-1])  # the temporary model path
+    return line.replace("loopify: error: ", "").replace("|", "/")[:160]
 
 
 def run_one(arch: str, work: Path, steps: tuple[str, ...]) -> dict:
