@@ -5,6 +5,7 @@ Layout::
     ARTIFACT/
       lib.so               compiled Relax VM executable (host / aarch64 / CUDA host + fatbin)
       params.safetensors   the parameters, each stored once (deduplicated across stages)
+      inputs.safetensors   the example inputs, by input name (what validation ran on)
       manifest.json        what the files are and how to call them (see :data:`FORMAT`)
       tuning/              optional: the MetaSchedule database the build used
 
@@ -32,6 +33,9 @@ VERSION = 1
 MANIFEST = "manifest.json"
 LIBRARY = "lib.so"
 PARAMS = "params.safetensors"
+#: the example inputs the artifact was validated on (input name -> array), so that it runs
+#: out of the box (``loopify run ARTIFACT`` without ``--inputs``)
+EXAMPLE_INPUTS = "inputs.safetensors"
 
 
 class ArtifactError(LoopifyError):

@@ -188,6 +188,12 @@ def convert_captured(captured, config: ConvertConfig, *, progress=None, **runner
     module = result.state.module
     loops = recursions(module)
     if not loops:
+        spans = result.state.analyses.get("spans")
+        shared = getattr(spans, "shared", None)
+        if shared:
+            sh = shared[0]
+            raise ConvertError(f"{captured.source}: nothing to convert: the model already shares its layers "
+                               f"({sh.module} runs {sh.calls} times with the same weights, a loop as it is)")
         raise ConvertError(f"{captured.source}: nothing to convert: no span of interchangeable layers was found"
                            " (see `loopify inspect`)")
     for r in loops.values():

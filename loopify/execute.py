@@ -41,9 +41,13 @@ def run(model: str | Path, *, loops=None, inputs: str | Path | None = None, thre
                                "`loopify generate`")
         names = [s["name"] for s in art.inputs]
         if inputs is None:
-            raise LoopifyError(f"{model}: an artifact needs --inputs FILE (write one with "
-                               "`loopify run MODEL.pt2 --save-inputs FILE`)")
-        flat = _flat_from_file(Path(inputs), names)
+            stored = art.example_inputs()
+            if stored is None:
+                raise LoopifyError(f"{model}: this artifact stores no example inputs; pass --inputs FILE (write "
+                                   "one with `loopify run MODEL.pt2 --save-inputs FILE`)")
+            flat = [torch.from_numpy(a) for a in stored]
+        else:
+            flat = _flat_from_file(Path(inputs), names)
         return list(art(*flat, loops=loops)), flat
     from loopify.compile import is_converted
 

@@ -215,6 +215,8 @@ def layer_graph(index: ProgramIndex, path: str, nodes: list[torch.fx.Node] | Non
             if st is not None:
                 kind, fqn = st
                 rel = fqn[len(prefix):] if fqn.startswith(prefix) else f"<outside>{fqn}"
+                if kind == "constant":
+                    rel = _constant_key(index, fqn, rel.rpartition(".")[0])
                 state[rel] = (kind, fqn)
                 label = f"{kind}:{rel}:{_val_label(a)}"
             else:
@@ -232,6 +234,19 @@ def layer_graph(index: ProgramIndex, path: str, nodes: list[torch.fx.Node] | Non
         warnings.simplefilter("ignore", UserWarning)
         lg.wl_hash = nx.weisfeiler_lehman_graph_hash(g, node_attr="label", edge_attr="pos", iterations=3)
     return lg
+
+
+def _constant_key(index: ProgramIndex, fqn: str, owner: str) -> str:
+    """A lifted tensor constant's name in layer graphs: its value, not its FQN. torch.export
+    numbers the constants a forward creates program-wide (``self_attention.lifted_tensor_0`` in
+    layer 0, ``_2`` in layer 1), so equal constants of identical layers never share a name; the
+    key is the owning module's relative path ``owner`` plus a digest of dtype, shape and bytes."""
+    import hashlib
+
+    t = index.state_tensor("constant", fqn).detach().cpu().contiguous()
+    h = hashlib.sha1(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return f"{owner + '.' if owner else ''}<constant {tuple(t.shape)} #{h.hexdigest()[:8]}>"
 
 
 def isomorphisms(a: LayerGraph, b: LayerGraph, limit: int = 16) -> Iterator[dict[str, str]]:

@@ -31,7 +31,7 @@ def format_table(analysis) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    if not analysis.stacks:
+    if not analysis.stacks and not getattr(analysis, "shared", []):
         lines.append("(no layer stacks found: no module has children numbered 0..n-1)")
     for sp in analysis.spans:
         lines.append(f"span {sp.stack}[{sp.start}:{sp.start + sp.length}]  {sp.length} layers x "
@@ -39,6 +39,9 @@ def format_table(analysis) -> str:
                      f"{' '.join(_fmt(x, '.2f') for x in sp.similarity.get('block_influence', []))}")
     for r in analysis.refused:
         lines.append(f"refused {r['stack']}.{r['layer']}: {r['reason']}")
+    for sh in getattr(analysis, "shared", []):
+        lines.append(f"already a loop: {sh.module} runs {sh.calls} times with the same weights "
+                     "(nothing to fold; compile it as it is)")
     lines.append("runs: start+length; w-resid: weight-matrix residual vs run mean (relative Frobenius); "
                  "BI: block influence 1-cos(in,out) on the example inputs")
     return "\n".join(lines)

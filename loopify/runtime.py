@@ -171,6 +171,18 @@ class Artifact:
     def loops(self) -> list[dict]:
         return self.manifest.get("loops", [])
 
+    def example_inputs(self) -> list | None:
+        """The example inputs stored in the artifact (numpy arrays, in input order), or None
+        when it has none (built before they were stored)."""
+        from safetensors.numpy import load_file
+
+        if _artifact.EXAMPLE_INPUTS not in self.manifest.get("files", {}):
+            return None
+        arrays = load_file(str(self.path / _artifact.EXAMPLE_INPUTS))
+        if any(s["name"] not in arrays for s in self.inputs):
+            return None
+        return [arrays[s["name"]] for s in self.inputs]
+
     def _to_tvm(self, i: int, x) -> Any:
         import tvm.runtime
 

@@ -141,7 +141,9 @@ def _markers(loops: dict[str, Recursion], calls: dict[int, LoopCall]):
 
             def fwd(*args, _i=i, _rec=rec, **kwargs):
                 calls[_i], values = _call_of(_rec, args, kwargs)
-                return torch.ops.loopify.boundary(values, _i, calls[_i].state)
+                h = torch.ops.loopify.boundary(values, _i, calls[_i].state)
+                _capture_final(_rec, values[calls[_i].state], h)
+                return _as_layer_output(_rec, h)
 
             rec.forward = fwd
         yield
@@ -151,6 +153,41 @@ def _markers(loops: dict[str, Recursion], calls: dict[int, LoopCall]):
                 rec.__dict__.pop("forward", None)
             else:
                 rec.forward = saved[path]
+
+
+def _as_layer_output(rec: Recursion, h: torch.Tensor):
+    """The boundary's hidden state in the structure the loop's layers return: ``(h, None, ...)``
+    for layers that return a tuple (Falcon's ``outputs[0]`` would otherwise index the batch)."""
+    tail = getattr(rec, "layer_tail", None)
+    if tail is None:
+        return h
+    if any(tail):
+        raise StagingError(f"loop {rec.key}: its layers return tensors besides the hidden state "
+                           "(attention weights?), which cannot cross a stage boundary")
+    return (h, *[None] * len(tail))
+
+
+def _capture_final(rec: Recursion, x: torch.Tensor, h: torch.Tensor) -> None:
+    """Hugging Face's hidden-state collector (a vision tower's ``vision_feature_layer``) gets
+    one entry per layer the loop stands for, as :meth:`Recursion._capture_end` gives it; across
+    a stage boundary only the loop's final state exists, so a selected earlier entry is refused."""
+    from loopify.nn.recursion import _capture_begin
+
+    cap = _capture_begin()
+    if cap is None:
+        return
+    hs, _n0, sel = cap
+    if not hs:  # the hooks' initial entry: the first layer's input (here the loop's, ``x``)
+        hs.append(x if sel is None or 0 in sel else None)
+    n = len(rec.spec.span_layers or rec.spec.depth_paths)
+    for i in range(n):
+        idx = len(hs)
+        wanted = sel is None or idx in sel
+        if wanted and sel is not None and i < n - 1:
+            raise StagingError(f"loop {rec.key}: the model reads the hidden state of layer {i} inside the loop "
+                               "(e.g. a vision_feature_layer other than the last); a loop stage gives only its "
+                               "final state")
+        hs.append(h if wanted else None)
 
 
 def _tap_count(rec: Recursion) -> int:
@@ -229,6 +266,9 @@ class _StepAt(nn.Module):
 
 def _export_outer(module: nn.Module, captured, loops) -> tuple[torch.export.ExportedProgram, dict[int, LoopCall]]:
     calls: dict[int, LoopCall] = {}
+    if any(not hasattr(rec, "layer_tail") for rec in loops.values()):
+        with torch.no_grad():  # one eager pass records what the layers return (_as_layer_output)
+            module(*captured.args, **captured.kwargs)
     with _markers(loops, calls):
         try:
             outer = torch.export.export(module, tuple(captured.args), dict(captured.kwargs), strict=False)

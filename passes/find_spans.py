@@ -41,6 +41,7 @@ class PairCheck:
     reason: str = ""
     state_inputs: list[str] = field(default_factory=list)   # names in layer i+1 fed by layer i
     side_inputs: list[str] = field(default_factory=list)    # names shared by both layers
+    sides: tuple[str, str] | None = None  # the differing side inputs (layer i's, layer i+1's)
 
 
 @dataclass
@@ -77,8 +78,21 @@ class StackReport:
 
 
 @dataclass
+class SharedLoop:
+    """A module the model already runs several times in a chain with the same weights (ALBERT's
+    shared layer group): a loop as it is, with nothing to fold."""
+
+    module: str
+    calls: int
+
+    def to_dict(self) -> dict:
+        return {"module": self.module, "calls": self.calls}
+
+
+@dataclass
 class SpanAnalysis:
     stacks: list[StackReport]
+    shared: list[SharedLoop] = field(default_factory=list)
 
     @property
     def spans(self) -> list[Span]:
@@ -90,7 +104,7 @@ class SpanAnalysis:
 
     def to_dict(self) -> dict:
         return {"spans": [s.to_dict() for s in self.spans], "refused": self.refused,
-                "stacks": [st.to_dict() for st in self.stacks]}
+                "stacks": [st.to_dict() for st in self.stacks], "shared": [x.to_dict() for x in self.shared]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,6 +129,7 @@ def _check_pair(index: ProgramIndex, a: LayerGraph, b: LayerGraph) -> PairCheck:
     by_name_b = {n.name: n for n in b.inputs}
     found_any = False
     last_reason = "no isomorphism preserves the interface"
+    last_sides = None
     for mapping in isomorphisms(a, b):
         found_any = True
         state_in, side, bad = [], [], ""
@@ -130,6 +145,7 @@ def _check_pair(index: ProgramIndex, a: LayerGraph, b: LayerGraph) -> PairCheck:
                 side.append(na.name)
             else:
                 bad = f"different side inputs ({na.name} vs {nb.name}, {_shape(na)})"
+                last_sides = (na.name, nb.name)
                 break
         if bad:
             last_reason = bad
@@ -149,7 +165,7 @@ def _check_pair(index: ProgramIndex, a: LayerGraph, b: LayerGraph) -> PairCheck:
     if not found_any:
         return PairCheck(False, explain_difference(a, b) if a.graph.number_of_nodes() == b.graph.number_of_nodes()
                          else f"different op graph ({a.num_ops} vs {b.num_ops} ops)")
-    return PairCheck(False, last_reason)
+    return PairCheck(False, last_reason, sides=last_sides if last_reason.startswith("different side") else None)
 
 
 def _shape(n: torch.fx.Node) -> str:
@@ -259,11 +275,68 @@ def find_spans(captured, *, min_length: int = 2, stacks: tuple[str, ...] = (), s
             hidden_nodes[lg.path] = (hin, hout)
             if hin is not None:
                 wanted_values.update({hin.name, hout.name})
-    if similarity and wanted_values:
-        values = _record_values(program, captured.args, captured.kwargs, wanted_values)
+    sides = {n for rep in reports for r in rep.refused for n in r.get("sides", [])}
+    if (similarity and wanted_values) or sides:
+        values = _record_values(program, captured.args, captured.kwargs,
+                                (wanted_values if similarity else set()) | sides)
+        if similarity:
+            for rep in reports:
+                _hidden_similarity(rep, hidden_nodes, values)
         for rep in reports:
-            _hidden_similarity(rep, hidden_nodes, values)
-    return SpanAnalysis(reports)
+            _name_side_inputs(rep, values)
+    return SpanAnalysis(reports, shared_loops(program))
+
+
+def _name_side_inputs(rep: StackReport, values: dict) -> None:
+    """Refusals for differing side inputs, said as a person would: which mask each layer uses
+    (read from the example values), instead of the graph's node names."""
+    for r in rep.refused:
+        a, b = r.pop("sides", (None, None))
+        if a in values and b in values:
+            i = r["layer"]
+            r["reason"] = (f"breaks the run at layer {i} (vs layer {i - 1}): layer {i} uses {describe_mask(values[b])}, "
+                           f"layer {i - 1} {describe_mask(values[a])}")
+
+
+def describe_mask(t: torch.Tensor) -> str:
+    """What an attention mask (boolean, or additive with large negatives) lets a query see:
+    the full causal mask, a sliding-window mask of window w, no mask, or another input."""
+    if t.dim() < 2 or t.shape[-1] != t.shape[-2]:
+        return f"another side input of shape {tuple(t.shape)}"
+    m = t.reshape(-1, *t.shape[-2:])[0]
+    allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2 if m.is_floating_point() else m != 0
+    n = m.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    if bool(allowed.all()):
+        return "no mask (full attention)"
+    if torch.equal(allowed, causal):
+        return "the full causal mask"
+    dist = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+    if not bool((allowed & ~causal).any()):
+        w = int(dist[allowed].max()) + 1
+        if torch.equal(allowed, causal & (dist < w)):
+            return f"the sliding-window mask (window {w})"
+    return f"another mask ({int(allowed.sum())} of {n * n} positions visible)"
+
+
+def shared_loops(program: torch.export.ExportedProgram) -> list[SharedLoop]:
+    """Modules called two or more times in a chain (each call reads the previous call's output):
+    torch.export tells the calls of one module apart by ``@k`` suffixes of their
+    ``nn_module_stack`` keys. Only the outermost such module of a nest is reported."""
+    calls: dict[str, dict[str, set]] = {}
+    for n in program.graph.nodes:
+        for key, val in (n.meta.get("nn_module_stack") or {}).items():
+            calls.setdefault(val[0], {}).setdefault(key, set()).add(n)
+    repeated = {p: list(c.values()) for p, c in calls.items() if len(c) >= 2 and p}
+    out = []
+    for path, groups in sorted(repeated.items()):
+        if any(path.startswith(q + ".") for q in repeated):
+            continue
+        chained = all(any(a in groups[i] for n in groups[i + 1] for a in n.all_input_nodes)
+                      for i in range(len(groups) - 1))
+        if chained:
+            out.append(SharedLoop(path, len(groups)))
+    return out
 
 
 def _layer_graphs(index: ProgramIndex, program, all_stacks: dict) -> dict[str, LayerGraph]:
@@ -288,6 +361,8 @@ def _runs(stack: str, lgs: list, checks: list) -> tuple[list[tuple[int, int]], l
             runs.append((start, i + 1 - start))
             refused.append({"stack": stack, "layer": i + 1,
                             "reason": f"breaks the run at layer {i + 1} (vs layer {i}): {chk.reason}"})
+            if chk.sides:
+                refused[-1]["sides"] = list(chk.sides)
             start = i + 1
     runs.append((start, len(lgs) - start))
     for i, lg in enumerate(lgs):

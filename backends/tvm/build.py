@@ -276,6 +276,7 @@ def compile_stages(stages: list[Stage], target="x86", out=None, *, options: Comp
             link(ex, tmp / _artifact.LIBRARY, target, name, timings, manifest, device_record)
             save_file({n: t.contiguous() for n, t in zip(staged.params.names, staged.params.tensors)},
                       str(tmp / _artifact.PARAMS))
+            _save_example_inputs(stages[0].example, staged.inputs, tmp / _artifact.EXAMPLE_INPUTS)
             db = Path(options.tuning_db) if options.tuning_db else work / "tuning"
             if options.tune and db.is_dir():
                 (tmp / "tuning").mkdir()
@@ -288,6 +289,16 @@ def compile_stages(stages: list[Stage], target="x86", out=None, *, options: Comp
         return CompileResult(path, manifest, ex, timings)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _save_example_inputs(example, specs: list[dict], path: Path) -> None:
+    """The first stage's example inputs by input name (skipped unless they are exactly the
+    artifact's tensor inputs, e.g. a stage built without examples)."""
+    from safetensors.torch import save_file
+
+    if not example or len(example) != len(specs) or not all(isinstance(t, torch.Tensor) for t in example):
+        return
+    save_file({s["name"]: t.detach().cpu().contiguous() for s, t in zip(specs, example)}, str(path))
 
 
 def _stages_manifest(staged, stages, target, name, options, timings) -> dict:

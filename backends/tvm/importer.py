@@ -403,6 +403,33 @@ def custom_convert_map() -> dict[str, Callable]:
     }
 
 
+def _wrap_negative(x, indices, axis):
+    """``indices + n`` where negative, ``n`` the gathered axis' static size (TVM's ``take``
+    clips or reads out of bounds where torch counts from the end). Constant non-negative
+    indices, symbolic sizes and float inputs pass unchanged."""
+    from tvm import relax
+
+    try:
+        shape = list(x.ty.shape)
+        n = shape[axis] if axis is not None else None
+        size_value = int(n) if n is not None and getattr(n, "value", None) is not None else None
+    except Exception:  # noqa: BLE001 - no static info: leave TVM's behaviour
+        return indices
+    if size_value is None:
+        return indices
+    value = getattr(indices, "value", None)  # a constant (tvm.ir.GenericConst) holds its tensor
+    if value is not None and hasattr(value, "numpy"):
+        data = value.numpy()
+        if data.dtype.kind != "i" or (data >= 0).all():
+            return indices
+        return relax.const(np.where(data < 0, data + size_value, data).astype(data.dtype))
+    dtype = str(getattr(indices.ty, "dtype", ""))
+    if not dtype.startswith("int"):
+        return indices
+    zero, size = relax.const(0, dtype), relax.const(size_value, dtype)
+    return relax.op.where(relax.op.less(indices, zero), relax.op.add(indices, size), indices)
+
+
 @contextlib.contextmanager
 def _importer_patches():
     """What loopify changes in TVM 0.27's importer while it runs:
@@ -410,7 +437,9 @@ def _importer_patches():
     * gathers (``take``: embeddings, ``index_select``) are imported in ``clip`` mode, not the
       default ``fast`` mode that reads out of bounds for an out-of-range index (a token id past
       the vocabulary crashed the process; the runtime also refuses such ids in one line) and
-      printed a warning per gather at every build;
+      printed a warning per gather at every build; negative indices count from the end, as in
+      torch (``clip`` made Falcon's ``qkv[..., [-2]]`` read index 0: rel err 0.94), see
+      :func:`_wrap_negative`;
     * ``cond`` branches are imported with loopify's converters (TVM calls them with the wrong
       signature there) and with fresh symbolic sizes substituted everywhere (see
       :func:`_branch_params`).
@@ -421,7 +450,7 @@ def _importer_patches():
     take = relax.op.take
 
     def _take(x, indices, axis=None, mode="clip"):
-        return take(x, indices, axis, "clip" if mode == "fast" else mode)
+        return take(x, _wrap_negative(x, indices, axis), axis, "clip" if mode == "fast" else mode)
 
     translate, update = EPI._translate_fx_graph, EPI.update_convert_map
 

@@ -49,7 +49,10 @@ from loopify.capture.masks import mask_skip_changes_output
 __all__ = ["HFLoadError", "HFModel", "is_hf_dir", "load_hf_dir", "register_architecture", "ExportWrapper"]
 
 # Output fields returned by the wrapper, in order of preference.
-_OUTPUT_PREFERENCE = (("logits",), ("last_hidden_state", "pooler_output"))
+# Which outputs to export: the first group whose first name the model returns; failing every group
+# (dual encoders such as CLIP, detection heads ...), every tensor the output holds, in its order.
+_OUTPUT_PREFERENCE = (("logits",), ("last_hidden_state", "pooler_output"),
+                      ("logits_per_image", "logits_per_text", "text_embeds", "image_embeds"))
 
 
 class HFLoadError(Exception):
@@ -353,7 +356,7 @@ def example_inputs(path: Path, wrapper: ExportWrapper, arch: str, seq_len: int |
     config = model.config
     model_type = str(getattr(config, "model_type", ""))
     inputs, _ = make_inputs(Path(path), model, config, model_type, _forward_params(model), seq_len, info, batch)
-    return inputs
+    return {k: v for k, v in inputs.items() if k not in wrapper.flags}  # layout inputs fixed as flags
 
 
 def _batched(inputs: dict, batch: int) -> dict:
@@ -391,12 +394,7 @@ def finish_model(path: Path, arch: str, model, seq_len: int | None, requested: s
     info = {**(info or {}), "num_parameters": _num_params(model),
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "source": "transformers"}
     inputs, image_token_id = make_inputs(path, model, config, model_type, fwd_params, seq_len, info, batch, tokenizer)
-    # One eager forward: checks the inputs (HF verifies the image-token count) and names the outputs.
-    try:
-        with torch.no_grad():
-            out = model(**inputs, **flags)
-    except Exception as e:
-        raise HFLoadError(f"{path}: the {arch} model fails on its example inputs ({type(e).__name__}: {one_line(e)})") from None
+    out = _eager_forward(path, arch, model, inputs, flags)
     output_names = _pick_outputs(out)
     if not output_names:
         raise HFLoadError(f"{path}: cannot tell which outputs of {arch} to export (got {type(out).__name__})")
@@ -419,6 +417,34 @@ def finish_model(path: Path, arch: str, model, seq_len: int | None, requested: s
         outs = wrapper(**inputs)
     info["output_shapes"] = {n: list(o.shape) for n, o in zip(output_names, outs)}
     return HFModel(wrapper, inputs, output_names, arch, model_type, str(actual_impl), image_token_id, info)
+
+
+def _eager_forward(path: Path, arch: str, model, inputs: dict, flags: dict):
+    """One eager forward: checks the inputs (HF verifies the image-token count) and gives the
+    outputs to name. Image-layout inputs (``image_sizes`` ...) move from ``inputs`` into ``flags``
+    as Python lists when the model takes them so: the program is captured for that layout, as for
+    the input shapes, since code that reads them (tile counts, unpadding) guards on their values,
+    which torch.export cannot trace through a tensor input."""
+    from loopify.capture.modalities import IMAGE_LAYOUT_INPUTS
+
+    layout = {k: inputs[k].tolist() for k in IMAGE_LAYOUT_INPUTS if isinstance(inputs.get(k), torch.Tensor)}
+    if layout:
+        rest = {k: v for k, v in inputs.items() if k not in layout}
+        try:
+            with torch.no_grad():
+                out = model(**rest, **flags, **layout)
+        except Exception:  # the model needs them as tensors: keep them as inputs
+            pass
+        else:
+            for k in layout:
+                del inputs[k]
+            flags.update(layout)
+            return out
+    try:
+        with torch.no_grad():
+            return model(**inputs, **flags)
+    except Exception as e:
+        raise HFLoadError(f"{path}: the {arch} model fails on its example inputs ({type(e).__name__}: {one_line(e)})") from None
 
 
 def _from_pretrained(path: Path, arch: str, cls, config, impl: str):
@@ -463,6 +489,6 @@ def _pick_outputs(out) -> list[str]:
         names = [n for n in group if isinstance(out.get(n, None), torch.Tensor)]
         if names and names[0] == group[0]:
             return names
-    return []
+    return [n for n, v in out.items() if isinstance(v, torch.Tensor) and n != "loss"]
 
 

@@ -1,7 +1,10 @@
 """Example inputs: files the user gives, and the dummy inputs made for Hugging Face models.
 
-Input conventions (the only model-family knowledge here; everything else is read from the
-config or from the model's forward signature):
+Every input is made because the model's forward takes it (a model is not assumed to read
+tokens); images without image tokens, audio, decoder tokens and the layout inputs of images
+follow :mod:`loopify.capture.modalities`. Input conventions for text and vision-language models
+(the only model-family knowledge here; everything else is read from the config or from the
+model's forward signature):
 
 ====================  =======================================================================
 input                 rule
@@ -10,14 +13,16 @@ input_ids             BOS (when the text config has one) + random ids drawn with
                       from the vocabulary minus every ``*_token_id`` / ``*_token_index`` of the
                       config. A directory with a tokenizer and no vision tower gets a real
                       English sentence instead. Default text length: 24 tokens.
-attention_mask        always, all ones.
+attention_mask        always with token ids, all ones.
 token_type_ids        when the forward takes them: zeros, except for the prefix-LM families in
                       ``_PREFIX_LM`` (PaliGemma) where image + prompt are the prefix (0) and the
                       last third of the text is the suffix (1), as the PaliGemma processor
                       writes them.
 pixel_values          for models with a ``vision_config`` and an image token: one image of the
                       vision tower's ``image_size`` (``num_channels`` channels), values in
-                      [-1, 1], fixed seed; 5-D (batch, images, C, H, W) for ``_PIXELS_5D``.
+                      [-1, 1], fixed seed; 5-D (batch, images, C, H, W) for ``_PIXELS_5D``;
+                      through the family's image processor when the forward takes layout
+                      inputs (``image_sizes``, ``image_grid_thw``).
 image tokens          exactly as many image tokens as the model consumes, after BOS and a
                       short text prefix (``_IMAGE_FIRST`` families: first, before BOS). The
                       count comes from the config (``_image_token_count``) and is checked
@@ -32,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from loopify.capture import modalities
 from loopify.errors import CaptureError
 
 DEFAULT_TEXT_LEN = 24
@@ -138,14 +144,21 @@ def _image_token_count(config, model_type: str) -> int | None:
     return patches
 
 
-def _measured_image_tokens(model, pixel_values) -> int | None:
-    """Image tokens as the model's own ``get_image_features`` makes them (None if it has none)."""
+def _measured_image_tokens(model, pixels: dict, batch: int = 1) -> int | None:
+    """Image tokens one image becomes, as the model's own ``get_image_features`` makes them from
+    ``pixels`` (pixel values of ``batch`` images and their layout inputs); None if it has none."""
+    import inspect
+
     fn = getattr(model, "get_image_features", None) or getattr(getattr(model, "model", None), "get_image_features", None)
     if fn is None:
         return None
     try:
+        params = inspect.signature(fn).parameters
+        kw = {k: v for k, v in pixels.items() if k in params or k == "pixel_values"}
+        if set(kw) == {"pixel_values"} and batch > 1:  # plain pixels: the first image alone
+            kw, batch = {"pixel_values": kw["pixel_values"][:1]}, 1
         with torch.no_grad():
-            feats = fn(pixel_values=pixel_values)
+            feats = fn(**kw)
     except Exception:
         return None
     if isinstance(feats, dict):  # ModelOutput: features are the pooler_output
@@ -155,7 +168,7 @@ def _measured_image_tokens(model, pixel_values) -> int | None:
     if isinstance(feats, torch.Tensor):
         feats = [feats]
     try:
-        return int(sum(f.numel() // f.shape[-1] for f in feats))
+        return int(sum(f.numel() // f.shape[-1] for f in feats)) // batch
     except Exception:
         return None
 
@@ -198,19 +211,63 @@ def make_inputs(path: Path, model, config, model_type: str, fwd_params: list[str
     """Example keyword inputs for ``model`` and its image token id (None for text-only models);
     ``info`` receives what was made (modalities, lengths, image token counts ...).
 
+    Each input is built because the forward takes it (tokens, images, audio, decoder tokens; see
+    :mod:`loopify.capture.modalities`), never because a model is assumed to read tokens; what
+    cannot be built is named in the error with ``--inputs FILE`` as the way out.
+
     ``tokenizer``: the model's tokenizer when it has one (else one is loaded from ``path``)."""
+    from loopify.capture.hf import HFLoadError
+
     image_token_id = image_token_id_of(config)
     vc = getattr(config, "vision_config", None)
     is_vlm = vc is not None and image_token_id is not None and "pixel_values" in fwd_params
-    info["modalities"] = ["text", "image"] if is_vlm else ["text"]
-    if not is_vlm and "input_ids" in fwd_params and (tokenizer is not None or has_tokenizer(path)):
-        return tokenizer_inputs(path, fwd_params, seq_len, info, batch, tokenizer), None
+    vocab = _vocab(config)
+    dtype = next(model.parameters()).dtype
+    inputs: dict[str, torch.Tensor] = {}
+    modalities_ = []
+    if "input_ids" in fwd_params and vocab:
+        modalities_.append("text")
+        if not is_vlm and (tokenizer is not None or has_tokenizer(path)):
+            inputs.update(tokenizer_inputs(path, fwd_params, seq_len, info, batch, tokenizer))
+        else:
+            _text_inputs(path, model, config, model_type, fwd_params, seq_len, info, batch, is_vlm,
+                         image_token_id, inputs)
+    if "pixel_values" in fwd_params and "pixel_values" not in inputs:
+        inputs.update(_pixels(path, model, config, model_type, fwd_params, batch))
+        if "pixel_values" in inputs:
+            info["image_size"] = list(inputs["pixel_values"].shape[-2:])
+    if "pixel_values" in inputs:
+        modalities_.append("image")
+    audio = modalities.audio_inputs(config, fwd_params, batch, dtype)
+    if audio:
+        modalities_.append("audio")
+        inputs.update(audio)
+    inputs.update(modalities.decoder_inputs(config, fwd_params, batch, vocab, special_ids(config)))
+    info["modalities"] = modalities_
+    info["batch"] = int(batch)
+    lacking = modalities.missing(model, fwd_params, inputs)
+    if lacking:
+        why = {"input_ids": "the config gives no vocab_size", "pixel_values": "the config gives no image_size"}
+        detail = "; ".join(f"{n} ({why[n]})" if n in why else n for n in lacking)
+        raise HFLoadError(f"{path}: cannot build the example input(s) {detail} of {type(model).__name__}; "
+                          "pass them with --inputs FILE (a torch.save'd dict name -> tensor)")
+    return _ordered(inputs, fwd_params), (int(image_token_id) if is_vlm and "input_ids" in inputs else None)
+
+
+def _vocab(config) -> int:
+    tc = text_config(config)
+    return int(getattr(tc, "vocab_size", 0) or getattr(config, "vocab_size", 0) or 0)
+
+
+def _text_inputs(path: Path, model, config, model_type: str, fwd_params, seq_len, info: dict, batch: int,
+                 is_vlm: bool, image_token_id, inputs: dict) -> None:
+    """Random token ids (with the image tokens of a vision-language model), the attention mask
+    and token type ids, put into ``inputs``."""
     rows, bos = _token_rows(path, config, seq_len or DEFAULT_TEXT_LEN, batch)
     info["text"] = "random ids (seed 0)"
-    inputs: dict[str, torch.Tensor] = {}
     if is_vlm:
         prefix_len = _image_inputs(path, model, config, model_type, rows, bos, int(image_token_id), batch,
-                                   inputs, info)
+                                   fwd_params, inputs, info)
     else:
         inputs["input_ids"] = torch.stack(rows)
         prefix_len = len(rows[0])
@@ -223,8 +280,6 @@ def make_inputs(path: Path, model, config, model_type: str, fwd_params: list[str
         inputs["token_type_ids"] = tti
     info["seq_len"] = int(inputs["input_ids"].shape[-1])
     info["text_len"] = int(len(rows[0]))
-    info["batch"] = int(batch)
-    return _ordered(inputs, fwd_params), (int(image_token_id) if is_vlm else None)
 
 
 def load_tokenizer(path: Path):
@@ -286,19 +341,18 @@ def _token_rows(path: Path, config, n_text: int, batch: int) -> tuple[list[torch
 
 
 def _image_inputs(path: Path, model, config, model_type: str, rows: list, bos, image_token_id: int, batch: int,
-                  inputs: dict, info: dict) -> int:
+                  fwd_params, inputs: dict, info: dict) -> int:
     """Pixel values of one image per row and exactly as many image tokens as the model consumes,
     put into ``inputs``; returns the prefix length (prefix-LM families)."""
     from loopify.capture.hf import HFLoadError
 
-    vc = config.vision_config
-    h, w = _image_size(vc)
-    ch = int(getattr(vc, "num_channels", 3) or 3)
-    shape = (batch, 1, ch, h, w) if model_type in _PIXELS_5D else (batch, ch, h, w)
-    pixel_values = torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    pixel_values = pixel_values.to(next(model.parameters()).dtype)
+    pixels = _pixels(path, model, config, model_type, fwd_params, batch)
+    if not pixels:
+        raise HFLoadError(f"{path}: cannot build pixel_values (the vision config gives no image_size); "
+                          "pass the inputs with --inputs FILE")
+    h, w = (int(x) for x in pixels["pixel_values"].shape[-2:])
     from_config = _image_token_count(config, model_type)
-    measured = _measured_image_tokens(model, pixel_values[:1])
+    measured = _measured_image_tokens(model, pixels, batch)
     n_img = measured if measured is not None else from_config
     if n_img is None:
         raise HFLoadError(f"{path}: cannot tell how many image tokens an image becomes for {model_type}")
@@ -315,10 +369,33 @@ def _image_inputs(path: Path, model, config, model_type: str, rows: list, bos, i
         prefix_len = len(all_ids[0])
     ids = all_ids[0]
     inputs["input_ids"] = torch.stack(all_ids)
-    inputs["pixel_values"] = pixel_values
+    inputs.update(pixels)
     where = (ids == image_token_id).nonzero()
     info["image_token_positions"] = [int(where[0]), int(where[-1])]
     return prefix_len
+
+
+def _pixels(path: Path, model, config, model_type: str, fwd_params, batch: int) -> dict[str, torch.Tensor]:
+    """Pixel values of ``batch`` images (with their layout inputs when the forward takes them, see
+    :mod:`loopify.capture.modalities`) in the model's dtype; empty when none can be made."""
+    from loopify.capture.hf import HFLoadError
+
+    dtype = next(model.parameters()).dtype
+    pixels = {}
+    if modalities.needs_processor(fwd_params):
+        # Only families whose processor makes layout inputs need it (LLaVA's forward names
+        # image_sizes but its processor makes none: plain pixels, as before).
+        try:
+            pixels = modalities.processor_pixels(path, config, model_type, fwd_params, batch)
+        except HFLoadError:
+            pixels = {}
+        if not any(k in pixels for k in modalities.IMAGE_LAYOUT_INPUTS):
+            pixels = {}
+    if not pixels:
+        pixels = {"pixel_values": modalities.plain_pixels(config, batch, dtype, model_type in _PIXELS_5D)}
+    if pixels.get("pixel_values") is None:
+        return {}
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in pixels.items()}
 
 
 def _ordered(inputs: dict, fwd_params: list[str]) -> dict:

@@ -335,6 +335,9 @@ class Recursion(nn.Module):
             taps_prev = taps
         if capture is not None:
             self._capture_end(capture, index, last_at, box[s])
+        # What the layers return besides the hidden state (None or a tensor per entry), for
+        # staging: its boundary op must give the model the structure the layer gives.
+        self.layer_tail = tuple(t is not None for t in out[1:]) if isinstance(out, tuple) else None
         if isinstance(out, tuple):  # a layer that returns (hidden, ...): the loop does too
             return (box[s], *out[1:])
         return box[s]

@@ -38,7 +38,7 @@ def test_compile_converted_x86_validates_every_loop_count(flow):
     assert "NOT OK" not in out
     m = json.loads((flow / "x86" / "manifest.json").read_text())
     assert m["loop"] == {"min": 1, "max": 4, "default": 4}
-    assert set(m["files"]) == {"lib.so", "params.safetensors"}
+    assert set(m["files"]) == {"lib.so", "params.safetensors", "inputs.safetensors"}
     assert {e["form"] for mats in m["lora"]["loops"].values() for e in mats.values()} == {"factored"}
     # Shared weights once: the artifact's parameters are the converted model's unique parameters.
     conv = json.loads((flow / "llama.json").read_text())

@@ -3,6 +3,8 @@ each stack (text decoder, vision tower) is found with the expected run; negative
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from loopify.examples import zoo
@@ -44,4 +46,8 @@ def test_neg_alt_attn(captured):
     a = find_spans(captured("neg-alt-attn"))
     assert a.spans == []
     assert [r["layer"] for r in a.refused] == [1, 2, 3]
-    assert all("different side inputs" in r["reason"] for r in a.refused), a.refused
+    # Said as a person would, from the masks' example values, not the graph's node names.
+    reasons = {r["layer"]: r["reason"] for r in a.refused}
+    assert re.search(r"layer 1 uses the sliding-window mask \(window \d+\), layer 0 the full causal mask$",
+                     reasons[1]), reasons[1]
+    assert re.search(r"layer 2 uses the full causal mask, layer 1 the sliding-window mask", reasons[2]), reasons[2]
