@@ -305,6 +305,7 @@ def convert(path: str | Path, config: ConvertConfig, out: str | Path | None, *, 
             raise ConvertError("give -o OUT.pt2 (or --dry-run)")
         if Path(out).suffix != ".pt2":
             raise ConvertError(f"{out}: the output must end in .pt2")
+        converted.check_bundle_output(converted.Bundle.of(out))
     captured = capture.load(path, **(capture_options or {}))
     if on_captured is not None:
         on_captured(captured)

@@ -16,6 +16,7 @@ Nothing here is specific to one model family: after loading, every format is an
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import pickle
@@ -247,5 +248,9 @@ def save_program(program: torch.export.ExportedProgram, path: str | Path, info: 
 
 
 def write_program(program: torch.export.ExportedProgram, path: Path, info: dict | None = None) -> None:
-    with open(path, "wb") as f:  # a file object: torch warns about names not ending in .pt2
-        torch.export.save(program, f, extra_files={INFO_FILE: json.dumps(json_info(info or {}))})
+    # Serialised in memory, then written from Python: torch's zip writer aborts the process
+    # (std::terminate in its destructor) when the disk fills under it; a Python write raises.
+    buf = io.BytesIO()
+    torch.export.save(program, buf, extra_files={INFO_FILE: json.dumps(json_info(info or {}))})
+    with open(path, "wb") as f:
+        f.write(buf.getbuffer())
