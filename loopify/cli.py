@@ -35,6 +35,12 @@ class _Group(click.Group):
         except Exception as e:  # noqa: BLE001 - last line of defence for the user
             if ctx.obj and ctx.obj.get("debug"):
                 raise
+            from loopify.errors import missing_dependency
+
+            err = missing_dependency(e) if isinstance(e, ImportError) else None
+            if err is not None:  # an optional dependency: name the extra to install
+                click.echo(f"loopify: error: {err}", err=True)
+                sys.exit(err.exit_code)
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             click.echo(f"loopify: internal error: {type(e).__name__}: {first[:300]} (run with --debug for the traceback)",
                        err=True)

@@ -196,8 +196,8 @@ def compile_generation(model: str | Path, out: str | Path, *, target: str = "x86
     if max_context < 2:
         raise LoopifyError("--max-context must be at least 2")
     model, out = Path(model), Path(out)
+    tgt = target_for(target, arch=arch, mcpu=mcpu)  # bad target options before the work
     wrapper, inputs, assets, source = _generation_source(model)
-    tgt = target_for(target, arch=arch, mcpu=mcpu)
     try:
         exported = export_step(wrapper, inputs, kv_policy, max_context, source.get("image_token_id"))
     except NotImplementedError as e:

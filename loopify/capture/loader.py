@@ -53,6 +53,9 @@ def sniff(path: Path) -> str:
     with open(path, "rb") as f:
         head = f.read(4)
     if head[:2] == b"PK":
+        if not _zip_ends_whole(path):
+            raise CaptureError(f"{path}: truncated zip archive (its end record is missing: the file was cut short, "
+                               "e.g. by an interrupted copy or download)")
         try:
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
@@ -197,6 +200,21 @@ def _load_hf(path: Path, kind: str, user_inputs, seq_len, attn_implementation, b
     cap = Captured(program, tuple(args), dict(kwargs), path, kind, eager=model.module, info=info)
     cap.export_check = check_export(model.module, program, cap.args, cap.kwargs)
     return _finish_check(cap, allow_export_mismatch)
+
+
+def _zip_ends_whole(path: Path) -> bool:
+    """Whether the zip's end-of-central-directory record is where it must be, at the end of the
+    file. A truncated archive can still open in ``zipfile``, which then finds the end record of a
+    zip *stored inside it* (an export archive holds torch.save zips) and reads that instead."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 65557))
+        tail = f.read()
+    pos = tail.rfind(b"PK\x05\x06")
+    if pos < 0 or pos + 22 > len(tail):
+        return False
+    comment = int.from_bytes(tail[pos + 20:pos + 22], "little")
+    return pos + 22 + comment == len(tail)
 
 
 def _load_pickle(path: Path, user_inputs, trust_pickle: bool, allow_export_mismatch: bool) -> Captured:

@@ -291,3 +291,142 @@ def test_two_runs_of_one_artifact_at_once_agree(tiny, tmp_path):
         assert p.wait(timeout=300) == 0, p.stderr.read().decode()
     (a,), (b,) = torch.load(tmp_path / "o0.pt"), torch.load(tmp_path / "o1.pt")
     assert torch.equal(a, b)
+
+
+# -- 3. a config that disagrees with its weights -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    """A 4-layer random LlamaForCausalLM directory (vocabulary 256)."""
+    from loopify.backends.tvm.testing import tiny_llama
+
+    d = tmp_path_factory.mktemp("hf") / "llama"
+    tiny_llama(layers=4).save_pretrained(d)
+    return d
+
+
+def _edited_config(src: Path, dst: Path, **changes) -> Path:
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_a_config_with_more_layers_than_its_weights_is_refused_before_building(hf_llama, tmp_path):
+    # Before: 10^6 layers were instantiated first (5.4 GB and rising after 9 minutes).
+    bad = _edited_config(hf_llama, tmp_path / "big", num_hidden_layers=1_000_000)
+    t = time.time()
+    r = CliRunner().invoke(cli, ["inspect", str(bad)])
+    _error(r, "config.json says num_hidden_layers=1000000, but model.safetensors does not hold them (its longest "
+              "layer stack is model.layers with 4)")
+    assert time.time() - t < 30
+
+
+def test_a_config_wider_than_its_weights_is_refused_before_building(hf_llama, tmp_path):
+    bad = _edited_config(hf_llama, tmp_path / "wide", intermediate_size=100_000)
+    _error(CliRunner().invoke(cli, ["inspect", str(bad)]), "config.json describes a LlamaForCausalLM of 76,882,496 "
+                                                           "parameters, model.safetensors holds 180,800")
+
+
+def test_weights_larger_than_the_memory_are_refused(hf_llama, monkeypatch):
+    from loopify.capture import hf
+
+    monkeypatch.setattr(hf, "available_memory", lambda: 1 << 19)  # this machine with 0.5 MiB free
+    with pytest.raises(hf.HFLoadError, match=r"needs about 0.7 MiB in float32, more than the 0.5 MiB of memory"):
+        hf.load_hf_dir(hf_llama)
+
+
+def test_generate_refuses_out_of_vocabulary_prompt_ids(hf_llama):
+    _error(CliRunner().invoke(cli, ["generate", str(hf_llama), "--prompt-ids", "1,256"]),
+           "token id 256 is outside the vocabulary [0, 255]")
+
+
+# -- 5. target options ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,message", [
+    (["--mcpu", "notacpu"], "--mcpu 'notacpu' is not a CPU LLVM knows for x86"),
+    (["--target", "arm64", "--mcpu", "neoverse-n2x"], "did you mean neoverse-n2"),
+    (["--target", "cuda", "--arch", "sm_9x"], "CUDA arch must look like 'sm_90'"),
+])
+def test_bad_target_options_are_refused_before_the_work(tiny, tmp_path, args, message):
+    # Before: --mcpu notacpu built (134 LLVM warnings), exit 0, the bogus name in the manifest.
+    r = CliRunner().invoke(cli, ["compile", str(tiny["pt2"]), "-o", str(tmp_path / "a"), *args])
+    _error(r, message)
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_known_mcpu_is_accepted():
+    from loopify.backends.tvm.targets import target_for
+
+    assert target_for("arm64", mcpu="neoverse-n1")["mcpu"] == "neoverse-n1"
+    assert target_for("x86", mcpu="znver3")["mcpu"] == "znver3"
+
+
+# -- 8. a rank above the full rank ------------------------------------------------------------
+
+def test_a_huge_rank_is_clamped_with_a_note_and_verified_as_lossless(tiny, tmp_path):
+    r = CliRunner().invoke(cli, ["convert", str(tiny["pt2"]), "-o", str(tmp_path / "r.pt2"), "--rank", "100000"])
+    assert r.exit_code == 0, r.output
+    assert "note: rank 100000 is above the full rank of 4 matrices, clamped to it (effective rank 32; a lossless " \
+           "plan)" in r.output
+    m = json.loads((tmp_path / "r.json").read_text())
+    assert m["plan"]["relax"]["loops"][0]["effective_rank"] == 32
+    assert m["verify"]["lossless_plan"] and m["verify"]["ok"] and m["verify"]["rel_err"] <= 1e-5
+
+
+# -- 9. messages that name the real problem ---------------------------------------------------
+
+def test_too_many_blocks_names_the_layer_count(tmp_path):
+    from tests.models import TinyStack, export
+
+    with open(tmp_path / "six.pt2", "wb") as f:
+        torch.export.save(export(TinyStack(n=6, vocab=VOCAB)), f)
+    r = CliRunner().invoke(cli, ["convert", str(tmp_path / "six.pt2"), "-o", str(tmp_path / "x.pt2"), "--blocks", "7"])
+    line = _error(r, "the run has only 6 layers, so choose blocks in {1, 2, 3, 6}")
+    assert "subsample" not in line
+
+
+@pytest.mark.parametrize("cut", [22, 30, 1000])
+def test_an_archive_cut_near_its_end_is_called_truncated(tiny, tmp_path, cut):
+    # Before: "truncated or corrupt torch.save file (RuntimeError)" (zipfile read an inner zip's end).
+    data = tiny["pt2"].read_bytes()
+    (tmp_path / "cut.pt2").write_bytes(data[:-cut])
+    _error(CliRunner().invoke(cli, ["inspect", str(tmp_path / "cut.pt2")]), "cut.pt2: truncated zip archive")
+
+
+# -- missing optional dependencies -------------------------------------------------------------
+
+_HIDE = '''
+import importlib.machinery, sys
+hide = sys.argv[1]
+class _Raise:
+    def create_module(self, spec):
+        raise ModuleNotFoundError(f"No module named {hide!r}", name=hide)
+    def exec_module(self, module):
+        pass
+class Block:  # the package is "not installed": importing it fails, as without the extra
+    def find_spec(self, name, path=None, target=None):
+        return importlib.machinery.ModuleSpec(name, _Raise()) if name.split(".")[0] == hide else None
+sys.meta_path.insert(0, Block())
+from loopify.cli import main
+main(sys.argv[2:])
+'''
+
+
+@pytest.mark.parametrize("hide,args,extra", [
+    ("tvm", ["compile", "{pt2}", "-o", "{tmp}/a"], "loopify[tvm]"),
+    ("tvm", ["run", "{art}", "--inputs", "{tmp}/in.pt"], "loopify[tvm]"),
+    ("transformers", ["inspect", "{hf}"], "loopify[hf]"),
+    ("matplotlib", ["inspect", "{pt2}", "--no-similarity", "--plot", "{tmp}/p.png"], "loopify[plot]"),
+])
+def test_a_missing_optional_dependency_names_its_extra(tiny, hf_llama, tmp_path, hide, args, extra):
+    # Before: "internal error: ModuleNotFoundError: No module named 'tvm'", exit 1.
+    torch.save((torch.zeros(1, 12, dtype=torch.long),), tmp_path / "in.pt")
+    (tmp_path / "hide.py").write_text(_HIDE)
+    args = [a.format(pt2=tiny["pt2"], art=tiny["art"], hf=hf_llama, tmp=tmp_path) for a in args]
+    r = subprocess.run([sys.executable, str(tmp_path / "hide.py"), hide, *args], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = [l for l in r.stderr.splitlines() if l.startswith("loopify:")]
+    assert len(err) == 1 and f"pip install '{extra}'" in err[0] and "internal error" not in err[0], r.stderr
