@@ -68,7 +68,7 @@ def write(dest, populate, manifest: dict) -> Path:
     Returns:
         The artifact path.
     """
-    from loopify.io import check_output, out_of_space, space_error, sweep_stale, temp_prefix
+    from loopify.io import check_output, out_of_space, replace_dir, space_error, sweep_stale, temp_prefix
 
     dest = Path(dest).absolute()
     check_output(dest, directory=True, what="artifact")
@@ -87,13 +87,7 @@ def write(dest, populate, manifest: dict) -> Path:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        old = None
-        if dest.exists():
-            old = dest.parent / f"{temp_prefix(dest)}old"
-            os.rename(dest, old)
-        os.rename(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, dest)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, Exception) and out_of_space(e):

@@ -58,16 +58,32 @@ def atomic_path(path: str | Path, *, directory: bool = False, need: int | None =
 
 def _move_into_place(tmp: Path, path: Path, directory: bool) -> None:
     if directory:
-        if path.exists():
-            old = path.with_name(f"{temp_prefix(path)}old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
+        replace_dir(tmp, path)
     else:
         os.replace(tmp, path)
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Rename the directory ``tmp`` to ``path``, replacing a directory there. Two writers of one
+    target at once both succeed, the later one's directory winning: a rename onto a directory
+    that appeared meanwhile (ENOTEMPTY) moves that one aside and tries again."""
+    for _ in range(5):
+        old = None
+        try:
+            if path.exists():
+                old = path.with_name(f"{temp_prefix(path)}old")
+                shutil.rmtree(old, ignore_errors=True)
+                path.rename(old)
+            tmp.rename(path)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                raise
+            continue
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        return
+    tmp.rename(path)
 
 
 # ----------------------------------------------------------------------------------------------
