@@ -1,7 +1,8 @@
 """Index inputs and the ranges their values must stay in.
 
 A token id past the vocabulary makes an embedding read outside its table: PyTorch raises an
-IndexError, a compiled artifact reads foreign memory (TVM gathers without a bounds check). So
+IndexError; TVM's default gather reads foreign memory (loopify compiles gathers in clip mode,
+which clamps the index instead: safe, but silently wrong). So
 the inputs that index a table are found in the exported program (followed through views,
 slices and integer casts to the ``embedding`` / ``index_select`` / ``gather`` / ``index`` that
 uses them), their ranges recorded in the artifact's manifest, and every call checks the values

@@ -131,8 +131,8 @@ def sweep_stale(path: Path) -> list[Path]:
     except OSError:
         return removed
     for p in entries:
-        m = _STALE.match(p.name)
-        if m is None or m["name"] != path.name or _alive(int(m["pid"])):
+        owners = _owners(p.name, path.name)
+        if not owners or any(_alive(pid) for pid in owners):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
@@ -140,6 +140,18 @@ def sweep_stale(path: Path) -> list[Path]:
             p.unlink(missing_ok=True)
         removed.append(p)
     return removed
+
+
+def _owners(name: str, target: str) -> list[int] | None:
+    """The processes that made ``name``, if it is a temporary of ``target`` (also nested: the
+    temporary of a temporary, as a compile writes its artifact inside its own), else None."""
+    m = _STALE.match(name)
+    if m is None:
+        return None
+    if m["name"] == target:
+        return [int(m["pid"])]
+    inner = _owners(m["name"], target) if m["name"].startswith(".") else None
+    return inner + [int(m["pid"])] if inner else None
 
 
 def _alive(pid: int) -> bool:

@@ -190,8 +190,8 @@ class Artifact:
 
     def _args(self, inputs, loops) -> list:
         """The VM's arguments: every input checked (count, shape, dtype, and the value range of
-        index inputs: an id past the vocabulary would make the compiled gather read outside its
-        table), then the loop counts."""
+        index inputs: the compiled gather clamps an id past its table to the last row, silently
+        wrong), then the loop counts."""
         import tvm.runtime
 
         if len(inputs) != len(self.inputs):
@@ -301,8 +301,8 @@ class GenerationArtifact:
 
     def run(self, entry: str, *args):
         """Run ``prefill`` or ``decode`` on TVM tensors; returns TVM tensors. The token ids (the
-        first argument) are checked against the vocabulary first: the compiled embedding gather
-        has no bounds check of its own."""
+        first argument) are checked against the vocabulary first: the compiled gather clamps an
+        id past the table to its last row (clip mode), which would be silently wrong."""
         vocab = self.gen.get("vocab")
         if vocab and args:
             check_inputs({0: (0, int(vocab))}, [args[0].numpy()], ["input_ids"], str(self.path))

@@ -168,8 +168,8 @@ def test_every_zoo_generative_model_decodes_the_originals_tokens(written, tmp_pa
 
 def test_the_runtime_refuses_out_of_vocabulary_ids_below_the_generator(gen_artifact):
     """Called directly (no Generator in between), a generation artifact checks the token ids
-    against its vocabulary before the VM runs: the compiled embedding gather has no bounds check
-    of its own (before: read outside the table)."""
+    against its vocabulary before the VM runs (before: the clip-mode gather clamped the id to the
+    last row and logits came back, silently wrong)."""
     import numpy as np
 
     from loopify import runtime
