@@ -54,7 +54,7 @@ def sniff(path: Path) -> str:
         head = f.read(4)
     if head[:2] == b"PK":
         if not _zip_ends_whole(path):
-            raise CaptureError(f"{path}: truncated zip archive (its end record is missing: the file was cut short, "
+            raise CaptureError(f"{path}: truncated or corrupt zip archive (its end record is missing: the file was cut short, "
                                "e.g. by an interrupted copy or download)")
         try:
             with zipfile.ZipFile(path) as z:
