@@ -72,9 +72,13 @@ def write(dest, populate, manifest: dict) -> Path:
     Returns:
         The artifact path.
     """
+    from loopify.io import check_output, out_of_space, replace_dir, space_error, sweep_stale, temp_prefix
+
     dest = Path(dest).absolute()
+    check_output(dest, directory=True, what="artifact")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    sweep_stale(dest)  # what a killed compile of the same target left
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dest), suffix=".tmp", dir=dest.parent))
     try:
         populate(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; an artifact is meant to be shared
@@ -87,15 +91,11 @@ def write(dest, populate, manifest: dict) -> Path:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        old = None
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-            os.rename(dest, old)
-        os.rename(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+        replace_dir(tmp, dest)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and out_of_space(e):
+            raise space_error(dest, 0, None) from None
         raise
     return dest
 

@@ -35,6 +35,12 @@ class _Group(click.Group):
         except Exception as e:  # noqa: BLE001 - last line of defence for the user
             if ctx.obj and ctx.obj.get("debug"):
                 raise
+            from loopify.errors import missing_dependency
+
+            err = missing_dependency(e) if isinstance(e, ImportError) else None
+            if err is not None:  # an optional dependency: name the extra to install
+                click.echo(f"loopify: error: {err}", err=True)
+                sys.exit(err.exit_code)
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             click.echo(f"loopify: internal error: {type(e).__name__}: {first[:300]} (run with --debug for the traceback)",
                        err=True)
@@ -159,6 +165,7 @@ def inspect(model, inputs, trust_pickle, allow_export_mismatch, seq_len, batch, 
     from loopify.pipeline import Pipeline, State, run_pipeline
     from loopify.passes.find_spans import FindSpans
 
+    _check_outputs(json_out, plot)
     cap = _capture(model, inputs, trust_pickle, allow_export_mismatch, seq_len, batch)
     pipeline = Pipeline.of(FindSpans(stacks=tuple(stacks), similarity=not no_similarity))
     click.echo(f"pipeline: {pipeline}", err=True)
@@ -241,6 +248,10 @@ def convert(model, out, blocks, loops, sharing, init, rank, connector, mode, rep
         if not dry_run and result.manifest["verify"]["ok"]:
             click.echo("exporting the converted model ...", err=True)
 
+    if out is not None and not dry_run and out.suffix == ".pt2":
+        from loopify.converted import Bundle, check_bundle_output
+
+        check_bundle_output(Bundle.of(out))
     click.echo(f"capturing {model} ...", err=True)
     try:
         result = conv.convert(model, config, out, dry_run=dry_run,
@@ -257,6 +268,15 @@ def convert(model, out, blocks, loops, sharing, init, rank, connector, mode, rep
     m = result.manifest
     click.echo(f"wrote {out} (program {m['bytes']['program_file']:,} bytes; weights "
                f"{m['bytes']['converted_file']:,} bytes) and {Path(out).with_suffix('.json')}")
+
+
+def _check_outputs(*paths) -> None:
+    """Output files given by options are checked before the work starts (see loopify.io.check_output)."""
+    from loopify.io import check_output
+
+    for p in paths:
+        if p is not None:
+            check_output(p)
 
 
 def _rank_option(rank: str):
@@ -352,6 +372,7 @@ def run_cmd(model, loops_s, inputs, out_file, save_inputs, threads):
     """Run an artifact directory (TVM) or a .pt2/model (PyTorch) with the loop count given."""
     from loopify import execute
 
+    _check_outputs(out_file, save_inputs)
     loops = _loops_option(loops_s)
     outs, used = execute.run(model, loops=loops, inputs=inputs, threads=threads)
     for i, o in enumerate(outs):
@@ -410,6 +431,7 @@ def bench_cmd(original, converted, artifacts, backends, loops_s, threads, seq, b
 
     from loopify import bench
 
+    _check_outputs(json_out, plot)
     loops = _loops_option(loops_s)
     if ggufs and not gen:
         raise LoopifyError("--gguf is for --generate (llama.cpp rows)")
@@ -585,6 +607,7 @@ def generate_cmd(model, prompts, prompt_ids, image, chat, max_new_tokens, loops_
     KV cache's bytes."""
     from loopify import generate as gen
 
+    _check_outputs(json_out)
     loops = _loops_option(loops_s)
     if not prompts and not prompt_ids:
         raise LoopifyError("give --prompt TEXT or --prompt-ids I,J,...")

@@ -65,6 +65,9 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
     Raises:
         LoopifyError: one line naming what failed (capture, staging, import, build, validation).
     """
+    from loopify.io import check_output
+
+    check_output(out, directory=True, what="artifact")  # before the work, not after it
     if max_context is not None:
         return compile_generation(model, out, target=target, arch=arch, mcpu=mcpu, schedule=schedule,
                                   validate=validate, max_context=max_context, kv_policy=kv_policy)
@@ -205,13 +208,16 @@ def compile_generation(model: str | Path, out: str | Path, *, target: str = "x86
     from loopify.io import atomic_path
     from loopify.nn import kv
 
+    from loopify.io import check_output
+
+    check_output(out, directory=True, what="artifact")
     if kv_policy not in kv.POLICIES:
         raise LoopifyError(f"--kv-policy must be one of {', '.join(kv.POLICIES)}")
     if max_context < 2:
         raise LoopifyError("--max-context must be at least 2")
     model, out = Path(model), Path(out)
+    tgt = target_for(target, arch=arch, mcpu=mcpu)  # bad target options before the work
     wrapper, inputs, assets, source = _generation_source(model)
-    tgt = target_for(target, arch=arch, mcpu=mcpu)
     try:
         exported = export_step(wrapper, inputs, kv_policy, max_context, source.get("image_token_id"))
     except NotImplementedError as e:

@@ -311,6 +311,7 @@ def convert(path: str | Path, config: ConvertConfig, out: str | Path | None, *, 
             raise ConvertError("give -o OUT.pt2 (or --dry-run)")
         if Path(out).suffix != ".pt2":
             raise ConvertError(f"{out}: the output must end in .pt2")
+        converted.check_bundle_output(converted.Bundle.of(out))
     captured = capture.load(path, **(capture_options or {}))
     if on_captured is not None:
         on_captured(captured)
@@ -370,6 +371,10 @@ def format_summary(m: dict) -> str:
             if "max_recon_error" in l:
                 lines.append(f"relax rank {relax['rank']} on {l['loop']}: {l['params_added']:,} params, max weight "
                              f"reconstruction error {l['max_recon_error']:.3g} (= dropped singular energy)")
+                if l.get("clamped"):
+                    lines.append(f"  note: rank {relax['rank']} is above the full rank of {len(l['clamped'])} "
+                                 f"matri{'x' if len(l['clamped']) == 1 else 'ces'}, clamped to it (effective rank "
+                                 f"{l.get('effective_rank')}{'; a lossless plan' if l.get('full_rank') else ''})")
     conn = m["plan"].get("connectors")
     if conn:
         for l in conn["loops"]:

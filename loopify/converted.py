@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from loopify.errors import LoopifyError
-from loopify.io import atomic_path, sha256_file, write_json
+from loopify.io import atomic_path, check_output, check_space, sha256_file, write_json
 
 FORMAT = "loopify-converted"
 VERSION = 2
@@ -193,11 +193,20 @@ def save(module: nn.Module, captured, manifest: dict, out: str | Path, program_w
     b = Bundle.of(out)
     if b.program.suffix != ".pt2":
         raise ConvertedError(f"{out}: the output must end in .pt2")
-    weight_bytes, ties = write_weights(module, b.weights)
-    with atomic_path(b.assets, directory=True) as tmp:
-        manifest["architecture"] = write_assets(captured, tmp)
-    with atomic_path(b.program) as tmp:
-        program_writer(tmp)
+    check_bundle_output(b)
+    # The weights file and the program (which holds the weights too), before anything is written.
+    check_space(b.program, 2 * sum(t.numel() * t.element_size() for t in unique_state(module)[0].values()))
+    try:
+        weight_bytes, ties = write_weights(module, b.weights)
+        with atomic_path(b.assets, directory=True) as tmp:
+            manifest["architecture"] = write_assets(captured, tmp)
+        with atomic_path(b.program) as tmp:
+            program_writer(tmp)
+    except BaseException:
+        # Part of the bundle is new, part old: remove it all, so no manifest describes files it
+        # does not match (a kill -9 here leaves such a mix; loading then refuses it by sha256).
+        discard(b)
+        raise
     manifest.update(format=FORMAT, version=VERSION)
     manifest["ties"] = ties
     manifest["bytes"]["converted_file"] = b.weights.stat().st_size
@@ -205,6 +214,20 @@ def save(module: nn.Module, captured, manifest: dict, out: str | Path, program_w
     manifest["files"] = {name: sha256_file(p) for name, p in b.files().items()}
     write_json(b.manifest, manifest)
     return b
+
+
+def discard(b: Bundle) -> None:
+    """Remove every file of a bundle (a write of it failed half-way)."""
+    for p in (b.manifest, b.program, b.weights):
+        p.unlink(missing_ok=True)
+    shutil.rmtree(b.assets, ignore_errors=True)
+
+
+def check_bundle_output(b: Bundle) -> None:
+    """Every path of the bundle can be written (checked before any work starts)."""
+    for p in (b.program, b.manifest, b.weights):
+        check_output(p)
+    check_output(b.assets, directory=True)
 
 
 # ----------------------------------------------------------------------------------------------

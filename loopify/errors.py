@@ -28,3 +28,25 @@ class PipelineError(LoopifyError):
 
 class ExportMismatchError(CaptureError):
     """The exported program does not reproduce the eager model."""
+
+
+#: Optional dependencies: top-level module -> (the extra that installs it, what needs it).
+EXTRAS = {"tvm": ("tvm", "compiling and running artifacts"), "tvm_ffi": ("tvm", "compiling and running artifacts"),
+          "transformers": ("hf", "Hugging Face models"), "accelerate": ("hf", "Hugging Face models"),
+          "gguf": ("hf", "GGUF files"), "matplotlib": ("plot", "plots"), "psutil": ("tvm", "tuning"),
+          "xgboost": ("tvm", "tuning"), "tornado": ("tvm", "tuning over RPC"), "PIL": ("hf", "images")}
+
+
+class MissingDependencyError(LoopifyError):
+    """An optional dependency is not installed."""
+
+
+def missing_dependency(e: ImportError) -> MissingDependencyError | None:
+    """The one-line error naming the extra to install for ``e``, or None for a module that is
+    not one of loopify's optional dependencies (a real bug)."""
+    top = (getattr(e, "name", None) or "").split(".")[0]
+    if top not in EXTRAS:
+        return None
+    extra, what = EXTRAS[top]
+    return MissingDependencyError(f"{what} needs the Python package {top!r}, which is not installed: "
+                                  f"pip install 'loopify[{extra}]'")

@@ -11,8 +11,12 @@ from loopify.io import atomic_path
 
 
 def save_tensors(path: Path, tensors: tuple) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(tuple(t.detach().cpu() for t in tensors), tmp)
+    import io
+
+    buf = io.BytesIO()  # in memory first: torch's zip writer aborts the process on a full disk
+    torch.save(tuple(t.detach().cpu() for t in tensors), buf)
+    with atomic_path(path, need=buf.getbuffer().nbytes) as tmp:
+        tmp.write_bytes(buf.getbuffer())
 
 
 def _flat_from_file(path: Path, names: list[str]) -> list[torch.Tensor]:
@@ -71,8 +75,28 @@ def run(model: str | Path, *, loops=None, inputs: str | Path | None = None, thre
             kwargs = dict(zip(names, args[len(captured.args):]))
             args = args[:len(captured.args)]
         captured.args, captured.kwargs = tuple(args), dict(kwargs)
-    with torch.no_grad():
-        out = module(*captured.args, **captured.kwargs)
+    out = forward(module, captured, model)
     from loopify.verify import flat_tensors
 
     return flat_tensors(out), captured.flat_inputs()
+
+
+def forward(module, captured, where) -> object:
+    """``module`` on ``captured``'s inputs, with index inputs checked first: against the ranges
+    the program's gathers allow (see :mod:`loopify.bounds`) when there is a program, else by
+    turning the eager gather's IndexError into one line."""
+    from loopify.bounds import IndexRangeError, check_inputs, index_ranges
+    from loopify.capture.captured import describe_inputs
+
+    flat = captured.flat_inputs()
+    names = [d["name"] for d in describe_inputs(captured.args, captured.kwargs)]
+    if captured.program is not None:
+        check_inputs(index_ranges(captured.program), flat, names, str(where))
+    try:
+        with torch.no_grad():
+            return module(*captured.args, **captured.kwargs)
+    except IndexError as e:
+        ints = [f"{n} in [{int(t.min())}, {int(t.max())}]" for n, t in zip(names, flat)
+                if isinstance(t, torch.Tensor) and t.numel() and not t.is_floating_point()]
+        raise IndexRangeError(f"{where}: an index input is outside the table it indexes ({'; '.join(ints)}), e.g. a "
+                              f"token id past the vocabulary ({str(e).splitlines()[0]})") from None

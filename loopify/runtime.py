@@ -23,6 +23,7 @@ import numpy as np
 
 from loopify import artifact as _artifact
 from loopify.artifact import ArtifactError, LoopCountError  # noqa: F401 - re-exported
+from loopify.bounds import check_inputs
 from loopify.errors import LoopifyError
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,11 @@ def set_num_threads(n: int) -> None:
     tvm.get_global_func("runtime.config_threadpool")(1, int(n))
 
 
+def _host(inputs) -> list:
+    """Inputs as host arrays (torch tensors detached to CPU; numpy and lists as they are)."""
+    return [x.detach().cpu().numpy() if hasattr(x, "detach") else x for x in inputs]
+
+
 class OutputCheck(NamedTuple):
     """One output of :func:`validate`."""
 
@@ -195,8 +201,10 @@ class Artifact:
                                f"{list(spec['shape'])}, got {x.dtype}{list(x.shape)}")
         return tvm.runtime.tensor(x, self.device)
 
-    def run_tvm(self, *inputs, loops=None):
-        """Run and return TVM tensors (no conversion)."""
+    def _args(self, inputs, loops) -> list:
+        """The VM's arguments: every input checked (count, shape, dtype, and the value range of
+        index inputs: the compiled gather clamps an id past its table to the last row, silently
+        wrong), then the loop counts."""
         import tvm.runtime
 
         if len(inputs) != len(self.inputs):
@@ -204,8 +212,14 @@ class Artifact:
                                f"({', '.join(s['name'] for s in self.inputs)}), got {len(inputs)}")
         counts = _artifact.loop_counts(self.manifest, loops)
         args = [self._to_tvm(i, x) for i, x in enumerate(inputs)]
-        args += [tvm.runtime.tensor(np.array(k, dtype="int64"), self.device) for k in counts]
-        out = self._main(*args, *self.params)
+        ranges = {i: s["range"] for i, s in enumerate(self.inputs) if s.get("range")}
+        check_inputs(ranges, [np.asarray(x) if i in ranges else None for i, x in enumerate(_host(inputs))],
+                     [s["name"] for s in self.inputs], str(self.path))
+        return args + [tvm.runtime.tensor(np.array(k, dtype="int64"), self.device) for k in counts]
+
+    def run_tvm(self, *inputs, loops=None):
+        """Run and return TVM tensors (no conversion)."""
+        out = self._main(*self._args(inputs, loops), *self.params)
         return list(out) if not hasattr(out, "numpy") else [out]
 
     def __call__(self, *inputs, loops=None, output: str | None = None):
@@ -235,11 +249,7 @@ class Artifact:
 
     def benchmark(self, *inputs, loops=None, repeat: int = 10, warmup: int = 2) -> dict:
         """Median / min wall time of one call in ms (inputs converted once, outside the timing)."""
-        import tvm.runtime
-
-        counts = _artifact.loop_counts(self.manifest, loops)
-        args = [self._to_tvm(i, x) for i, x in enumerate(inputs)]
-        args += [tvm.runtime.tensor(np.array(k, dtype="int64"), self.device) for k in counts]
+        args = self._args(inputs, loops)
         times = []
         for r in range(warmup + repeat):
             t = time.perf_counter()
@@ -305,7 +315,12 @@ class GenerationArtifact:
         return tvm.runtime.tensor(x, self.device)
 
     def run(self, entry: str, *args):
-        """Run ``prefill`` or ``decode`` on TVM tensors; returns TVM tensors."""
+        """Run ``prefill`` or ``decode`` on TVM tensors; returns TVM tensors. The token ids (the
+        first argument) are checked against the vocabulary first: the compiled gather clamps an
+        id past the table to its last row (clip mode), which would be silently wrong."""
+        vocab = self.gen.get("vocab")
+        if vocab and args:
+            check_inputs({0: (0, int(vocab))}, [args[0].numpy()], ["input_ids"], str(self.path))
         return self._vms[entry](*args, *self.params)
 
     def empty_cache(self) -> tuple[np.ndarray, np.ndarray]:

@@ -304,7 +304,7 @@ def _save_example_inputs(example, specs: list[dict], path: Path) -> None:
 def _stages_manifest(staged, stages, target, name, options, timings) -> dict:
     manifest = {
         **target_manifest(target, name, options, timings),
-        "inputs": staged.inputs, "outputs": staged.outputs, "loops": staged.loops,
+        "inputs": _with_ranges(staged.inputs, stages[0]), "outputs": staged.outputs, "loops": staged.loops,
         "assumptions": staged.assumptions, "params": staged.params.names,
         "stages": [{"kind": s.kind, "name": s.name or f"stage{i}"} for i, s in enumerate(stages)],
         "tuning": {"tuned": options.tune, "trials": options.trials if options.tune else 0,
@@ -317,6 +317,15 @@ def _stages_manifest(staged, stages, target, name, options, timings) -> dict:
         lp = staged.loops[0]
         manifest["loop"] = {"min": lp["min"], "max": lp["max"], "default": lp["default"]}
     return manifest
+
+
+def _with_ranges(inputs: list[dict], first: Stage) -> list[dict]:
+    """The input descriptions with each index input's valid range (``"range": [low, high)``), which
+    the runtime checks before every call (see :mod:`loopify.bounds`)."""
+    from loopify.bounds import index_ranges
+
+    ranges = index_ranges(first.program) if first.kind == "straight" else {}
+    return [dict(d, range=list(ranges[i])) if i in ranges else d for i, d in enumerate(inputs)]
 
 
 def compile_program(ep: torch.export.ExportedProgram, target="x86", out=None, *, example=None,

@@ -13,7 +13,9 @@ TVM 0.27 takes targets as dicts (``tvm.target.Target(dict)``), not strings. Thre
 
 from __future__ import annotations
 
+import difflib
 import platform
+import re
 import shutil
 
 from .errors import TargetError
@@ -34,6 +36,23 @@ def host_mcpu() -> str | None:
     return name if name and name != "generic" else None
 
 
+def check_mcpu(mcpu: str, triple: str, name: str) -> None:
+    """Refuse a CPU name LLVM does not know for ``triple`` (LLVM would warn per function and build
+    generic code, and the manifest would record the bogus name)."""
+    try:
+        import tvm
+        from tvm.target import codegen
+
+        known = {str(c) for c in codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm", "mtriple": triple}))}
+    except Exception:  # noqa: BLE001 - a TVM without LLVM cannot build CPU code anyway
+        return
+    if known and mcpu not in known:
+        close = difflib.get_close_matches(mcpu, sorted(known), n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else f"e.g. {', '.join(sorted(known)[:3])} ..."
+        raise TargetError(f"--mcpu {mcpu!r} is not a CPU LLVM knows for {name} ({triple}); {hint} ({len(known)} "
+                          f"names: `llc -mtriple={triple} -mcpu=help`)")
+
+
 def target_for(name: str, *, arch: str | None = None, mcpu: str | None = None,
                num_cores: int | None = None) -> dict:
     """The TVM target dict for a loopify target name.
@@ -52,6 +71,8 @@ def target_for(name: str, *, arch: str | None = None, mcpu: str | None = None,
         raise TargetError(f"unknown target {name!r}; choose one of {', '.join(TARGET_NAMES)}")
     if arch is not None and name != "cuda":
         raise TargetError(f"arch={arch!r} applies only to the cuda target, not {name}")
+    if mcpu is not None:
+        check_mcpu(mcpu, "aarch64-linux-gnu" if name == "arm64" else "x86_64-linux-gnu", name)
     if name == "x86":
         t = {"kind": "llvm"}
         if platform.machine() in ("x86_64", "AMD64") or mcpu is not None:
@@ -69,8 +90,8 @@ def target_for(name: str, *, arch: str | None = None, mcpu: str | None = None,
             t["num-cores"] = int(num_cores)
         return t
     arch = arch or "sm_90"
-    if not arch.startswith("sm_"):
-        raise TargetError(f"CUDA arch must look like 'sm_90', got {arch!r}")
+    if not re.fullmatch(r"sm_[1-9]\d{1,2}[af]?", arch):
+        raise TargetError(f"CUDA arch must look like 'sm_90' (sm_ and the compute capability), got {arch!r}")
     return {"kind": "cuda", "arch": arch, "host": target_for("x86", mcpu=mcpu)}
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -183,7 +184,7 @@ def load_hf_dir(path, *, seq_len: int | None = None, attn_implementation: str | 
     if not archs or not isinstance(archs, list) or not isinstance(archs[0], str):
         raise HFLoadError(f"{path}: config.json names no \"architectures\"; cannot tell which model class to build")
     arch = archs[0]
-    _check_weights(path)
+    check_config_against_weights(path, config, _check_weights(path))
     if seq_len is not None and seq_len < 2:
         raise HFLoadError(f"{path}: seq_len must be at least 2 (got {seq_len})")
     if batch is not None and batch < 1:
@@ -205,8 +206,9 @@ def one_line(e: BaseException | str, limit: int = 240) -> str:
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
-def _check_weights(path: Path) -> None:
-    """model.safetensors (or a sharded index) must exist and have a readable header and size."""
+def _check_weights(path: Path) -> dict[str, list[int]]:
+    """model.safetensors (or a sharded index) must exist and have a readable header and size;
+    returns every tensor's shape from the headers (nothing is loaded)."""
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
     if single.is_file():
@@ -222,11 +224,90 @@ def _check_weights(path: Path) -> None:
                 raise HFLoadError(f"{path}: weight shard {f.name} listed in model.safetensors.index.json is missing")
     else:
         raise HFLoadError(f"{path}: no model.safetensors (weights missing)")
+    shapes: dict[str, list[int]] = {}
     for f in files:
-        _check_safetensors_file(path, f)
+        header = _check_safetensors_file(path, f)
+        shapes.update({k: list(v.get("shape", [])) for k, v in header.items() if k != "__metadata__"})
+    return shapes
 
 
-def _check_safetensors_file(path: Path, f: Path) -> None:
+#: Config keys that give a layer stack's length.
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_NUMBERED = re.compile(r"^(.*?)\.(\d+)\.")
+
+
+def check_config_against_weights(path: Path, config: dict, shapes: dict[str, list[int]]) -> None:
+    """Refuse, before any module is built, a config.json that asks for more layers than any
+    stack in the weights holds (a config saying 10^6 layers beside 4-layer weights would be
+    built first and fill the memory), and weights larger than the memory available."""
+    stacks: dict[str, set[int]] = {}
+    for name in shapes:
+        m = _NUMBERED.match(name)
+        if m:
+            stacks.setdefault(m[1], set()).add(int(m[2]))
+    longest = max((len(v) for v in stacks.values()), default=0)
+    for where, cfg in _configs(config):
+        for key in _LAYER_KEYS:
+            n = cfg.get(key)
+            if isinstance(n, int) and not isinstance(n, bool) and n > max(longest, 1):
+                top = max(stacks, key=lambda k: len(stacks[k])) if stacks else None
+                held = f"its longest layer stack is {top} with {longest}" if top else "it holds no numbered layers"
+                raise HFLoadError(f"{path}: config.json{where} says {key}={n}, but model.safetensors does not hold "
+                                  f"them ({held}); the config does not describe these weights")
+    need = sum(_numel(s) for s in shapes.values()) * 4  # built in float32
+    free = available_memory()
+    if free is not None and need > free:
+        raise HFLoadError(f"{path}: the model needs about {_size(need)} in float32, more than the {_size(free)} of "
+                          "memory available")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _check_parameter_count(path: Path, arch: str, cls, config) -> None:
+    """Build the model on the meta device (no memory) and refuse a config that makes more
+    parameters than the weights hold (a hidden size or vocabulary the weights do not have):
+    loading it would allocate the larger model before finding the mismatch."""
+    try:
+        with torch.device("meta"):
+            model = cls._from_config(config)
+    except Exception:  # noqa: BLE001 - the real build reports its own error
+        return
+    n = _num_params(model)
+    held = sum(_numel(s) for s in _check_weights(path).values())
+    if n > 1.01 * held + 4096:
+        raise HFLoadError(f"{path}: config.json describes a {arch} of {n:,} parameters, model.safetensors holds "
+                          f"{held:,}; the config does not describe these weights")
+
+
+def _configs(config: dict, where: str = ""):
+    yield where, config
+    for k, v in config.items():
+        if isinstance(v, dict) and k.endswith("config"):
+            yield from _configs(v, f"{where}.{k}")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still get (MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _check_safetensors_file(path: Path, f: Path) -> dict:
     size = f.stat().st_size
     try:
         with open(f, "rb") as fh:
@@ -242,6 +323,7 @@ def _check_safetensors_file(path: Path, f: Path) -> None:
             raise ValueError(f"file is {size} bytes, its header needs {8 + n + end}")
     except Exception as e:
         raise HFLoadError(f"{path}: {f.name} is truncated or corrupt ({one_line(e)})") from None
+    return header
 
 
 def _load_registered(path: Path, arch: str, config: dict, seq_len: int | None, batch: int = 1) -> HFModel:
@@ -371,6 +453,7 @@ def _load_transformers(path: Path, arch: str, config_dict: dict, seq_len: int | 
                        attn_implementation: str | None, batch: int = 1) -> HFModel:
     cls = _transformers_class(path, arch)
     config = _transformers_config(path, arch, cls)
+    _check_parameter_count(path, arch, cls, config)
     impl = attn_implementation or ("sdpa" if getattr(cls, "_supports_sdpa", False) else "eager")
     model = _from_pretrained(path, arch, cls, config, impl)
     return finish_model(path, arch, model, seq_len, attn_implementation, batch,

@@ -16,6 +16,7 @@ Nothing here is specific to one model family: after loading, every format is an
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import pickle
@@ -52,6 +53,9 @@ def sniff(path: Path) -> str:
     with open(path, "rb") as f:
         head = f.read(4)
     if head[:2] == b"PK":
+        if not _zip_ends_whole(path):
+            raise CaptureError(f"{path}: truncated or corrupt zip archive (its end record is missing: the file was cut short, "
+                               "e.g. by an interrupted copy or download)")
         try:
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
@@ -198,6 +202,21 @@ def _load_hf(path: Path, kind: str, user_inputs, seq_len, attn_implementation, b
     return _finish_check(cap, allow_export_mismatch)
 
 
+def _zip_ends_whole(path: Path) -> bool:
+    """Whether the zip's end-of-central-directory record is where it must be, at the end of the
+    file. A truncated archive can still open in ``zipfile``, which then finds the end record of a
+    zip *stored inside it* (an export archive holds torch.save zips) and reads that instead."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 65557))
+        tail = f.read()
+    pos = tail.rfind(b"PK\x05\x06")
+    if pos < 0 or pos + 22 > len(tail):
+        return False
+    comment = int.from_bytes(tail[pos + 20:pos + 22], "little")
+    return pos + 22 + comment == len(tail)
+
+
 def _load_pickle(path: Path, user_inputs, trust_pickle: bool, allow_export_mismatch: bool) -> Captured:
     """A torch.save file or legacy pickle: find out whether it is plain data before anything runs."""
     try:
@@ -247,5 +266,9 @@ def save_program(program: torch.export.ExportedProgram, path: str | Path, info: 
 
 
 def write_program(program: torch.export.ExportedProgram, path: Path, info: dict | None = None) -> None:
-    with open(path, "wb") as f:  # a file object: torch warns about names not ending in .pt2
-        torch.export.save(program, f, extra_files={INFO_FILE: json.dumps(json_info(info or {}))})
+    # Serialised in memory, then written from Python: torch's zip writer aborts the process
+    # (std::terminate in its destructor) when the disk fills under it; a Python write raises.
+    buf = io.BytesIO()
+    torch.export.save(program, buf, extra_files={INFO_FILE: json.dumps(json_info(info or {}))})
+    with open(path, "wb") as f:
+        f.write(buf.getbuffer())

@@ -104,9 +104,21 @@ class Generator:
             if k < lo or (hi is not None and k > hi):
                 raise GenerateError(f"loop count {k} is outside the model's range [{lo}, {hi if hi is not None else 'any'}]")
 
+    def check_ids(self, prompts: list[list[int]]) -> None:
+        """Token ids outside the vocabulary are refused before anything runs (an eager model
+        would raise an IndexError, a compiled one read outside its embedding table)."""
+        vocab = self.config.get("vocab_size")
+        ids = [i for p in prompts for i in p]
+        if not isinstance(vocab, int) or not ids:
+            return
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise GenerateError(f"{self.path}: token id {bad} is outside the vocabulary [0, {vocab - 1}]")
+
     def generate(self, prompts: list[list[int]], sampling: Sampling, *, loops=None, policy: str = "per-depth",
                  extra: dict | None = None, stream=None) -> Result:
         self.check(loops, policy)
+        self.check_ids(prompts)
         decoder = self.make_decoder(policy, loops)
         return run(decoder, prompts, sampling, pad=self.pad, extra=extra, detok=self.decode_text, stream=stream,
                    max_context=self.max_context)

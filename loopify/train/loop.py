@@ -187,6 +187,11 @@ def _preflight(config: TrainConfig):
         raise TrainError(f"{converted}: converted model not found")
     if not Path(config.data).is_file():
         raise TrainError(f"{config.data}: data file not found")
+    from loopify.converted import Bundle, check_bundle_output
+    from loopify.io import check_output
+
+    check_bundle_output(Bundle.of(config.out))  # before the training, not after it
+    check_output(ckpt_path, what="checkpoint")
     converted_sha, data_sha = sha256_file(converted), sha256_file(config.data)
     state = None
     if config.resume:

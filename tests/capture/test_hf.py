@@ -305,7 +305,8 @@ def test_error_weights_missing_layers(hf_dir, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["num_hidden_layers"] = 5
     (d / "config.json").write_text(json.dumps(cfg))
-    assert "lacks" in _err(d)
+    # Refused from the safetensors header, before the 5-layer model is built (issue 16, case 3).
+    assert "config.json says num_hidden_layers=5, but model.safetensors does not hold them" in _err(d)
 
 
 def test_error_registered_weights_do_not_fit(hf_dir, tmp_path):
@@ -313,4 +314,5 @@ def test_error_registered_weights_do_not_fit(hf_dir, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["n_layer"] = 7
     (d / "config.json").write_text(json.dumps(cfg))
-    assert "does not fit NanoGPT" in _err(d)
+    # Refused from the safetensors header before building (issue 16, case 3).
+    assert "config.json says n_layer=7, but model.safetensors does not hold them" in _err(d)

@@ -75,6 +75,8 @@ def test_the_loop_count_is_a_run_time_input(gen_artifact):
     (["--prompt-ids", "1,2", "--image", "x.png"], "a text-only model takes no --image"),
     (["--prompt", "hello"], "has no tokenizer"),
     ([], "give --prompt TEXT or --prompt-ids"),
+    (["--prompt-ids", "1,1000000000"], "token id 1000000000 is outside the vocabulary"),
+    (["--prompt-ids", "1,-1"], "token id -1 is outside the vocabulary"),
 ])
 def test_bad_requests_get_one_line(gen_artifact, tmp_path, args, message):
     _, art, _ = gen_artifact
@@ -215,3 +217,25 @@ def test_bench_generate_measures_every_configuration_side_by_side(written, gen_a
     # 2 blocks: per-depth keeps a slot per executed depth (4 at two loops), the shared policies one per block
     assert kv[(2, "per-depth")]["kv_bytes_per_token"] == pytest.approx(2 * kv[(2, "share-first")]["kv_bytes_per_token"])
     assert kv[(1, "per-depth")]["kv_bytes_per_token"] == pytest.approx(kv[(1, "last")]["kv_bytes_per_token"])
+
+
+def test_the_runtime_refuses_out_of_vocabulary_ids_below_the_generator(gen_artifact):
+    """Called directly (no Generator in between), a generation artifact checks the token ids
+    against its vocabulary before the VM runs (before: the clip-mode gather clamped the id to the
+    last row and logits came back, silently wrong)."""
+    import numpy as np
+
+    from loopify import runtime
+    from loopify.bounds import IndexRangeError
+    from loopify.generate.compiled import TVMDecoder
+
+    _, art, _ = gen_artifact
+    a = runtime.load(art)
+    vocab = a.gen["vocab"]
+    dec = TVMDecoder(a, "per-depth", None)
+    ids = torch.tensor([[1, vocab]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(2)[None]}
+    with pytest.raises(IndexRangeError, match=f"holds {vocab}, outside \\[0, {vocab - 1}\\]"):
+        dec.prefill(batch)
+    batch["input_ids"] = torch.tensor([[1, vocab - 1]])
+    assert np.isfinite(dec.prefill(batch).numpy()).all()

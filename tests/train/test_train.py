@@ -365,3 +365,41 @@ def test_ddp_two_cpu_processes_match_one_process_with_twice_the_batch(llama, dat
     assert not (tmp_path / "ddp.ckpt").exists()
     for n, p in full_run[0].items():
         torch.testing.assert_close(ddp[n], p, rtol=1e-5, atol=1e-6)
+
+
+_KILLABLE = '''
+import sys, time
+from loopify import train as tr
+kw = dict(converted=sys.argv[1], data=sys.argv[2], eval_data=sys.argv[3], out=sys.argv[4], steps=6, batch=2, lr=1e-3,
+          tokenizer="bytes", checkpoint_every=2, eval_every=0, threads=1)
+def hook(e):
+    if e["event"] == "step":
+        print("step", e["step"], flush=True)
+        time.sleep(0.3)
+tr.train(tr.TrainConfig(**kw), progress=hook)
+'''
+
+
+@pytest.mark.parametrize("kill_at", [3, 5])
+def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(llama, data, tmp_path, full_run, kill_at):
+    """kill -9 (no handler runs, no checkpoint on the way out) between checkpoints: --resume goes
+    on from the last complete checkpoint and ends bitwise where the uninterrupted run ends, with
+    no temporary left beside the checkpoint (issue 16, case 11)."""
+    out = tmp_path / "killed.pt2"
+    script = tmp_path / "killable.py"
+    script.write_text(_KILLABLE)
+    p = subprocess.Popen([sys.executable, str(script), str(llama), str(data[0]), str(data[1]), str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    for line in p.stdout:
+        if line.strip() == f"step {kill_at}":
+            p.send_signal(signal.SIGKILL)
+            break
+    p.wait()
+    assert p.returncode == -signal.SIGKILL and not out.exists()
+    assert tr.load_checkpoint(out.with_suffix(".ckpt"))["step"] == kill_at - 1
+    resumed = tr.train(_cfg(llama, data, out, resume=True, **RESUME_KW))
+    assert resumed.report["resumed_from"] == kill_at - 1
+    a, b = full_run[0], _trainable(resumed.module)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not [f.name for f in tmp_path.iterdir() if f.name.endswith(".tmp")]
