@@ -247,8 +247,11 @@ def check_config_against_weights(path: Path, config: dict, shapes: dict[str, lis
             stacks.setdefault(m[1], set()).add(int(m[2]))
     longest = max((len(v) for v in stacks.values()), default=0)
     for where, cfg in _configs(config):
+        groups = cfg.get("num_hidden_groups")  # ALBERT: N layers run from G groups of shared weights
         for key in _LAYER_KEYS:
             n = cfg.get(key)
+            if isinstance(groups, int) and key == "num_hidden_layers":
+                n = min(n, groups) if isinstance(n, int) else n
             if isinstance(n, int) and not isinstance(n, bool) and n > max(longest, 1):
                 top = max(stacks, key=lambda k: len(stacks[k])) if stacks else None
                 held = f"its longest layer stack is {top} with {longest}" if top else "it holds no numbered layers"
