@@ -175,21 +175,9 @@ def _generation_source(model: Path):
         return module, inputs.kwargs, Path(inputs.info["assets_dir"]), {
             "path": str(model), "kind": "converted", "image_token_id": src.get("image_token_id"),
             "model_type": src.get("model_type", "")}
-    from loopify.capture import hf
-    from loopify.capture.loader import sniff
+    from loopify.capture.loader import load_source
 
-    kind = sniff(model)
-    try:
-        if kind == "gguf":
-            from loopify.capture import gguf
-
-            m = gguf.load(model)
-        elif kind == "hf-dir":
-            m = hf.load_hf_dir(model)
-        else:
-            raise LoopifyError(f"{model}: generation needs a Hugging Face directory, a GGUF file or a converted .pt2")
-    except hf.HFLoadError as e:
-        raise LoopifyError(str(e)) from None
+    m = load_source(model, "generation needs a Hugging Face directory, a GGUF file or a converted .pt2")
     return m.module, m.inputs, Path(m.info.get("assets_dir") or model), {
         "path": str(model), "kind": "original", "image_token_id": m.image_token_id, "model_type": m.model_type}
 

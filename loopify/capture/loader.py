@@ -272,3 +272,24 @@ def write_program(program: torch.export.ExportedProgram, path: Path, info: dict 
     torch.export.save(program, buf, extra_files={INFO_FILE: json.dumps(json_info(info or {}))})
     with open(path, "wb") as f:
         f.write(buf.getbuffer())
+
+
+def load_source(path: Path, refusal: str, error=None):
+    """A Hugging Face directory or a GGUF file loaded in module form (generation, eval and the
+    generation compile all need a real model class, not a graph); anything else is refused with
+    ``error(f"{path}: {refusal}")`` and a loading failure re-raised as ``error`` (one line)."""
+    from loopify.capture import hf
+    from loopify.errors import LoopifyError
+
+    error = error or LoopifyError
+    kind = sniff(path)
+    try:
+        if kind == "gguf":
+            from loopify.capture import gguf
+
+            return gguf.load(path)
+        if kind == "hf-dir":
+            return hf.load_hf_dir(path)
+    except hf.HFLoadError as e:
+        raise error(str(e)) from None
+    raise error(f"{path}: {refusal}")

@@ -119,22 +119,10 @@ def _converted(path: Path) -> Subject:
 
 
 def _original(path: Path) -> Subject:
-    from loopify.capture import hf
-    from loopify.capture.loader import sniff
+    from loopify.capture.loader import load_source
 
-    kind = sniff(path)
-    try:
-        if kind == "gguf":
-            from loopify.capture import gguf
-
-            model = gguf.load(path)
-        elif kind == "hf-dir":
-            model = hf.load_hf_dir(path)
-        else:
-            raise EvalError(f"{path}: eval needs a Hugging Face directory, a GGUF file, a converted .pt2 or a "
-                            "generation artifact (an export archive is a fixed-shape graph that takes no text)")
-    except hf.HFLoadError as e:
-        raise EvalError(str(e)) from None
+    model = load_source(path, "eval needs a Hugging Face directory, a GGUF file, a converted .pt2 or a generation "
+                              "artifact (an export archive is a fixed-shape graph that takes no text)", EvalError)
     names = list(model.output_names)
     assets = Path(model.info.get("assets_dir") or path)
     return Subject(path, "original", _task(names), _eager_run(model.module, names), assets,

@@ -183,22 +183,10 @@ def _open_converted(path: Path) -> Generator:
 
 
 def _open_original(path: Path) -> Generator:
-    from loopify.capture import hf
-    from loopify.capture.loader import sniff
+    from loopify.capture.loader import load_source
 
-    kind = sniff(path)
-    try:
-        if kind == "gguf":
-            from loopify.capture import gguf
-
-            model = gguf.load(path)
-        elif kind == "hf-dir":
-            model = hf.load_hf_dir(path)
-        else:
-            raise GenerateError(f"{path}: generation needs a Hugging Face directory, a GGUF file, a converted .pt2 or "
-                                "an artifact (an export archive is a fixed-shape graph without a KV cache)")
-    except hf.HFLoadError as e:
-        raise GenerateError(str(e)) from None
+    model = load_source(path, "generation needs a Hugging Face directory, a GGUF file, a converted .pt2 or an "
+                              "artifact (an export archive is a fixed-shape graph without a KV cache)", GenerateError)
     assets = Path(model.info.get("assets_dir") or path)
     cfg = _json(assets, "config.json")
     info = {**model.info, "image_token_id": model.image_token_id, "model_type": model.model_type,
