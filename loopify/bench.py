@@ -402,7 +402,8 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict, path: Path) -> Path:
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or one line naming the extra to install."""
     try:
         import matplotlib
 
@@ -410,6 +411,11 @@ def plot(report: dict, path: Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise LoopifyError("--plot needs matplotlib: pip install 'loopify[plot]'") from None
+    return plt
+
+
+def plot(report: dict, path: Path) -> Path:
+    plt = pyplot()
     from loopify.io import atomic_path
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))

@@ -404,13 +404,9 @@ def kv_policy_table(converted: str | Path, text_tokens: int = 96, prefix: int = 
 
 def plot(report: dict, path: Path) -> Path:
     """Decode tokens/s against prompt length per configuration, and time to first token."""
-    try:
-        import matplotlib
+    from loopify.bench import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise LoopifyError("--plot needs matplotlib: pip install 'loopify[plot]'") from None
+    plt = pyplot()
     from loopify.io import atomic_path
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))

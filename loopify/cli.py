@@ -427,7 +427,6 @@ def bench_cmd(original, converted, artifacts, backends, loops_s, threads, seq, b
     rounds are interleaved; ratios are converted / original for the same backend. With
     --generate: generation (see `loopify.bench_generate`).
     """
-    from tqdm import tqdm
 
     from loopify import bench
 
@@ -445,12 +444,7 @@ def bench_cmd(original, converted, artifacts, backends, loops_s, threads, seq, b
     click.echo(f"bench: backends={','.join(spec.backends)} loops={spec.loops or 'all'} threads={threads} "
                f"seq={seq or 'as converted'} batch={batch or 'as converted'} "
                f"warmup={warmup} rounds={rounds}x{per_round} (interleaved, one process per configuration)", err=True)
-    bar = tqdm(desc="bench", unit="step", leave=False, file=sys.stderr, disable=not sys.stderr.isatty())
-
-    def step(msg):
-        bar.set_postfix_str(msg)
-        bar.update(1)
-
+    bar, step = _progress("bench")
     try:
         report = bench.run(spec, progress=step)
     finally:
@@ -464,9 +458,20 @@ def bench_cmd(original, converted, artifacts, backends, loops_s, threads, seq, b
         click.echo(f"wrote {plot}", err=True)
 
 
+def _progress(desc: str):
+    """A progress bar on stderr (shown only on a terminal) and the callback that advances it."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit="step", leave=False, file=sys.stderr, disable=not sys.stderr.isatty())
+
+    def step(msg):
+        bar.set_postfix_str(msg)
+        bar.update(1)
+    return bar, step
+
+
 def _bench_generate(original, converted, artifacts, backends, loops, threads, rounds, warmup, json_out, plot,
                     prompt_lengths, new_tokens, kv_policies, kv_table, ggufs=(), gguf_f32=False):
-    from tqdm import tqdm
 
     from loopify import bench_generate as bg
     from loopify.nn.kv import POLICIES
@@ -505,12 +510,7 @@ def _bench_generate(original, converted, artifacts, backends, loops, threads, ro
     click.echo(f"bench --generate: backends={','.join(chosen)} loops={spec.loops or 'all'} kv={','.join(policies)} "
                f"prompts={','.join(map(str, lengths))} new_tokens={new_tokens} threads={threads} rounds={rounds} "
                "(interleaved, one process per configuration)", err=True)
-    bar = tqdm(desc="bench", unit="step", leave=False, file=sys.stderr, disable=not sys.stderr.isatty())
-
-    def step(msg):
-        bar.set_postfix_str(msg)
-        bar.update(1)
-
+    bar, step = _progress("bench")
     try:
         report = bg.run(spec, progress=step)
         if kv_table:
