@@ -1,6 +1,6 @@
-"""CPU schedule rules for symbolic-shape modules (the generation entry points ``prefill``, T
-symbolic, and ``decode``, P symbolic; see :mod:`.generation`). :func:`.cpu_rules.default_rules`
-tries them after loopify's static NN :class:`.cpu_rules.Matmul`, so static-shape models keep it.
+"""CPU schedule rules for matmuls and row reductions of any shapes: static-shape models, and the
+generation entry points ``prefill`` (T symbolic) and ``decode`` (P symbolic; see
+:mod:`.generation`). :func:`.cpu_rules.default_rules` tries them first.
 
 Weights are parameters in their PyTorch layout ``W [out, in]``: ``FuseTransposeMatmul`` (see
 :func:`.schedules.legalize_passes`) turns ``x @ W.T`` into an "NT" matmul reading W as it is
@@ -21,8 +21,9 @@ Weights are parameters in their PyTorch layout ``W [out, in]``: ``FuseTransposeM
     MI * NJ FMAs), lane sums per tile, j tiles outermost (a W panel stays in L1), no packing.
     A symbolic M is padded to the row tile (``pad_einsum``: A copied into a padded buffer, C
     written back from one): with a predicate instead, LLVM kept the accumulators in memory.
-  - **NN matmul** (prefill attention, M / N / K symbolic): loopify's outer-product kernel, M
-    and N padded to the tile.
+  - **NN matmul** (every linear of a static-shape model, whose weights are stored transposed;
+    prefill attention, M / N / K symbolic): loopify's outer-product kernel, M and N padded to
+    the tile when they do not divide it.
 
 * :class:`RowReduction` - norms and softmax with symbolic rows or row lengths, or unit rows
   (decode): every block computed under one row loop; DLight's ``cpu.Reduction`` made each
@@ -164,6 +165,31 @@ def _epilogues(sch, mm):
     return [b for b in mm.infos if b is not mm.main and b.is_injective() and _alive(sch, b.block_rv)]
 
 
+def _accumulate_in_registers(sch, mm, outer, tile, ji, kloop, nj: int):
+    """The common tail of the register-tiled kernels: C's tile accumulated in a local buffer
+    written back at ``tile``, ``outer`` parallel, the column loop ``ji`` (and the init and
+    write-back loops) vectorised, the reduction initialised before ``kloop``, and each
+    epilogue inlined into the write-back (or computed per tile when it cannot be)."""
+    block = mm.main.block_rv
+    cache = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(cache, tile, preserve_unit_loops=True)
+    sch.vectorize(ji)
+    sch.parallel(outer)
+    init = sch.decompose_reduction(block, kloop)
+    sch.vectorize(sch.get_loops(init)[-1])
+    wl = sch.get_loops(cache)
+    if _const(sch.get(wl[-1]).extent) == nj:
+        sch.vectorize(wl[-1])
+    for ep in _epilogues(sch, mm):
+        if not _alive(sch, ep.block_rv):
+            continue
+        try:
+            sch.reverse_compute_inline(ep.block_rv)
+        except Exception:  # noqa: BLE001
+            sch.reverse_compute_at(ep.block_rv, tile, preserve_unit_loops=True)
+    return sch
+
+
 class MatmulLike(ScheduleRule):
     """Matmul / GEMV blocks with any symbolic extent (see the module docstring)."""
 
@@ -273,23 +299,7 @@ class MatmulLike(ScheduleRule):
         jo, ji = sch.split(lj, [None, nj])
         sch.reorder(jo, lk, ji)
         outer = sch.fuse(*batch, jo) if batch else jo
-        cache = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(cache, outer, preserve_unit_loops=True)
-        sch.parallel(outer)
-        sch.vectorize(ji)
-        init = sch.decompose_reduction(block, lk)
-        sch.vectorize(sch.get_loops(init)[-1])
-        wl = sch.get_loops(cache)
-        if _const(sch.get(wl[-1]).extent) == nj:
-            sch.vectorize(wl[-1])
-        for ep in _epilogues(sch, mm):
-            if not _alive(sch, ep.block_rv):
-                continue
-            try:
-                sch.reverse_compute_inline(ep.block_rv)
-            except Exception:  # noqa: BLE001
-                sch.reverse_compute_at(ep.block_rv, outer, preserve_unit_loops=True)
-        return sch
+        return _accumulate_in_registers(sch, mm, outer, outer, ji, lk, nj)
 
     # -- M > 1, NT ------------------------------------------------------------------------------
     def _dot(self, sch, mm, lanes):
@@ -369,24 +379,8 @@ class MatmulLike(ScheduleRule):
             sch.reorder(*batch, jo, io, lk, ii, ji)
             kouter = lk
         outer = sch.fuse(*batch, jo) if batch else jo
-        cache = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(cache, io, preserve_unit_loops=True)
         sch.unroll(ii)
-        sch.vectorize(ji)
-        sch.parallel(outer)
-        init = sch.decompose_reduction(block, kouter)
-        sch.vectorize(sch.get_loops(init)[-1])
-        wl = sch.get_loops(cache)
-        if _const(sch.get(wl[-1]).extent) == nj:
-            sch.vectorize(wl[-1])
-        for ep in _epilogues(sch, mm):
-            if not _alive(sch, ep.block_rv):
-                continue
-            try:
-                sch.reverse_compute_inline(ep.block_rv)
-            except Exception:  # noqa: BLE001
-                sch.reverse_compute_at(ep.block_rv, io, preserve_unit_loops=True)
-        return sch
+        return _accumulate_in_registers(sch, mm, outer, io, ji, kouter, nj)
 
     @staticmethod
     def _pad_copy(sch, block, lanes):
