@@ -165,6 +165,19 @@ def _epilogues(sch, mm):
     return [b for b in mm.infos if b is not mm.main and b.is_injective() and _alive(sch, b.block_rv)]
 
 
+def _sum_lanes(sch, mm, rf, r_ko, at):
+    """The common tail of the rfactor kernels (GEMV-NT, NT dot): the vector partial sums
+    ``rf`` in a local buffer initialised before ``r_ko``; the lane sum (the original block)
+    and the epilogues computed at ``at``."""
+    sch.set_scope(rf, 0, "local")
+    init = sch.decompose_reduction(rf, r_ko)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.reverse_compute_at(mm.main.block_rv, at, preserve_unit_loops=True)
+    for ep in _epilogues(sch, mm):
+        sch.reverse_compute_at(ep.block_rv, at, preserve_unit_loops=True)
+    return sch
+
+
 def _accumulate_in_registers(sch, mm, outer, tile, ji, kloop, nj: int):
     """The common tail of the register-tiled kernels: C's tile accumulated in a local buffer
     written back at ``tile``, ``outer`` parallel, the column loop ``ji`` (and the init and
@@ -279,13 +292,7 @@ class MatmulLike(ScheduleRule):
         if self.gemv_unroll:
             sch.annotate(r_ko, "pragma_auto_unroll_max_step", self.gemv_unroll)
             sch.annotate(r_ko, "pragma_unroll_explicit", 1)
-        sch.set_scope(rf, 0, "local")
-        init = sch.decompose_reduction(rf, r_ko)
-        sch.vectorize(sch.get_loops(init)[-1])
-        sch.reverse_compute_at(block, outer, preserve_unit_loops=True)
-        for ep in _epilogues(sch, mm):
-            sch.reverse_compute_at(ep.block_rv, outer, preserve_unit_loops=True)
-        return sch
+        return _sum_lanes(sch, mm, rf, r_ko, outer)
 
     def _gemv_nn(self, sch, mm, lanes):
         block = mm.main.block_rv
@@ -339,13 +346,7 @@ class MatmulLike(ScheduleRule):
         sch.vectorize(r_kv)
         sch.unroll(r_ji)
         sch.unroll(r_ii)
-        sch.set_scope(rf, 0, "local")
-        init = sch.decompose_reduction(rf, r_ko)
-        sch.vectorize(sch.get_loops(init)[-1])
-        sch.reverse_compute_at(block, r_io, preserve_unit_loops=True)
-        for ep in _epilogues(sch, mm):
-            sch.reverse_compute_at(ep.block_rv, r_io, preserve_unit_loops=True)
-        return sch
+        return _sum_lanes(sch, mm, rf, r_ko, r_io)
 
     # -- M > 1, NN ------------------------------------------------------------------------------
     def _outer(self, sch, mm, lanes):
