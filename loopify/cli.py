@@ -208,13 +208,17 @@ def inspect(model, inputs, trust_pickle, allow_export_mismatch, seq_len, batch, 
               help="Norm weights shared by the block or kept per depth.")
 @click.option("--subsample", is_flag=True, help="When K does not divide a run, keep evenly spaced layers.")
 @click.option("--image-token-id", type=int, default=-1, help="Image token id for the modality mask (default: from the config).")
+@click.option("--router", type=click.Choice(["none", "expert", "token"]), default="none", show_default=True,
+              help="Mixture-of-Recursions router on every loop (neutral until trained; Hugging Face sources).")
+@click.option("--capacity", metavar="C0,C1,...", default=None,
+              help="Expert router: fraction of the tokens kept at each recursion step (default (N-r)/N).")
 @click.option("--pipeline", "pipeline_spec", metavar="SPEC", help="Full pipeline spec (overrides the plan options).")
 @click.option("--dry-run", is_flag=True, help="Plan, convert and verify; write nothing.")
 @capture_options
 @pipeline_options
 def convert(model, out, blocks, loops, sharing, init, rank, connector, mode, repeat, stacks, norms, subsample,
-            image_token_id, pipeline_spec, dry_run, inputs, trust_pickle, allow_export_mismatch, seq_len, batch,
-            print_after, dump_ir, timing, skip):
+            image_token_id, router, capacity, pipeline_spec, dry_run, inputs, trust_pickle, allow_export_mismatch,
+            seq_len, batch, print_after, dump_ir, timing, skip):
     """Fold MODEL's spans of interchangeable layers into recursive loops and write OUT.pt2.
 
     With no options: every run is halved (K = L/2 blocks x 2 loops), cycle sharing, average
@@ -227,7 +231,8 @@ def convert(model, out, blocks, loops, sharing, init, rank, connector, mode, rep
     config = conv.ConvertConfig(blocks=blocks or 0, loops=loops or 0, sharing=sharing, init=init,
                                 rank=_rank_option(rank), connector=connector or "none", mode=mode, repeat=repeat,
                                 stacks=tuple(stacks), norms=norms, subsample=subsample,
-                                image_token_id=image_token_id, pipeline=pipeline_spec)
+                                image_token_id=image_token_id, router=router,
+                                capacity=_capacity_option(capacity), pipeline=pipeline_spec)
     pipeline = config.to_pipeline()
     click.echo(f"plan: {pipeline}", err=True)
     from tqdm import tqdm
@@ -268,6 +273,16 @@ def convert(model, out, blocks, loops, sharing, init, rank, connector, mode, rep
     m = result.manifest
     click.echo(f"wrote {out} (program {m['bytes']['program_file']:,} bytes; weights "
                f"{m['bytes']['converted_file']:,} bytes) and {Path(out).with_suffix('.json')}")
+
+
+def _capacity_option(text: str | None) -> tuple[float, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(float(c) for c in text.replace(":", ",").split(",") if c.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give fractions separated by commas, e.g. 1,0.5",
+                                 param_hint="--capacity") from None
 
 
 def _check_outputs(*paths) -> None:
