@@ -652,6 +652,10 @@ def generate_cmd(model, prompts, prompt_ids, image, chat, max_new_tokens, loops_
     click.echo(f"time to first token {res.ttft_s * 1000:.1f} ms; decode {res.decode_tokens_per_s:.1f} tokens/s "
                f"({res.decoded} tokens); KV cache {res.kv_bytes:,} bytes ({res.kv_bytes / max(n_tok, 1):,.0f} per token)",
                err=True)
+    if res.depth:
+        from loopify.nn.routing import format_depths
+
+        click.echo(format_depths(res.depth), err=True)
     if json_out:
         from loopify.io import write_json
 

@@ -197,6 +197,23 @@ class Router(nn.Module):
         return keep, self.scale(z)
 
 
+def depth_stats(depths: torch.Tensor, steps: int) -> dict:
+    """Average recursion depth per token and its distribution, from a 1-D tensor of the steps
+    each token took (what ``generate`` and ``bench`` report)."""
+    depths = depths.flatten().long()
+    hist = torch.bincount(depths, minlength=steps + 1).tolist() if depths.numel() else [0] * (steps + 1)
+    n = int(depths.numel())
+    return {"tokens": n, "average": float(depths.float().mean()) if n else float("nan"), "max": steps,
+            "histogram": {str(d): int(c) for d, c in enumerate(hist)}}
+
+
+def format_depths(stats: dict[str, dict]) -> str:
+    """One line per routed loop: ``average depth 1.42 of 2 (0: 3, 1: 5, 2: 4 tokens)``."""
+    return "\n".join(f"recursion depth per token ({loop}): average {s['average']:.2f} of {s['max']} ("
+                     + ", ".join(f"{d}: {c}" for d, c in s["histogram"].items()) + " tokens)"
+                     for loop, s in stats.items())
+
+
 def calibrate(router: Router, logits: list[torch.Tensor]) -> list[float]:
     """Set an expert-choice router's thresholds so that, on the given per-step logits of tokens
     that reached each step (``logits[r]``: a 1-D tensor), step r keeps the fraction

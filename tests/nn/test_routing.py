@@ -243,3 +243,19 @@ def test_a_second_route_run_changes_nothing(cap):
     assert not again.modified and "already" in again.report["note"]
     with pytest.raises(ValueError, match="already have expert routers"):
         Route(kind="token").run(State(cap, w))
+
+
+def test_generation_reports_the_depth_of_every_token(cap):
+    """generate's eager decoder records each real token's depth (prompt and decoded); padding
+    is not counted, and the tokens are those greedy decoding gives with the same cache."""
+    from loopify.generate import Sampling
+    from loopify.generate.eager import EagerDecoder
+    from loopify.generate.engine import run
+
+    w, rec = _routed(cap, "expert")
+    prompts = [cap.kwargs["input_ids"][0, :7].tolist(), cap.kwargs["input_ids"][0, 2:5].tolist()]
+    res = run(EagerDecoder(w), prompts, Sampling(max_new_tokens=5))
+    (stats,) = res.depth.values()
+    assert stats["tokens"] == 7 + 3 + res.decoded  # the last generated token is not run
+    assert sum(stats["histogram"].values()) == stats["tokens"] and 0 < stats["average"] < 2
+    assert res.to_dict()["depth"] == res.depth
