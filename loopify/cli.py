@@ -562,7 +562,14 @@ def _bench_generate(original, converted, artifacts, backends, loops, threads, ro
 @click.option("--loss", type=click.Choice(["mrl", "last"]), default="mrl", show_default=True,
               help="mrl: every depth supervised, a depth worse than the previous weighted by beta; last: final depth only.")
 @click.option("--beta", type=float, default=2.0, show_default=True, help="MRL weight of a depth worse than the previous one (>= 1).")
-@click.option("--train", "groups", default="base,lora,connector", show_default=True, help="Parameter groups to train.")
+@click.option("--train", "groups", default="base,lora,connector,router", show_default=True, help="Parameter groups to train.")
+@click.option("--router", type=click.Choice(["none", "expert", "token"]), default="none", show_default=True,
+              help="Add a Mixture-of-Recursions router to every loop and train it (router losses beside distillation).")
+@click.option("--capacity", metavar="C0,C1,...", default=None,
+              help="Expert router: fraction of the tokens kept at each recursion step (default (N-r)/N).")
+@click.option("--router-aux", type=float, default=0.1, show_default=True,
+              help="Weight of the router's auxiliary loss (expert: BCE to the top-k choice; token: balancing).")
+@click.option("--router-z", type=float, default=1e-3, show_default=True, help="Weight of the router z-loss.")
 @click.option("--objective", type=click.Choice(["auto", "kl", "cosine", "mse", "ce"]), default="auto", show_default=True,
               help="auto: KL on logits, cosine on pooled embeddings for encoders; ce: next-token cross-entropy on the data (no teacher).")
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None, help="Held-out data (default: part of --data).")
@@ -580,14 +587,14 @@ def _bench_generate(original, converted, artifacts, backends, loops, threads, ro
 @click.option("--tokenizer", default="auto", show_default=True, help="auto (the model's own), bytes, or a tokenizer directory.")
 @click.option("--max-seconds", type=float, default=0.0, help="Stop training after this long and write the output (0: no limit).")
 @click.option("--threads", type=int, default=0)
-def train_cmd(converted, teacher, data, out, groups, **kw):
+def train_cmd(converted, teacher, data, out, groups, capacity, **kw):
     """Uptrain CONVERTED (a `loopify convert` output) by distillation from the original, with
     RecursiveVLM's Monotonic Recursion Loss over every recursion depth. Writes OUT.pt2 + OUT.json
     like `convert`, with the training report. Runs under torchrun (DDP, gloo on CPU)."""
     from loopify import train as tr
 
     config = tr.TrainConfig(converted=str(converted), teacher=str(teacher) if teacher else None, data=str(data),
-                            out=str(out), train=groups,
+                            out=str(out), train=groups, capacity=_capacity_option(capacity),
                             **{k: (str(v) if isinstance(v, Path) else v) for k, v in kw.items()})
     click.echo("train: " + " ".join(f"{k}={v}" for k, v in config.to_dict().items() if v not in (None, "", ())), err=True)
     res = tr.train(config, progress=tr.ConsoleProgress())

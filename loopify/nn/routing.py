@@ -430,3 +430,80 @@ def _routed_mask(cache, d, q_index: torch.Tensor, valid: torch.Tensor, dtype) ->
         k_index, k_valid = cache.routed_keys(d, q_index, valid)
     allowed = k_valid.unsqueeze(1) & (k_index.unsqueeze(1) <= q_index.unsqueeze(-1))
     return _additive(allowed, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Router losses (training)
+
+
+def router_losses(router: Router) -> dict[str, torch.Tensor]:
+    """The router losses of the last forward (from ``router.record``):
+
+    * ``aux`` (expert): MoR's auxiliary BCE, ``BCE(sigmoid(z_r), kept_r)`` over the tokens
+      eligible at step r: it teaches the per-token score to predict the top-k decision, which
+      is what makes the decode-safe threshold rule match the capacity;
+    * ``aux`` (token): the balancing loss ``N * sum_i f_i P_i`` (f_i: fraction of tokens given
+      depth i + 1, P_i: their mean softmax probability; 1 when balanced);
+    * ``z``: the router z-loss, mean ``logsumexp(z)^2`` (token) or ``z^2`` (expert), which keeps
+      the logits small.
+
+    Empty when the last forward recorded nothing (no routed step ran)."""
+    rec = router.record
+    if not rec:
+        return {}
+    if router.kind == "token":
+        z = rec[0]["logits"].reshape(-1, rec[0]["logits"].shape[-1])
+        n = z.shape[-1]
+        frac = torch.bincount(rec[0]["choice"].reshape(-1), minlength=n).float() / z.shape[0]
+        prob = torch.softmax(z, -1).mean(0)
+        return {"aux": n * (frac.detach() * prob).sum(), "z": torch.logsumexp(z, -1).pow(2).mean()}
+    aux, zl, count = 0.0, 0.0, 0
+    for r in rec:
+        m = r["eligible"]
+        if not bool(m.any()):
+            continue
+        z = r["logits"][m]
+        aux = aux + torch.nn.functional.binary_cross_entropy_with_logits(z, r["keep"][m].float())
+        zl = zl + z.pow(2).mean()
+        count += 1
+    if not count:
+        return {}
+    return {"aux": aux / count, "z": zl / count}
+
+
+def routers(module: nn.Module) -> dict[str, Router]:
+    """Every router of a module's loops, by loop path."""
+    from loopify.nn.recursion import recursions
+
+    return {p: r.router for p, r in recursions(module).items() if r.router is not None}
+
+
+def calibrate_on(module: nn.Module, batches: list[dict]) -> dict[str, list[float]]:
+    """Calibrate every expert router of ``module`` on ``batches`` (keyword inputs of the model):
+    run them with top-k selection at the loops' full count, then set each step's threshold so
+    that the per-token rule keeps the capacity (:func:`calibrate`); the routers are left on
+    ``threshold`` selection (decode-safe). Returns the thresholds per loop."""
+    from loopify.nn.recursion import recursions
+
+    experts = {p: r for p, r in routers(module).items() if r.kind == "expert"}
+    if not experts or not batches:
+        return {}
+    saved = {p: r.loops for p, r in recursions(module).items()}
+    for p, r in recursions(module).items():
+        r.loops = r.spec.max_loops
+    seen: dict[str, list[list[torch.Tensor]]] = {p: [[] for _ in range(r.spec.steps)] for p, r in experts.items()}
+    try:
+        for r in experts.values():
+            r.select = "topk"
+        with torch.no_grad():
+            for b in batches:
+                module(**b)
+                for p, r in experts.items():
+                    for e in r.record:
+                        seen[p][min(e["step"], r.spec.steps - 1)].append(e["logits"][e["eligible"]])
+    finally:
+        for p, r in recursions(module).items():
+            r.loops = saved[p]
+        for r in experts.values():
+            r.select = "threshold"
+    return {p: calibrate(r, [torch.cat(z) if z else torch.zeros(0) for z in seen[p]]) for p, r in experts.items()}

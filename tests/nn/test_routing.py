@@ -211,6 +211,25 @@ def test_routed_model_saves_and_rebuilds_with_its_router(cap, tmp_path):
     assert torch.equal(_out(inputs, module), want)
 
 
+def test_eval_reports_the_average_depth_of_a_routed_model(cap, tmp_path):
+    from loopify.fidelity.report import evaluate, format_report
+
+    res = conv.convert_captured(cap, conv.ConvertConfig(blocks=2, router="expert"))
+    (rec,) = recursions(res.module).values()
+    with torch.no_grad():
+        rec.router.net[-1].weight.normal_(0, 0.5)
+        rec.router.threshold.fill_(0.0)
+    conv.save(res, cap, tmp_path / "r.pt2")
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\nPack my box with five dozen liquor jugs.\n")
+    rep = evaluate(tmp_path / "r.pt2", text, tokenizer_choice="bytes", seq_len=16, limit=2)
+    for row in rep["results"]:
+        d = row["depth"]
+        assert d["max"] == row["loops"] and sum(d["histogram"].values()) == d["tokens"] == 32
+        assert 0 <= d["average"] <= row["loops"]
+    assert "avg depth" in format_report(rep)
+
+
 def test_refusals(cap, tiny_capture):
     # the graph form has the captured shapes: a routed step cannot run on fewer tokens there
     with pytest.raises(PipelineError, match="module form"):
