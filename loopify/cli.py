@@ -281,8 +281,7 @@ def _capacity_option(text: str | None) -> tuple[float, ...]:
     try:
         return tuple(float(c) for c in text.replace(":", ",").split(",") if c.strip())
     except ValueError:
-        raise click.BadParameter(f"{text!r}: give fractions separated by commas, e.g. 1,0.5",
-                                 param_hint="--capacity") from None
+        raise LoopifyError(f"--capacity {text!r}: give fractions separated by commas, e.g. 1,0.5") from None
 
 
 def _check_outputs(*paths) -> None:

@@ -39,10 +39,13 @@ class EagerDecoder:
         inputs = {k: v for k, v in inputs.items() if k in self.takes}
         with torch.no_grad():  # a decoder serves tokens: no autograd graph kept across steps
             out = self.wrapper.run_model(inputs, use_cache=True, cache=self.cache)
-        real = inputs["attention_mask"][:, -inputs["input_ids"].shape[1]:].bool()
-        for key, rec in self.routed.items():  # the depth each real token took
-            if rec.router.last_depth is not None and rec.router.last_depth.shape == real.shape:
-                self.depths[key].append(rec.router.last_depth[real])
+        if self.routed:  # the depth each real token took
+            ids = inputs["input_ids"]
+            mask = inputs.get("attention_mask")
+            real = mask[:, -ids.shape[1]:].bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+            for key, rec in self.routed.items():
+                if rec.router.last_depth is not None and rec.router.last_depth.shape == real.shape:
+                    self.depths[key].append(rec.router.last_depth[real])
         return _logits(out)[:, -1]
 
     def depth_stats(self) -> dict[str, dict] | None:
