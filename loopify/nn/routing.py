@@ -49,7 +49,6 @@ the first recursion's slot: every token active at the first recursion is a key.
 from __future__ import annotations
 
 import contextvars
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -182,15 +181,18 @@ class Router(nn.Module):
         self._note({"step": 0, "logits": z, "choice": choice})
         return choice + 1, self.scale(zsel)
 
-    def expert_step(self, h: torch.Tensor, r: int, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert-choice at step r: ([B, S] kept, a subset of ``active``; [B, S] scale)."""
+    def expert_step(self, h: torch.Tensor, r: int, active: torch.Tensor,
+                    real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert-choice at step r: ([B, S] kept, a subset of ``active``; [B, S] scale). ``real``
+        ([B, S]) marks the row's real tokens: top-k keeps ``ceil(capacity * real tokens)`` of
+        them per row (padding is never kept by top-k)."""
         z = self.logits(h)[..., min(r, self.spec.steps - 1)]
         if self.select == "topk":
-            seq = h.shape[1]
-            k = min(seq, max(1, math.ceil(self.spec.capacity[min(r, self.spec.steps - 1)] * seq)))
-            masked = z.masked_fill(~active, float("-inf"))
-            top = masked.topk(k, dim=-1).indices
-            keep = torch.zeros_like(active).scatter(-1, top, True) & active
+            real = torch.ones_like(active) if real is None else real
+            k = (self.spec.capacity[min(r, self.spec.steps - 1)] * real.sum(-1).float()).ceil().long()  # [B]
+            order = z.masked_fill(~(active & real), float("-inf")).argsort(dim=-1, descending=True, stable=True)
+            rank = torch.empty_like(order).scatter_(-1, order, torch.arange(z.shape[-1], device=z.device).expand_as(order))
+            keep = (rank < k.unsqueeze(-1)) & active & real
         else:
             keep = active & (z >= self.threshold[min(r, self.spec.steps - 1)])
         self._note({"step": r, "logits": z, "eligible": active, "keep": keep})
@@ -353,7 +355,7 @@ def run(rec, args: list, kwargs: dict, where: str, s):
                 depth, scale = token_plan
                 keep = depth > r
             else:
-                keep, scale = router.expert_step(h, r, active)
+                keep, scale = router.expert_step(h, r, active, valid_tok)
                 active = keep
             decided[r] = (keep, scale)
             depth_taken = depth_taken + keep.long()
@@ -498,9 +500,13 @@ def calibrate_on(module: nn.Module, batches: list[dict]) -> dict[str, list[float
         with torch.no_grad():
             for b in batches:
                 module(**b)
+                real = b.get("attention_mask")
                 for p, r in experts.items():
                     for e in r.record:
-                        seen[p][min(e["step"], r.spec.steps - 1)].append(e["logits"][e["eligible"]])
+                        keep = e["eligible"]
+                        if real is not None and real.shape == keep.shape:  # padding does not count
+                            keep = keep & real.bool()
+                        seen[p][min(e["step"], r.spec.steps - 1)].append(e["logits"][keep])
     finally:
         for p, r in recursions(module).items():
             r.loops = saved[p]

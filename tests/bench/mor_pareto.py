@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     loops = recursions(module)
     n = max(r.spec.max_loops for r in loops.values())
     trained = {p: (r.spec, r.threshold.clone()) for p, r in rs.items()}
+    calibrated: dict = {}  # capacity -> thresholds per loop (calibrated once)
 
     def configure(cfg):
         kind, value = cfg
@@ -70,8 +71,10 @@ def main(argv=None) -> int:
             for p, r in rs.items():
                 cap = tuple([1.0] * (r.spec.steps - 1) + [value])
                 r.spec = dataclasses.replace(trained[p][0], capacity=cap)
-                r.threshold.copy_(trained[p][1])
-            calibrate_on(module, calib)
+                r.threshold.copy_(calibrated[value][p] if value in calibrated else trained[p][1])
+            if value not in calibrated:
+                calibrate_on(module, calib)
+                calibrated[value] = {p: r.threshold.clone() for p, r in rs.items()}
 
     configs = [("loops", k) for k in range(1, n + 1)] + [("routed", float(c)) for c in a.capacities.split(",")]
     rows = {}

@@ -278,3 +278,20 @@ def test_generation_reports_the_depth_of_every_token(cap):
     assert stats["tokens"] == 7 + 3 + res.decoded  # the last generated token is not run
     assert sum(stats["histogram"].values()) == stats["tokens"] and 0 < stats["average"] < 2
     assert res.to_dict()["depth"] == res.depth
+
+
+def test_topk_counts_and_keeps_only_real_tokens():
+    """Per row, top-k keeps ceil(capacity * real tokens) of the real tokens, the highest scores,
+    never padding."""
+    from loopify.nn.routing import Router
+
+    r = Router(RouterSpec("expert", 2, 4, capacity=(1.0, 0.5)))
+    r.select = "topk"
+    with torch.no_grad():
+        r.net[-1].weight.zero_()
+        r.net[-1].weight[1, 0] = 1.0  # step 1 scores = the first feature
+    h = torch.zeros(2, 6, 4)
+    h[..., 0] = torch.tensor([[5.0, 1, 4, 2, 3, 0], [9.0, 8, 1, 2, 3, 4]])
+    real = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    keep, _ = r.expert_step(h, 1, torch.ones(2, 6, dtype=torch.bool), real)
+    assert keep.tolist() == [[True, False, True, False, True, False], [False, False, False, False, True, True]]
