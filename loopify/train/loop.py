@@ -459,8 +459,11 @@ def _finish_routers(run: Run) -> dict | None:
             for p, r in rs.items():
                 d = r.last_depth
                 depths[p].append(d[mask.bool()] if mask is not None and mask.shape == d.shape else d.flatten())
+    def finite(ts):  # JSON has no infinity: a threshold of -inf (every token passes) is null
+        return None if ts is None else [t if math.isfinite(t) else None for t in ts]
+
     return {"loops": {p: {"kind": r.kind, "capacity": list(r.spec.capacity), "select": r.select,
-                          "thresholds": thresholds.get(p), "depth": depth_stats(torch.cat(depths[p]), r.spec.steps)}
+                          "thresholds": finite(thresholds.get(p)), "depth": depth_stats(torch.cat(depths[p]), r.spec.steps)}
                       for p, r in rs.items()}}
 
 

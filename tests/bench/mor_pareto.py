@@ -89,7 +89,8 @@ def main(argv=None) -> int:
                     depths.append(sum(r.last_depth for r in rs.values()).flatten())
         d = depth_stats(torch.cat(depths), n) if depths else {"average": float(cfg[1]), "max": n}
         rows[cfg] = {"config": cfg[0], "value": cfg[1], **stats.result(), "depth": d,
-                     "thresholds": {p: r.threshold.tolist() for p, r in rs.items()} if cfg[0] == "routed" else None,
+                     "thresholds": {p: [t if t > float("-inf") else None for t in r.threshold.tolist()]  # null: all pass
+                                    for p, r in rs.items()} if cfg[0] == "routed" else None,
                      "times_ms": []}
     for _ in range(a.rounds):  # time, interleaved: every config once per round
         for cfg in configs:
@@ -101,6 +102,7 @@ def main(argv=None) -> int:
                     rows[cfg]["times_ms"].append((time.perf_counter() - t0) * 1e3)
     for r in rows.values():
         r["median_ms"] = statistics.median(r["times_ms"])
+        r["min_ms"] = min(r["times_ms"])
     t_full, t_less = rows[("loops", n)]["median_ms"], rows[("loops", n - 1)]["median_ms"] if n > 1 else 0.0
     step_ms = t_full - t_less
     for r in rows.values():
@@ -111,12 +113,13 @@ def main(argv=None) -> int:
             r["saved_of_ideal"] = r["saved_ms"] / ideal if ideal > 0 else None
     report = {"model": str(a.model), "seq": a.seq, "windows": len(held), "threads": a.threads, "rounds": a.rounds,
               "step_ms": step_ms, "results": [{k: v for k, v in r.items() if k != "times_ms"} for r in rows.values()]}
-    print(f"{'config':<16} {'avg depth':>9} {'perplexity':>11} {'accuracy':>9} {'median ms':>10} {'saved/ideal':>11}")
+    print(f"{'config':<16} {'avg depth':>9} {'perplexity':>11} {'accuracy':>9} {'median ms':>10} {'min ms':>8} "
+          f"{'saved/ideal':>11}")
     for r in report["results"]:
         name = f"loops={r['value']}" if r["config"] == "loops" else f"capacity={r['value']:g}"
         soi = r.get("saved_of_ideal")
         print(f"{name:<16} {r['depth']['average']:>9.3f} {r['perplexity']:>11.2f} {r['accuracy']:>9.3f} "
-              f"{r['median_ms']:>10.1f} {'' if soi is None else f'{soi:.2f}':>11}")
+              f"{r['median_ms']:>10.1f} {r['min_ms']:>8.1f} {'' if soi is None else f'{soi:.2f}':>11}")
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=1))
     if a.plot:
