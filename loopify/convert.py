@@ -232,7 +232,7 @@ def convert_captured(captured, config: ConvertConfig, *, progress=None, **runner
         "verify": report,
         "loops": [{"module": p, "stack": r.spec.stack, "min": 0 if r.deepen else 1, "max": None if r.deepen else r.spec.max_loops,
                    "default": r.spec.max_loops, "mode": r.spec.mode,
-                   "router": None if r.router is None else r.router.kind} for p, r in loops.items()],
+                   **({"router": r.router.kind} if r.router is not None else {})} for p, r in loops.items()],
         "skeletons": {p: r.skeleton() for p, r in loops.items()},
         "wrapper": {"modality_token": getattr(module, "modality_token", None)},
         "inputs": _describe(captured),

@@ -477,7 +477,8 @@ def _record_routers(manifest: dict, run: Run) -> None:
     manifest.setdefault("config", {})["router"] = kinds.pop() if len(kinds) == 1 else "mixed"
     for entry in manifest.get("loops", []):
         r = loops.get(entry["module"])
-        entry["router"] = None if r is None or r.router is None else r.router.kind
+        if r is not None and r.router is not None:
+            entry["router"] = r.router.kind
     manifest.setdefault("plan", {})["router"] = {"kind": manifest["config"]["router"], "loops": [
         {"loop": p, "kind": r.router.kind, "steps": r.router.spec.steps, "capacity": list(r.router.spec.capacity),
          "activation": r.router.spec.activation, "hidden": r.router.spec.hidden,
