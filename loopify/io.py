@@ -233,6 +233,18 @@ def _json_default(o):
     return repr(o)
 
 
+def read_manifest_json(path: Path, fmt: str, error: type[LoopifyError]) -> dict:
+    """The JSON manifest at ``path`` whose ``format`` is ``fmt``; anything else raises ``error``
+    in one line (unreadable, not JSON, not an object, another format)."""
+    try:
+        manifest = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        raise error(f"{path}: not a {fmt} manifest")
+    return manifest
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """sha256 of a file's bytes."""
     h = hashlib.sha256()
