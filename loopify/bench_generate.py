@@ -162,6 +162,7 @@ def _open(cfg: GenConfig, spec: GenBenchSpec):
 
     def run(prompt):
         r = g.generate([prompt], s, loops=cfg.loops, policy=cfg.policy)
+        run.depth = r.depth  # routed models: depth per token
         return r.ttft_s, r.decode_tokens_per_s, r.kv_bytes
     return run, wbytes, g.tokenizer, vocab
 
@@ -240,7 +241,7 @@ def _worker(conn, cfg: GenConfig, spec: GenBenchSpec):
                 break
             ttft, rate, kvb = run(inputs[int(msg)])
             conn.send({"ttft_s": ttft, "decode_tps": rate, "kv_bytes": kvb,
-                       "peak_mb": max(_peak_mb(), _rss_mb()) - base})
+                       "peak_mb": max(_peak_mb(), _rss_mb()) - base, "depth": getattr(run, "depth", None)})
 
 
 def configs(spec: GenBenchSpec, max_loops: int) -> list[GenConfig]:
@@ -318,7 +319,8 @@ def _row(c: GenConfig, n: int, msgs: list[dict], wbytes: int, bw: float) -> dict
             "weights": Path(c.gguf).name if c.gguf else "float32", "prompt_tokens": n,
             "ttft_ms": ttft * 1e3, "decode_tokens_per_s": tps, "peak_mb": max(m["peak_mb"] for m in msgs),
             "kv_bytes": kv, "weight_bytes_per_token": wbytes, "bandwidth_bound_tokens_per_s": bound,
-            "bandwidth_fraction": tps / bound if bound == bound else None, "n": len(msgs)}
+            "bandwidth_fraction": tps / bound if bound == bound else None, "n": len(msgs),
+            "depth": msgs[-1].get("depth")}
 
 
 def ratios(rows: list[dict]) -> list[dict]:
@@ -351,6 +353,12 @@ def format_table(report: dict) -> str:
     widths = [max(len(x[i]) for x in rows) for i in range(len(head))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in rows]
     lines.insert(2, "  ".join("-" * w for w in widths))
+    for r in report["results"]:
+        if r.get("depth"):
+            from loopify.nn.routing import format_depths
+
+            lines.append(f"{r['model']} {r['backend']} loops={r['loops']} prompt {r['prompt_tokens']}: "
+                         + format_depths(r["depth"]))
     lines += [f"note: {n}" for n in report.get("notes", [])]
     lines.append("x hf: decode tokens/s against transformers' generate on the original; of bound: decode rate / "
                  "(bandwidth / weight bytes read per token)")

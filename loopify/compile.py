@@ -87,6 +87,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
 
         opts = capture_options or {}
         module, captured, _manifest = load_converted(model, seq_len=opts.get("seq_len"), batch=opts.get("batch"))
+        refuse_routers(module, model)
         extra = lora_manifest(module, lora_form)
         stages = stages_of(module, captured)
 
@@ -123,6 +124,17 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
     compiled = CompiledModel(out, manifest)
     compiled.checks = checks
     return compiled
+
+
+def refuse_routers(module, model) -> None:
+    """Routed loops (the route pass) run in PyTorch only: TVM compilation of per-token depth is
+    not built yet."""
+    from loopify.nn import recursions
+
+    routed = [p for p, r in recursions(module).items() if r.router is not None]
+    if routed:
+        raise LoopifyError(f"{model}: {routed[0]} has a Mixture-of-Recursions router; routed loops run in PyTorch "
+                           "only for now (generate, eval, bench --backends eager), not in a TVM artifact")
 
 
 def lora_manifest(module, lora_form: str) -> dict:
@@ -168,6 +180,7 @@ def _generation_source(model: Path):
         from loopify.convert import load_converted
 
         module, inputs, manifest = load_converted(model)
+        refuse_routers(module, model)
         if manifest.get("architecture", {}).get("kind") != "hf":
             raise LoopifyError(f"{model}: generation needs a converted Hugging Face model (this one came from an "
                                "export archive, a fixed-shape graph without a KV cache)")
