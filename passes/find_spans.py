@@ -275,7 +275,8 @@ def _angular(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((torch.arccos(_token_cos(x, y)) / math.pi).mean())
 
 
-def find_spans(captured, *, min_length: int = 2, stacks: tuple[str, ...] = (), similarity: bool = True) -> SpanAnalysis:
+def find_spans(captured, *, min_length: int = 2, stacks: tuple[str, ...] = (), similarity: bool = True,
+               groups: bool = True) -> SpanAnalysis:
     """Find spans of interchangeable layers in a captured program (see the module docstring)."""
     program = captured.program
     index = ProgramIndex.build(program)
@@ -291,7 +292,7 @@ def find_spans(captured, *, min_length: int = 2, stacks: tuple[str, ...] = (), s
     hidden_nodes: dict[str, tuple] = {}
     for stack, layers in all_stacks.items():
         lgs = [layer_graphs[p] for p in layers]
-        reports.append(_stack_report(index, stack, layers, lgs, min_length))
+        reports.append(_stack_report(index, stack, layers, lgs, min_length, groups))
         for lg in lgs:
             hin, hout = _hidden_io(lg)
             hidden_nodes[lg.path] = (hin, hout)
@@ -443,11 +444,13 @@ def _periodic(index: ProgramIndex, stack: str, lgs: list, min_length: int, cover
     return best
 
 
-def _stack_report(index: ProgramIndex, stack: str, layers: list[str], lgs: list, min_length: int) -> StackReport:
+def _stack_report(index: ProgramIndex, stack: str, layers: list[str], lgs: list, min_length: int,
+                  groups: bool = True) -> StackReport:
     checks = [_check_pair(index, lgs[i], lgs[i + 1]) for i in range(len(lgs) - 1)]
     runs, refused = _runs(stack, lgs, checks)
     runs = [(s, length, 1) for s, length in runs if length >= min_length]
-    group = _periodic(index, stack, lgs, min_length, sum(length for _s, length, _p in runs))
+    covered = sum(length for _s, length, _p in runs)
+    group = _periodic(index, stack, lgs, min_length, covered) if groups and covered < len(lgs) else None
     if group is not None:
         p, gruns, gchecks = group
         runs = [(s, length, p) for s, length in gruns]
@@ -519,7 +522,9 @@ class FindSpans(Pass):
     """Find runs of interchangeable layers (analysis only; the module is not changed).
 
     Attributes:
-        min_length: shortest run reported as a span.
+        min_length: shortest run reported as a span (in groups, for a run of groups).
+        groups: also look for runs of repeating groups of p > 1 layers where single layers do
+            not repeat (the period covering the most layers is taken, the smallest on a tie).
         stacks: restrict to these stack module paths (``:``-separated in a spec); empty = all.
         similarity: also measure activation similarity on the example inputs.
     """
@@ -528,6 +533,7 @@ class FindSpans(Pass):
     min_length: int = 2
     stacks: tuple[str, ...] = ()
     similarity: bool = True
+    groups: bool = True
 
     def __post_init__(self):
         if self.min_length < 2:
@@ -535,6 +541,6 @@ class FindSpans(Pass):
 
     def run(self, state: State) -> PassResult:
         analysis = find_spans(state.captured, min_length=self.min_length, stacks=self.stacks,
-                              similarity=self.similarity)
+                              similarity=self.similarity, groups=self.groups)
         new = state.replace(analyses={**state.analyses, "spans": analysis})
         return PassResult(new, False, analysis.to_dict())
