@@ -120,3 +120,56 @@ def test_falcon_lifted_constants_compared_by_value(falcon):
 def test_deberta_v2_lifted_constants_compared_by_value(deberta):
     _check_flow(deberta)
     assert not deberta["spans"]["refused"], deberta["spans"]["refused"]
+
+
+# -- class 5: periodic layer patterns (runs of repeating groups of layers) ----------------------
+# 8 layers: Gemma2 alternates sliding-window and full attention (4 groups of 2); SmolLM3 leaves
+# RoPE out of every fourth layer (2 groups of 4). The default plan halves the groups.
+
+gemma2 = _fixture("Gemma2ForCausalLM", layers=8)
+smollm3 = _fixture("SmolLM3ForCausalLM", layers=8)
+
+
+def _group_span(f: dict, period: int, length: int = 8) -> dict:
+    (sp,) = f["spans"]["spans"]
+    assert (sp["period"], sp["length"]) == (period, length), sp
+    assert f"{length // period} groups of {period}" in f["inspect"]
+    (loop,) = f["full_manifest"]["loops"]
+    return sp
+
+
+@pytest.mark.slow
+def test_gemma2_sliding_and_full_pairs_flow(gemma2):
+    _check_flow(gemma2)
+    sp = _group_span(gemma2, 2)
+    assert "layer 1 uses the full causal mask, layer 0 the sliding-window mask" in sp["why_groups"]
+    assert "validate loops=[1]" in gemma2["compile"] and "validate loops=[2]" in gemma2["compile"]
+
+
+@pytest.mark.slow
+def test_smollm3_every_fourth_layer_without_rope_flow(smollm3):
+    _check_flow(smollm3)
+    _group_span(smollm3, 4)
+    assert "validate loops=[1]" in smollm3["compile"] and "validate loops=[2]" in smollm3["compile"]
+
+
+def test_gemma2_group_run_converts_losslessly(tmp_path):
+    """The fast check of class 5 in `make test`: a 4-layer Gemma2 (2 groups of 2) through the
+    CLI's lossless convert; the rebuilt converted model keeps the loop's group position entries."""
+    from loopify.convert import load_converted
+
+    d = write_tiny("Gemma2ForCausalLM", tmp_path, layers=4)
+    out = _ok(["convert", d, "-o", tmp_path / "full.pt2", "--rank", "full"])
+    v = json.loads((tmp_path / "full.json").read_text())["verify"]
+    assert v["ok"] and v["lossless_plan"] and v["rel_err"] <= LOSSLESS_RTOL, out
+    from transformers import AutoModelForCausalLM
+
+    model, inputs, _ = load_converted(tmp_path / "full.pt2")
+    assert [type(m).__name__ for m in model.model.model.layers] == ["GroupInput", "Recursion"]
+    # Rebuilt from its own files, it still reproduces the original (each position's mask).
+    orig = AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+    with torch.no_grad():
+        want = orig(*inputs.args, **inputs.kwargs).logits
+        got = model(*inputs.args, **inputs.kwargs)
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    assert float((got - want).abs().max() / want.abs().max()) <= LOSSLESS_RTOL
