@@ -273,7 +273,42 @@ def default_rules(target, options=None) -> list:
     from . import sym_rules
 
     return [Guarded(Matmul()), Guarded(sym_rules.MatmulLike()), Guarded(sym_rules.RowReduction()),
-            Guarded(dl.cpu.GEMV()), Guarded(dl.cpu.Reduction()), Guarded(Elementwise())]
+            Guarded(Unbatched(dl.cpu.GEMV())), Guarded(dl.cpu.Reduction()), Guarded(Elementwise())]
+
+
+class Unbatched(ScheduleRule):
+    """A rule for matrix-vector products, kept off *batched* ones whose matrix differs per batch
+    row: a mixture-of-experts layer gathers each token's expert weights ``[S, out, in]`` and
+    multiplies them by ``[S, in, 1]``. DLight's CPU GEMV schedule of that function never
+    finished in LLVM's code generation (Mixtral, S = 48: stopped after 10 minutes); the reduction
+    rule after it schedules it in well under a second."""
+
+    def __init__(self, rule: ScheduleRule):
+        self.rule = rule
+
+    def apply(self, func, target, tunable):
+        if isinstance(func, tirx.PrimFunc) and _batched_matrix(func):
+            return None
+        return self.rule.apply(func, target, tunable)
+
+
+def _batched_matrix(func) -> bool:
+    """Whether ``func`` is one reduction whose two operands are both indexed by the same leading
+    spatial iterator of extent > 1 in their first dimension (a per-row matrix)."""
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return False
+    reductions = [b for b in infos if not b.is_injective()]
+    if len(reductions) != 1:
+        return False
+    stmt = sch.get(reductions[0].block_rv)
+    if len(stmt.reads) != 2 or not stmt.iter_vars:
+        return False
+    lead = stmt.iter_vars[0]
+    if lead.iter_type != tirx.IterVar.DataPar or _const(lead.dom.extent) in (None, 1):
+        return False
+    return all(len(r.region) >= 3 and lead.var in _vars_in(r.region[0].min) for r in stmt.reads)
 
 
 class Guarded(ScheduleRule):

@@ -173,3 +173,32 @@ def test_gemma2_group_run_converts_losslessly(tmp_path):
         got = model(*inputs.args, **inputs.kwargs)
     got = got[0] if isinstance(got, (tuple, list)) else got
     assert float((got - want).abs().max() / want.abs().max()) <= LOSSLESS_RTOL
+
+
+# -- class 6: mixture-of-experts layers compile ------------------------------------------------
+# transformers' batched_mm expert dispatch (capture.hf.use_batched_experts) instead of grouped_mm,
+# whose sort / histc / grouped matmul TVM cannot import; the experts are parameters of the layer,
+# so a shared block shares its experts.
+
+mixtral = _fixture("MixtralForCausalLM")
+qwen3_moe = _fixture("Qwen3MoeForCausalLM")
+
+
+def _experts_shared(f: dict) -> None:
+    m = f["full_manifest"]
+    # 2 layers -> 1 block: the converted weights hold the experts of one layer, not two
+    assert m["params"]["converted"] < m["params"]["original"] or m["plan"]["relax"], m["params"]
+    d = json.loads((f["tmp"] / "def.json").read_text())
+    assert d["params"]["converted"] < 0.75 * d["params"]["original"], d["params"]
+
+
+@pytest.mark.slow
+def test_mixtral_experts_compile(mixtral):
+    _check_flow(mixtral)
+    _experts_shared(mixtral)
+
+
+@pytest.mark.slow
+def test_qwen3_moe_experts_compile(qwen3_moe):
+    _check_flow(qwen3_moe)
+    _experts_shared(qwen3_moe)
