@@ -54,6 +54,17 @@ def _is_cpu(target: Target) -> bool:
     return target.kind.name == "llvm"
 
 
+def _one_reduction(func):
+    """``(schedule, block infos, the reduction block)`` of a PrimFunc with exactly one
+    reduction block, else None."""
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None
+    reductions = [b for b in infos if not b.is_injective()]
+    return (sch, infos, reductions[0]) if len(reductions) == 1 else None
+
+
 def _const(e) -> int | None:
     return int(e.value) if isinstance(e, tirx.IntImm) else None
 
@@ -90,14 +101,10 @@ class Matmul(ScheduleRule):
     def apply(self, func, target: Target, _tunable: bool):  # noqa: C901 - one decision tree
         if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
+        found = _one_reduction(func)
+        if found is None:
             return None
-        reductions = [b for b in infos if not b.is_injective()]
-        if len(reductions) != 1:
-            return None
-        main = reductions[0]
+        sch, infos, main = found
         kinds = main.dom_kind()
         if kinds.count("R") != 1 or not kinds.endswith("R") or len(kinds) < 3:
             return None
@@ -295,14 +302,11 @@ class Unbatched(ScheduleRule):
 def _batched_matrix(func) -> bool:
     """Whether ``func`` is one reduction whose two operands are both indexed by the same leading
     spatial iterator of extent > 1 in their first dimension (a per-row matrix)."""
-    sch = s_tir.Schedule(func)
-    infos = normalize_prim_func(sch)
-    if infos is None:
+    found = _one_reduction(func)
+    if found is None:
         return False
-    reductions = [b for b in infos if not b.is_injective()]
-    if len(reductions) != 1:
-        return False
-    stmt = sch.get(reductions[0].block_rv)
+    sch, _infos, main = found
+    stmt = sch.get(main.block_rv)
     if len(stmt.reads) != 2 or not stmt.iter_vars:
         return False
     lead = stmt.iter_vars[0]
