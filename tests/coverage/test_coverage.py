@@ -202,3 +202,18 @@ def test_mixtral_experts_compile(mixtral):
 def test_qwen3_moe_experts_compile(qwen3_moe):
     _check_flow(qwen3_moe)
     _experts_shared(qwen3_moe)
+
+
+# -- class 3: a captured program that builds its masks with torch.vmap ---------------------------
+# Gemma3 (VLM) builds its bidirectional image mask by vmapping a mask function; capture traces the
+# vmap away (capture.loader.lower_vmap), so find-spans' recorded run and the converted model's
+# save work (tests/capture/test_vmap.py: the same on a plain PyTorch model).
+
+gemma3 = _fixture("Gemma3ForConditionalGeneration")
+
+
+@pytest.mark.slow
+def test_gemma3_vlm_vmap_masks_flow(gemma3):
+    _check_flow(gemma3, stacks=2)
+    assert {s["stack"] for s in gemma3["spans"]["spans"]} == {"model.model.language_model.layers",
+                                                              "model.model.vision_tower.encoder.layers"}
