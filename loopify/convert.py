@@ -278,10 +278,13 @@ def check_ties(rec) -> None:
 
 
 def export_converted(module: torch.nn.Module, captured) -> torch.export.ExportedProgram:
-    """torch.export of the converted model at its current loop counts."""
+    """torch.export of the converted model at its current loop counts (vmap traced away, see
+    :func:`loopify.capture.loader.lower_vmap`)."""
+    from loopify.capture.loader import lower_vmap
+
     try:
         with torch.no_grad():
-            return torch.export.export(module, tuple(captured.args), dict(captured.kwargs), strict=False)
+            return lower_vmap(torch.export.export(module, tuple(captured.args), dict(captured.kwargs), strict=False))
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConvertError(f"exporting the converted model failed: {first[:300]}") from e

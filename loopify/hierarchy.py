@@ -79,13 +79,14 @@ class CallSite:
     state_arg: int            # position of the hidden state among the call arguments
 
 
-def locate_calls(root: nn.Module, layer_paths: list[str]) -> CallSite:
+def locate_calls(root: nn.Module, layer_paths: list[str], period: int = 1) -> CallSite:
     """Find the call_module nodes that run ``layer_paths`` (full module paths) in order.
 
     Raises:
         ValueError: if the layers are not called once each from one graph, or their calls do
-            not chain (layer i+1 must get layer i's output in one argument position and the
-            same values in all others).
+            not chain (layer i+1 must get layer i's output in one argument position and, in all
+            others, the values layer i+1-period got: the same ones for every layer when
+            ``period`` is 1, the same ones as the layer one group earlier otherwise).
     """
     wanted = {p: i for i, p in enumerate(layer_paths)}
     found: dict[int, tuple[str, nn.Module, torch.fx.Node]] = {}
@@ -106,15 +107,19 @@ def locate_calls(root: nn.Module, layer_paths: list[str]) -> CallSite:
     own(caller)
     nodes = [found[i][2] for i in range(len(layer_paths))]
     state_arg = None
-    for prev, cur in zip(nodes, nodes[1:]):
+    for i in range(1, len(nodes)):
+        prev, cur = nodes[i - 1], nodes[i]
+        same = nodes[i - period] if i >= period else None  # the call whose side arguments cur repeats
         if cur.kwargs or prev.kwargs or len(cur.args) != len(prev.args):
             raise ValueError(f"calls of {prev.target} and {cur.target} take different arguments")
-        diff = [j for j, (a, b) in enumerate(zip(prev.args, cur.args)) if a is not b]
-        if len(diff) != 1 or cur.args[diff[0]] is not prev:
-            raise ValueError(f"{cur.target} does not take {prev.target}'s output as its only changed argument")
-        if state_arg is not None and diff[0] != state_arg:
-            raise ValueError("the hidden state changes argument position along the run")
-        state_arg = diff[0]
+        states = [j for j, a in enumerate(cur.args) if a is prev]
+        if len(states) != 1 or (state_arg is not None and states[0] != state_arg):
+            raise ValueError(f"{cur.target} does not take {prev.target}'s output as its hidden state"
+                             if len(states) != 1 else "the hidden state changes argument position along the run")
+        state_arg = states[0]
+        ref = same if same is not None else (prev if period == 1 else None)
+        if ref is not None and any(a is not b for j, (a, b) in enumerate(zip(ref.args, cur.args)) if j != state_arg):
+            raise ValueError(f"{cur.target} is called with other side arguments than {ref.target}")
         if any(u is not cur for u in prev.users):
             raise ValueError(f"the output of {prev.target} is used outside the run")
     if state_arg is None:  # a run of one layer: take the first tensor argument that is not shared
@@ -199,6 +204,7 @@ class ModuleSite:
     indices: list[int]
     state_arg: int
     state_name: str
+    returns: int = 0  # length of the tuple each layer returns (0: a bare tensor)
 
 
 def _same(a, b) -> bool:
@@ -207,10 +213,11 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def locate_module_calls(root: nn.Module, layer_paths: list[str], run) -> ModuleSite:
+def locate_module_calls(root: nn.Module, layer_paths: list[str], run, period: int = 1) -> ModuleSite:
     """Check by one run of the model (``run()``) that ``layer_paths`` are called once each, in
     order, from one ModuleList, each taking the previous one's output as its hidden state and the
-    very same other arguments; returns the site.
+    very same other arguments as the layer ``period`` places earlier (the previous one when
+    ``period`` is 1: a run of groups of ``period`` layers repeats each position's); returns the site.
 
     Raises:
         ValueError: naming the layer whose call breaks the chain.
@@ -249,44 +256,59 @@ def locate_module_calls(root: nn.Module, layer_paths: list[str], run) -> ModuleS
         if state is not None and where[0] != state:
             raise ValueError("the hidden state changes argument position along the run")
         state = where[0]
+        if i < period:
+            if len(ca) != len(pa) or set(ck) != set(pk):
+                raise ValueError(f"{layer_paths[i]} is called with other arguments than {layer_paths[i - 1]}")
+            continue
+        pa, pk, _ = calls[i - period][0]
         others_a = [(j, a) for j, a in enumerate(ca) if ("arg", j) != state]
         others_k = {k: v for k, v in ck.items() if ("kw", k) != state}
         if len(ca) != len(pa) or set(ck) != set(pk) or any(not _same(a, pa[j]) for j, a in others_a) or any(
                 not _same(v, pk[k]) for k, v in others_k.items()):
-            raise ValueError(f"{layer_paths[i]} is called with other side arguments than {layer_paths[i - 1]}")
+            raise ValueError(f"{layer_paths[i]} is called with other side arguments than {layer_paths[i - period]}")
     if state is None:  # a run of one layer: the first positional argument
         state = ("arg", 0) if calls[0][0][0] else ("kw", next(iter(calls[0][0][1]), ""))
     import inspect
 
     params = list(inspect.signature(root.get_submodule(layer_paths[0]).forward).parameters)
+    out = calls[0][0][2]
+    returns = len(out) if isinstance(out, tuple) else 0
     if state[0] == "arg":
-        return ModuleSite(stack_path, indices, state[1], params[state[1]] if state[1] < len(params) else "")
-    return ModuleSite(stack_path, indices, params.index(state[1]) if state[1] in params else len(params), state[1])
+        return ModuleSite(stack_path, indices, state[1], params[state[1]] if state[1] < len(params) else "", returns)
+    return ModuleSite(stack_path, indices, params.index(state[1]) if state[1] in params else len(params), state[1],
+                      returns)
 
 
-def install_in_modules(root: nn.Module, site: ModuleSite, start: int, length: int, loop: nn.Module) -> str:
-    """Replace entries ``start .. start+length-1`` of the site's module list by ``loop`` (one
-    entry, called as the layers were); returns the loop's module path."""
+def install_in_modules(root: nn.Module, site: ModuleSite, start: int, length: int, loop: nn.Module,
+                       before: list[nn.Module] = ()) -> str:
+    """Replace entries ``start .. start+length-1`` of the site's module list by ``before`` (a
+    group loop's :class:`~loopify.nn.recursion.GroupInput` entries) and ``loop`` (called as the
+    layers were); returns the loop's module path."""
     stack = root.get_submodule(site.stack)
     entries = list(stack)
-    new = entries[:start] + [loop] + entries[start + length:]
+    new = entries[:start] + list(before) + [loop] + entries[start + length:]
     parent_path, _, leaf = site.stack.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, leaf, type(stack)(*new) if isinstance(stack, nn.Sequential) else nn.ModuleList(new))
-    return f"{site.stack}.{start}"
+    return f"{site.stack}.{start + len(before)}"
 
 
 def install_in_graph(root: nn.Module, site: CallSite, attr_base: str, loop: nn.Module, layer_paths: list[str],
-                     mark) -> str:
+                     mark, period: int = 1) -> str:
     """Replace the call nodes of ``site`` by one call of ``loop`` (added to the caller as a new
     attribute named after ``attr_base``) and drop the layers ``layer_paths``; ``mark(node)``
-    records the pass on the new node. Returns the loop's module path."""
+    records the pass on the new node. A group loop (``period`` p) is called with the arguments
+    of the first p calls one after the other. Returns the loop's module path."""
     caller = site.caller
     attr = unique_name(caller, attr_base)
     caller.add_module(attr, loop)
     first, last = site.nodes[0], site.nodes[-1]
-    with caller.graph.inserting_before(first):
-        new = caller.graph.call_module(attr, tuple(first.args))
+    # Group positions after the first take their state from the position before, inside the
+    # loop: their state argument is the first call's (the new call must not read the old nodes).
+    args = tuple(first.args) + tuple(a if j != site.state_arg else first.args[j]
+                                     for n in site.nodes[1:period] for j, a in enumerate(n.args))
+    with caller.graph.inserting_before(site.nodes[period - 1]):  # after every argument it takes
+        new = caller.graph.call_module(attr, args)
     new.meta = {k: v for k, v in last.meta.items() if k in ("val", "tensor_meta")}
     mark(new, [n.target for n in site.nodes])
     last.replace_all_uses_with(new)

@@ -22,7 +22,7 @@ def format_table(analysis) -> str:
     """One row per stack, then the spans and the refused layers."""
     rows = [("stack", "layers", "runs", "params/layer", "w-resid", "BI mean", "spans")]
     for st in analysis.stacks:
-        runs = " ".join(f"{s}+{n}" if n > 1 else f"{s}" for s, n in _runs(st))
+        runs = " ".join(f"{s}+{n}" + (f"/{p}" if p > 1 else "") if n > 1 else f"{s}" for s, n, p in _runs(st))
         resid = _mean(x for sp in st.spans for x in sp.similarity.get("weight_residual", []))
         bi = _mean(st.hidden.get("block_influence", []))
         ppl = sorted(set(st.params_per_layer))
@@ -34,15 +34,17 @@ def format_table(analysis) -> str:
     if not analysis.stacks and not getattr(analysis, "shared", []):
         lines.append("(no layer stacks found: no module has children numbered 0..n-1)")
     for sp in analysis.spans:
+        groups = (f" = {sp.groups} groups of {sp.period} ({sp.why_groups or 'single layers do not repeat'})"
+                  if sp.period > 1 else "")
         lines.append(f"span {sp.stack}[{sp.start}:{sp.start + sp.length}]  {sp.length} layers x "
-                     f"{sp.params_per_layer:,} params, block influence "
+                     f"{sp.params_per_layer:,} params{groups}, block influence "
                      f"{' '.join(_fmt(x, '.2f') for x in sp.similarity.get('block_influence', []))}")
     for r in analysis.refused:
         lines.append(f"refused {r['stack']}.{r['layer']}: {r['reason']}")
     for sh in getattr(analysis, "shared", []):
         lines.append(f"already a loop: {sh.module} runs {sh.calls} times with the same weights "
                      "(nothing to fold; compile it as it is)")
-    lines.append("runs: start+length; w-resid: weight-matrix residual vs run mean (relative Frobenius); "
+    lines.append("runs: start+length (/p: groups of p layers); w-resid: weight-matrix residual vs run mean (relative Frobenius); "
                  "BI: block influence 1-cos(in,out) on the example inputs")
     return "\n".join(lines)
 
@@ -50,9 +52,9 @@ def format_table(analysis) -> str:
 def _runs(st):
     covered, out = set(), []
     for sp in st.spans:
-        out.append((sp.start, sp.length))
+        out.append((sp.start, sp.length, sp.period))
         covered.update(range(sp.start, sp.start + sp.length))
-    out += [(i, 1) for i in range(len(st.layers)) if i not in covered]
+    out += [(i, 1, 1) for i in range(len(st.layers)) if i not in covered]
     return sorted(out)
 
 

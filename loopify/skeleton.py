@@ -12,7 +12,7 @@ from torch import nn
 
 from loopify.hierarchy import (ModuleSite, clone, install_in_graph, install_in_modules, is_graph_form, locate_calls,
                                thread_modality)
-from loopify.nn.recursion import Recursion
+from loopify.nn.recursion import Recursion, group_inputs
 from loopify.pipeline import mark_node
 
 #: what rebuilt nodes record as their maker
@@ -33,14 +33,14 @@ def install_all(root: nn.Module, skeletons: dict[str, dict]) -> None:
         rec = Recursion.from_skeleton(blocks, skel)
         span = list(spec["span_layers"])
         if graph:
-            site = locate_calls(root, span)
+            site = locate_calls(root, span, rec.spec.period)
             leaf = spec["stack"].rpartition(".")[2] or "layers"
             path = install_in_graph(root, site, f"{leaf}_loop", rec, span,
-                                    lambda node, origin: mark_node(node, REBUILD, origin))
+                                    lambda node, origin: mark_node(node, REBUILD, origin), rec.spec.period)
             if rec.n_extra and rec.modality_token is not None:
                 rec.n_extra = 0
                 thread_modality(root, path, rec.modality_token, lambda node, origin: mark_node(node, REBUILD, origin))
         else:
             site = ModuleSite(spec["stack"], list(range(spec["start"], spec["start"] + len(span))),
                               spec["state_arg"], spec.get("state_name", ""))
-            install_in_modules(root, site, spec["start"], len(span), rec)
+            install_in_modules(root, site, spec["start"], len(span), rec, group_inputs(rec))

@@ -90,37 +90,54 @@ class Stage:
 
 @dataclass
 class LoopCall:
-    """How one loop was called: the pytree of its (args, kwargs) with the tensor leaves taken out
-    (they cross the boundary), the non-tensor leaves by position, and where the state is."""
+    """How one loop was called: the pytree of its ``([(args, kwargs) per group position],
+    extras)`` with the tensor leaves taken out (they cross the boundary, each distinct tensor
+    once), the non-tensor leaves by position, and where the state is."""
 
-    spec: object                  # pytree TreeSpec of (args, kwargs)
+    spec: object                  # pytree TreeSpec of ([(args, kwargs), ...], extras)
     n_leaves: int
     constants: dict               # leaf position -> non-tensor value
-    tensor_leaves: list[int]      # leaf positions of the tensors, in boundary order
-    state: int                    # index of the hidden state among the tensors
+    tensor_leaves: list[int]      # leaf positions of the tensors
+    slots: list[int]              # for each of those, its index among the distinct tensors (boundary order)
+    n_tensors: int                # distinct tensors crossing the boundary
+    state: int                    # index of the hidden state among them
     modality: bool                # a modality mask (module form) travels after the tensors
 
-    def rebuild(self, tensors) -> tuple[list, dict]:
+    def rebuild(self, tensors) -> tuple[list[tuple[list, dict]], tuple]:
+        """``(phases, extras)``: each group position's ``(args, kwargs)`` and the graph form's
+        trailing connector arguments."""
         leaves = [None] * self.n_leaves
         for k, v in self.constants.items():
             leaves[k] = v
-        for k, t in zip(self.tensor_leaves, tensors):
-            leaves[k] = t
-        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
-        return list(args), dict(kwargs)
+        for k, slot in zip(self.tensor_leaves, self.slots):
+            leaves[k] = tensors[slot]
+        phases, extras = pytree.tree_unflatten(leaves, self.spec)
+        return [(list(a), dict(kw)) for a, kw in phases], tuple(extras)
 
 
 def _call_of(rec: Recursion, args: tuple, kwargs: dict) -> tuple[LoopCall, list]:
-    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    args = list(args)
+    extras = tuple(args[len(args) - rec.n_extra:]) if rec.n_extra else ()
+    if rec.n_extra:
+        args = args[:len(args) - rec.n_extra]
+    phases = rec.phase_calls(args, kwargs)
+    leaves, spec = pytree.tree_flatten(([(tuple(a), dict(kw)) for a, kw in phases], extras))
     tensors = [k for k, a in enumerate(leaves) if isinstance(a, torch.Tensor)]
-    where, s = rec._state(list(args), kwargs)
-    state_obj = args[s] if where == "arg" else kwargs[s]
+    where, s = rec._state(*phases[0])
+    state_obj = phases[0][0][s] if where == "arg" else phases[0][1][s]
     if not isinstance(state_obj, torch.Tensor):
         raise StagingError(f"loop {rec.key}: its hidden-state argument is not a tensor")
-    state = next(i for i, k in enumerate(tensors) if leaves[k] is state_obj)
-    call = LoopCall(spec, len(leaves), {k: a for k, a in enumerate(leaves) if k not in tensors}, tensors, state,
-                    rec.modality_token is not None and not rec.n_extra)
-    values = [leaves[k] for k in tensors]
+    values: list[torch.Tensor] = []
+    slots = []
+    for k in tensors:  # a tensor several group positions take (a mask, the state) crosses once
+        at = next((i for i, v in enumerate(values) if v is leaves[k]), None)
+        if at is None:
+            at = len(values)
+            values.append(leaves[k])
+        slots.append(at)
+    state = next(i for i, v in enumerate(values) if v is state_obj)
+    call = LoopCall(spec, len(leaves), {k: a for k, a in enumerate(leaves) if k not in tensors}, tensors, slots,
+                    len(values), state, rec.modality_token is not None and not rec.n_extra)
     if call.modality:
         mask = current_modality()
         if mask is None:
@@ -196,13 +213,13 @@ def _tap_count(rec: Recursion) -> int:
     return len(getattr(rec.connector, "positions", []))
 
 
-def loop_step(rec: Recursion, args: list, kwargs: dict, step: torch.Tensor, taps: list, extras: tuple,
+def loop_step(rec: Recursion, phases: list[tuple[list, dict]], step: torch.Tensor, taps: list, extras: tuple,
               piece: Piece) -> tuple[torch.Tensor, list]:
     """One pass of ``piece`` of ``rec`` with the depth taken from the step tensor: returns the new
-    hidden state and the connector's taps of this step."""
-    where, s = rec._state(args, kwargs)
-    box = args if where == "arg" else kwargs
-    h = box[s]
+    hidden state and the connector's taps of this step. ``phases``: each group position's call
+    arguments (one entry unless the loop runs groups of layers)."""
+    where, s = rec._state(*phases[0])
+    h = (phases[0][0] if where == "arg" else phases[0][1])[s]
     if rec.connector is not None and rec.stepwise:
         h = rec.connector.staged(h, taps, step, extras)
     new_taps = []
@@ -217,7 +234,9 @@ def loop_step(rec: Recursion, args: list, kwargs: dict, step: torch.Tensor, taps
             over, factors = rec.deployed_overrides(b, pick, piece.offset + k), rec.lora_factors(pick)
         else:
             over = rec.overrides(b, pick)
-        box[s] = h
+        # every step starts at a group boundary (the body is whole groups), so the position is static
+        args, kwargs = phases[(piece.offset + k) % len(phases)]
+        (args if where == "arg" else kwargs)[s] = h
         out = rec.call_block(b, over, tuple(args), kwargs, factors)
         h = out[0] if isinstance(out, tuple) else out
         if k in positions:
@@ -249,17 +268,16 @@ class _StepAt(nn.Module):
         else:
             step, carry = carry[0], carry[1:]
         rec = self.get_submodule(self._path)
-        n = len(self._call.tensor_leaves)
+        n = self._call.n_tensors
         tensors = list(carry[:n])
         mask = [carry[n]] if self._call.modality else []
         n_taps = _tap_count(rec)
         taps = list(carry[n + len(mask):n + len(mask) + n_taps])
         rest = carry[n + len(mask) + n_taps:]
-        args, kwargs = self._call.rebuild(tensors)
-        extras = tuple(mask)
-        if rec.n_extra:  # graph form: the modality mask is the trailing argument
-            extras, args = tuple(args[len(args) - rec.n_extra:]), args[:len(args) - rec.n_extra]
-        h, new_taps = loop_step(rec, args, kwargs, step, taps, extras, self._piece)
+        phases, extras = self._call.rebuild(tensors)
+        if not rec.n_extra:  # graph form: the modality mask is the trailing argument (in extras)
+            extras = tuple(mask)
+        h, new_taps = loop_step(rec, phases, step, taps, extras, self._piece)
         tensors[self._call.state] = h
         return tuple(tensors) + tuple(mask) + tuple(new_taps if n_taps else ()) + tuple(rest)
 

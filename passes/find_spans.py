@@ -13,6 +13,13 @@ are interchangeable when
    used by layer i+1 only;
 3. they hold no depth-specific state: buffers and constants with the same name are equal.
 
+Where single layers do not repeat, *groups* of p consecutive layers may: Gemma2 alternates
+sliding-window and full attention (p = 2), SmolLM3 leaves RoPE out of every fourth layer (p = 4).
+Layer i and layer i+p are then compared as above, with the hidden state of layer i+p coming from
+layer i+p-1, and a run of at least two interchangeable groups is a span with ``period`` p (every
+position of a group keeps its own op graph and side inputs). Per stack the pass takes the period
+whose spans cover the most layers, the smallest on a tie (1, plain layers, first).
+
 Layers that break a run are reported with the reason. For every run the pass also measures how
 alike its layers are: weight residual against the run's mean (relative Frobenius norm) and cosine
 to that mean; and on the example inputs, the angular distance between each layer's input and
@@ -46,6 +53,10 @@ class PairCheck:
 
 @dataclass
 class Span:
+    """A run of interchangeable layers, or (``period`` p > 1) of interchangeable groups of p
+    consecutive layers; ``length`` counts layers (a multiple of p), ``why_groups`` says why
+    single layers do not repeat there."""
+
     stack: str
     start: int
     length: int
@@ -53,11 +64,18 @@ class Span:
     params_per_layer: int
     side_inputs: list[str]
     similarity: dict[str, Any]
+    period: int = 1
+    why_groups: str = ""
+    sides: tuple[str, str] | None = field(default=None, repr=False)  # why_groups' side inputs (to name)
+
+    @property
+    def groups(self) -> int:
+        return self.length // self.period
 
     def to_dict(self) -> dict:
         return {"stack": self.stack, "start": self.start, "length": self.length, "layers": self.layers,
                 "params_per_layer": self.params_per_layer, "side_inputs": self.side_inputs,
-                "similarity": self.similarity}
+                "similarity": self.similarity, "period": self.period, "why_groups": self.why_groups}
 
 
 @dataclass
@@ -110,15 +128,19 @@ class SpanAnalysis:
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_pair(index: ProgramIndex, a: LayerGraph, b: LayerGraph) -> PairCheck:
+def _check_pair(index: ProgramIndex, a: LayerGraph, b: LayerGraph, feeder: LayerGraph | None = None) -> PairCheck:
+    """Whether ``b`` can take ``a``'s place one step later; ``feeder`` is the layer whose output
+    is ``b``'s hidden state (``a`` itself for consecutive layers, the layer before ``b`` for
+    groups)."""
+    feeder = feeder or a
     if a.num_ops == 0 or b.num_ops == 0:
         return PairCheck(False, "layer has no ops in the captured graph (unused)")
     if a.wl_hash != b.wl_hash:
         return PairCheck(False, explain_difference(a, b))
-    a_out = set(a.outputs)
-    a_nodes, b_nodes = set(a.nodes), set(b.nodes)
-    # Outputs of layer a that escape to anything but layer b: the hidden state is tapped mid-run.
-    for o in a.outputs:
+    a_out = set(feeder.outputs)
+    a_nodes, b_nodes = set(feeder.nodes), set(b.nodes)
+    # Outputs of the feeder that escape to anything but layer b: the hidden state is tapped mid-run.
+    for o in feeder.outputs:
         for u in o.users:
             if u not in b_nodes and u.op != "output" and u not in a_nodes:
                 where = module_paths(u)[-1] if module_paths(u) else u.name
@@ -253,7 +275,8 @@ def _angular(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((torch.arccos(_token_cos(x, y)) / math.pi).mean())
 
 
-def find_spans(captured, *, min_length: int = 2, stacks: tuple[str, ...] = (), similarity: bool = True) -> SpanAnalysis:
+def find_spans(captured, *, min_length: int = 2, stacks: tuple[str, ...] = (), similarity: bool = True,
+               groups: bool = True) -> SpanAnalysis:
     """Find spans of interchangeable layers in a captured program (see the module docstring)."""
     program = captured.program
     index = ProgramIndex.build(program)
@@ -269,13 +292,14 @@ def find_spans(captured, *, min_length: int = 2, stacks: tuple[str, ...] = (), s
     hidden_nodes: dict[str, tuple] = {}
     for stack, layers in all_stacks.items():
         lgs = [layer_graphs[p] for p in layers]
-        reports.append(_stack_report(index, stack, layers, lgs, min_length))
+        reports.append(_stack_report(index, stack, layers, lgs, min_length, groups))
         for lg in lgs:
             hin, hout = _hidden_io(lg)
             hidden_nodes[lg.path] = (hin, hout)
             if hin is not None:
                 wanted_values.update({hin.name, hout.name})
     sides = {n for rep in reports for r in rep.refused for n in r.get("sides", [])}
+    sides |= {n for rep in reports for sp in rep.spans for n in (sp.sides or ())}
     if (similarity and wanted_values) or sides:
         values = _record_values(program, captured.args, captured.kwargs,
                                 (wanted_values if similarity else set()) | sides)
@@ -294,8 +318,16 @@ def _name_side_inputs(rep: StackReport, values: dict) -> None:
         a, b = r.pop("sides", (None, None))
         if a in values and b in values:
             i = r["layer"]
-            r["reason"] = (f"breaks the run at layer {i} (vs layer {i - 1}): layer {i} uses {describe_mask(values[b])}, "
-                           f"layer {i - 1} {describe_mask(values[a])}")
+            r["reason"] = f"breaks the run at layer {i} (vs layer {i - 1}): {_uses(i, values[b], i - 1, values[a])}"
+    for sp in rep.spans:
+        a, b = sp.sides or (None, None)
+        if a in values and b in values:
+            i = int(sp.why_groups.split()[1])
+            sp.why_groups = f"layer {i} differs from layer {i - 1}: {_uses(i, values[b], i - 1, values[a])}"
+
+
+def _uses(i: int, mask_i: torch.Tensor, j: int, mask_j: torch.Tensor) -> str:
+    return f"layer {i} uses {describe_mask(mask_i)}, layer {j} {describe_mask(mask_j)}"
 
 
 def describe_mask(t: torch.Tensor) -> str:
@@ -371,9 +403,61 @@ def _runs(stack: str, lgs: list, checks: list) -> tuple[list[tuple[int, int]], l
     return runs, refused
 
 
-def _stack_report(index: ProgramIndex, stack: str, layers: list[str], lgs: list, min_length: int) -> StackReport:
+def _group_runs(n: int, p: int, ok, min_groups: int) -> list[tuple[int, int]]:
+    """Non-overlapping runs (start, length) of at least ``min_groups`` groups of ``p`` layers,
+    greedily from the left; ``ok(i)`` says whether layer i+p can take layer i's place."""
+    runs, i = [], 0
+    while i < n - p:
+        j = i
+        while j < n - p and ok(j):
+            j += 1
+        groups = (j - i + p) // p
+        if j > i and groups >= min_groups:
+            runs.append((i, groups * p))
+            i += groups * p
+        else:
+            i = max(j, i + 1)
+    return runs
+
+
+def _periodic(index: ProgramIndex, stack: str, lgs: list, min_length: int, covered: int):
+    """The smallest period p >= 2 whose group runs cover more than ``covered`` layers:
+    (p, runs, checks by layer), or None."""
+    n, best = len(lgs), None
+    for p in range(2, n // 2 + 1):
+        # Op-graph hashes first (cheap): they bound what the exact checks can find.
+        bound = _group_runs(n, p, lambda i: lgs[i].wl_hash == lgs[i + p].wl_hash and lgs[i].num_ops > 0, min_length)
+        if sum(length for _s, length in bound) <= covered:
+            continue
+        checks: dict[int, PairCheck] = {}
+
+        def ok(i, p=p, checks=checks):
+            if i not in checks:
+                checks[i] = _check_pair(index, lgs[i], lgs[i + p], feeder=lgs[i + p - 1])
+            return checks[i].ok
+        runs = _group_runs(n, p, ok, min_length)
+        total = sum(length for _s, length in runs)
+        if total > covered:
+            best, covered = (p, runs, checks), total
+            if total == n:
+                break
+    return best
+
+
+def _stack_report(index: ProgramIndex, stack: str, layers: list[str], lgs: list, min_length: int,
+                  groups: bool = True) -> StackReport:
     checks = [_check_pair(index, lgs[i], lgs[i + 1]) for i in range(len(lgs) - 1)]
     runs, refused = _runs(stack, lgs, checks)
+    runs = [(s, length, 1) for s, length in runs if length >= min_length]
+    covered = sum(length for _s, length, _p in runs)
+    group = _periodic(index, stack, lgs, min_length, covered) if groups and covered < len(lgs) else None
+    if group is not None:
+        p, gruns, gchecks = group
+        runs = [(s, length, p) for s, length in gruns]
+        inside = {i for s, length, _p in runs for i in range(s, s + length)}
+        # The single-layer refusals inside a group run are why it is a group run (kept on the
+        # span); layers outside every run keep theirs.
+        refused = [r for r in refused if r["layer"] not in inside]
     params, vectors = [], []
     for lg in lgs:
         vectors.append(_param_vector(index, lg))
@@ -383,17 +467,26 @@ def _stack_report(index: ProgramIndex, stack: str, layers: list[str], lgs: list,
     wcos = [[_cos(vectors[i][1], vectors[j][1]) if vectors[i][1] is not None and vectors[j][1] is not None
              and vectors[i][0] == vectors[j][0] else float("nan") for j in range(n)] for i in range(n)]
     spans = []
-    for s, length in runs:
-        if length < min_length:
-            continue
-        vecs = [vectors[i][1] for i in range(s, s + length)]
+    for s, length, p in runs:
         sim: dict[str, Any] = {}
-        if all(v is not None for v in vecs):
-            mean = torch.stack(vecs).mean(0)
-            sim["weight_residual"] = [float((v - mean).norm() / v.norm().clamp_min(1e-30)) for v in vecs]
-            sim["weight_cosine_to_mean"] = [_cos(v, mean) for v in vecs]
-        side = checks[s].side_inputs if s < len(checks) else []
-        spans.append(Span(stack, s, length, layers[s:s + length], params[s], side, sim))
+        vecs = [vectors[i] for i in range(s, s + length)]
+        if all(v[1] is not None for v in vecs):
+            # Against the mean of the layers at the same position of their groups (all the run's
+            # layers for p = 1): those are the layers a block can be shared by.
+            means = [torch.stack([vecs[i][1] for i in range(j, length, p)]).mean(0)
+                     if len({vecs[i][0] for i in range(j, length, p)}) == 1 else None for j in range(p)]
+            if all(m is not None for m in means):
+                sim["weight_residual"] = [float((v[1] - means[i % p]).norm() / v[1].norm().clamp_min(1e-30))
+                                          for i, v in enumerate(vecs)]
+                sim["weight_cosine_to_mean"] = [_cos(v[1], means[i % p]) for i, v in enumerate(vecs)]
+        if p == 1:
+            side, why, sides = (checks[s].side_inputs if s < len(checks) else []), "", None
+        else:
+            side = sorted({x for j in range(p) for x in gchecks[s + j].side_inputs})
+            broken = next((i for i in range(s, s + p - 1) if not checks[i].ok), None)
+            why = "" if broken is None else f"layer {broken + 1} differs from layer {broken}: {checks[broken].reason}"
+            sides = None if broken is None else checks[broken].sides
+        spans.append(Span(stack, s, length, layers[s:s + length], params[s], side, sim, p, why, sides))
     return StackReport(stack, layers, params, [lg.wl_hash[:12] for lg in lgs], spans, refused,
                        {"weight_cosine": wcos}, {})
 
@@ -429,7 +522,9 @@ class FindSpans(Pass):
     """Find runs of interchangeable layers (analysis only; the module is not changed).
 
     Attributes:
-        min_length: shortest run reported as a span.
+        min_length: shortest run reported as a span (in groups, for a run of groups).
+        groups: also look for runs of repeating groups of p > 1 layers where single layers do
+            not repeat (the period covering the most layers is taken, the smallest on a tie).
         stacks: restrict to these stack module paths (``:``-separated in a spec); empty = all.
         similarity: also measure activation similarity on the example inputs.
     """
@@ -438,6 +533,7 @@ class FindSpans(Pass):
     min_length: int = 2
     stacks: tuple[str, ...] = ()
     similarity: bool = True
+    groups: bool = True
 
     def __post_init__(self):
         if self.min_length < 2:
@@ -445,6 +541,6 @@ class FindSpans(Pass):
 
     def run(self, state: State) -> PassResult:
         analysis = find_spans(state.captured, min_length=self.min_length, stacks=self.stacks,
-                              similarity=self.similarity)
+                              similarity=self.similarity, groups=self.groups)
         new = state.replace(analyses={**state.analyses, "spans": analysis})
         return PassResult(new, False, analysis.to_dict())

@@ -13,6 +13,11 @@ blocks from the middle layers.) When K does not divide L the pass says so and of
 subsampling ``subsample=true``: keep K*floor(L/K) layers at ``round(linspace(0, L-1, .))`` and
 drop the others.
 
+A run of *groups* of p layers (find-spans' ``period``: Gemma2's sliding / full pairs) is folded
+as a loop whose body is whole groups: K = p x (blocks per group), cycle sharing, so every block
+is one group position's layer and is shared by that position of the groups it stands for; the
+initialisations pick or average whole groups. ``blocks`` counts layers (a multiple of p).
+
 Deepen mode (RecursiveVLM, arXiv 2602.09080): the run keeps its own weights (K = L) and is looped
 ``repeat`` times; the loop count is chosen at run time, 1 reproduces the original model.
 
@@ -31,7 +36,7 @@ from torch import nn
 
 from loopify.hierarchy import (clone, install_in_graph, install_in_modules, is_graph_form, locate_calls,
                                locate_module_calls)
-from loopify.nn.recursion import Recursion, RecursionSpec, key, recursions
+from loopify.nn.recursion import Recursion, RecursionSpec, group_inputs, key, recursions
 from loopify.nn.sharing import block_sources, default_blocks, linspace, max_loops, sharing_map
 from loopify.pipeline import Pass, PassResult, State, mark_node, require
 
@@ -115,10 +120,12 @@ class FoldLoops(Pass):
 
     # ------------------------------------------------------------------------------------------
 
-    def _plan(self, length: int) -> tuple[int, list[int]]:
-        """(K, kept layer offsets) for a run of ``length`` layers."""
+    def _plan(self, length: int, period: int = 1) -> tuple[int, list[int]]:
+        """(K, kept layer offsets) for a run of ``length`` layers (``period``: in groups of p)."""
         if self.mode == "deepen":
             return length, list(range(length))
+        if period > 1:
+            return self._group_plan(length, period), list(range(length))
         k = self.blocks or (length // self.loops if self.loops else default_blocks(length))
         if self.loops and length % self.loops:
             k = max(1, length // self.loops)
@@ -138,11 +145,31 @@ class FoldLoops(Pass):
             sharing_map(self.sharing, len(kept), k)
         return k, kept
 
-    def _blocks(self, layers: list[nn.Module], k: int) -> tuple[list[nn.Module], list[list[int]], str, int]:
+    def _group_plan(self, length: int, p: int) -> int:
+        """K for a run of ``length // p`` groups of ``p`` layers: whole groups per loop body."""
+        groups = length // p
+        if self.sharing != "cycle":
+            raise ValueError(f"a run of groups of {p} layers folds with cycle sharing only (each block must stay "
+                             f"at one position of the group); {self.sharing} would tie layers of different positions")
+        if self.subsample:
+            raise ValueError(f"subsample does not apply to a run of groups of {p} layers (it would drop single layers)")
+        per_group = (self.blocks // p if self.blocks else groups // self.loops if self.loops else default_blocks(groups))
+        valid = [d * p for d in range(1, groups + 1) if groups % d == 0]
+        if (self.blocks and self.blocks % p) or (self.loops and groups % self.loops) or groups % max(per_group, 1):
+            asked = f"blocks={self.blocks}" if self.blocks else f"loops={self.loops}"
+            raise ValueError(f"{asked} does not fit a run of {groups} groups of {p} layers: the loop body must be "
+                             f"whole groups; choose blocks in {{{', '.join(map(str, valid))}}}")
+        return per_group * p
+
+    def _blocks(self, layers: list[nn.Module], k: int, period: int = 1) -> tuple[list[nn.Module], list[list[int]], str, int]:
         """The K blocks (initialised from the layers), their sources, the sharing and N."""
         length = len(layers)
         if self.mode == "deepen":
             sources, sharing = [[i] for i in range(length)], "cycle"
+        elif period > 1:  # choose whole groups: block g*p + j comes from position j of its groups
+            grouped = block_sources(self.sharing, self.init, length // period, k // period)
+            sources = [[g * period + j for g in src] for src in grouped for j in range(period)]
+            sharing = self.sharing
         else:
             sources, sharing = block_sources(self.sharing, self.init, length, k), self.sharing
         blocks = []
@@ -158,23 +185,27 @@ class FoldLoops(Pass):
         return blocks, sources, sharing, n
 
     def _fold(self, root: nn.Module, span, state: State) -> dict:
-        k, kept = self._plan(span.length)
+        period = getattr(span, "period", 1)
+        k, kept = self._plan(span.length, period)
         layer_paths = [span.layers[i] for i in kept]
         dropped = [span.layers[i] for i in range(span.length) if i not in kept]
         graph = is_graph_form(root)
+        returns = 0
         if graph:
-            site = locate_calls(root, span.layers)
+            site = locate_calls(root, span.layers, period)
             state_arg, state_name = site.state_arg, ""
         else:
-            msite = locate_module_calls(root, span.layers, lambda: root(*state.captured.args, **state.captured.kwargs))
-            check_layer_types(root, msite, span.length)
-            state_arg, state_name = msite.state_arg, msite.state_name
+            msite = locate_module_calls(root, span.layers, lambda: root(*state.captured.args, **state.captured.kwargs),
+                                        period)
+            check_layer_types(root, msite, span.length, period)
+            state_arg, state_name, returns = msite.state_arg, msite.state_name, msite.returns
         layers = [root.get_submodule(p) for p in layer_paths]
-        blocks, sources, sharing, n = self._blocks(layers, k)
+        blocks, sources, sharing, n = self._blocks(layers, k, period)
         spec = RecursionSpec(stack=span.stack, start=span.start, layers=len(kept), blocks=k, sharing=sharing,
                              mode=self.mode, state_arg=state_arg, max_loops=n, depth_paths=tuple(layer_paths),
                              state_name=state_name, span_layers=tuple(span.layers),
-                             block_sources=tuple(layer_paths[s[0]] for s in sources))
+                             block_sources=tuple(layer_paths[s[0]] for s in sources), period=period,
+                             returns=returns if period > 1 else 0)
         rec = Recursion(blocks, spec)
         if self.norms == "per-depth" and self.mode == "compress":
             for name in norm_param_names(blocks[0]):
@@ -184,21 +215,23 @@ class FoldLoops(Pass):
         if graph:
             leaf = span.stack.rpartition(".")[2] or "layers"
             path = install_in_graph(root, site, f"{leaf}_loop", rec, span.layers,
-                                    lambda node, origin: mark_node(node, self.name, origin))
+                                    lambda node, origin: mark_node(node, self.name, origin), period)
         else:
-            path = install_in_modules(root, msite, span.start, span.length, rec)
+            path = install_in_modules(root, msite, span.start, span.length, rec, group_inputs(rec))
         after = sum(p.numel() for p in rec.parameters())
         return {"stack": span.stack, "start": span.start, "layers": span.length, "kept": len(kept),
                 "dropped": dropped, "blocks": k, "loops": n, "sharing": sharing, "init": self.init,
                 "mode": self.mode, "norms": self.norms, "module": path,
                 "block_sources": [[span.layers[kept[i]] for i in s] for s in sources],
-                "params_before": int(before), "params_after": int(after), "state_arg": state_arg}
+                "params_before": int(before), "params_after": int(after), "state_arg": state_arg,
+                "period": period}
 
 
-def check_layer_types(root: nn.Module, site, length: int) -> None:
+def check_layer_types(root: nn.Module, site, length: int, period: int = 1) -> None:
     """Refuse a fold that would give the layers after the loop another entry of a config's
     ``layer_types`` (models that look up a layer's mask by its list position, as Qwen2 does):
-    the loop takes one entry, so the later layers move up by ``length - 1``."""
+    the loop takes ``period`` entries (its group inputs and itself), so the later layers move up
+    by ``length - period``."""
     stack_len = len(root.get_submodule(site.stack))
     start = site.indices[0]
     for m in root.modules():
@@ -206,6 +239,6 @@ def check_layer_types(root: nn.Module, site, length: int) -> None:
         if not isinstance(types, (list, tuple)) or len(types) != stack_len:
             continue
         after = list(types[start + length:])
-        if after != list(types[start + 1:start + 1 + len(after)]):
+        if after != list(types[start + period:start + period + len(after)]):
             raise ValueError(f"{site.stack}: the layers after the run have other layer types than the ones "
                              "their new positions would give them (the model looks them up by position)")

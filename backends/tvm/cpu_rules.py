@@ -54,6 +54,17 @@ def _is_cpu(target: Target) -> bool:
     return target.kind.name == "llvm"
 
 
+def _one_reduction(func):
+    """``(schedule, block infos, the reduction block)`` of a PrimFunc with exactly one
+    reduction block, else None."""
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None
+    reductions = [b for b in infos if not b.is_injective()]
+    return (sch, infos, reductions[0]) if len(reductions) == 1 else None
+
+
 def _const(e) -> int | None:
     return int(e.value) if isinstance(e, tirx.IntImm) else None
 
@@ -144,7 +155,39 @@ def default_rules(target, options=None) -> list:
     from . import sym_rules
 
     return [Guarded(sym_rules.MatmulLike()), Guarded(sym_rules.RowReduction()),
-            Guarded(dl.cpu.GEMV()), Guarded(dl.cpu.Reduction()), Guarded(Elementwise())]
+            Guarded(Unbatched(dl.cpu.GEMV())), Guarded(dl.cpu.Reduction()), Guarded(Elementwise())]
+
+
+class Unbatched(ScheduleRule):
+    """A rule for matrix-vector products, kept off *batched* ones whose matrix differs per batch
+    row: a mixture-of-experts layer gathers each token's expert weights ``[S, out, in]`` and
+    multiplies them by ``[S, in, 1]``. DLight's CPU GEMV schedule of that function never
+    finished in LLVM's code generation (Mixtral, S = 48: stopped after 10 minutes); the reduction
+    rule after it schedules it in well under a second."""
+
+    def __init__(self, rule: ScheduleRule):
+        self.rule = rule
+
+    def apply(self, func, target, tunable):
+        if isinstance(func, tirx.PrimFunc) and _batched_matrix(func):
+            return None
+        return self.rule.apply(func, target, tunable)
+
+
+def _batched_matrix(func) -> bool:
+    """Whether ``func`` is one reduction whose two operands are both indexed by the same leading
+    spatial iterator of extent > 1 in their first dimension (a per-row matrix)."""
+    found = _one_reduction(func)
+    if found is None:
+        return False
+    sch, _infos, main = found
+    stmt = sch.get(main.block_rv)
+    if len(stmt.reads) != 2 or not stmt.iter_vars:
+        return False
+    lead = stmt.iter_vars[0]
+    if lead.iter_type != tirx.IterVar.DataPar or _const(lead.dom.extent) in (None, 1):
+        return False
+    return all(len(r.region) >= 3 and lead.var in _vars_in(r.region[0].min) for r in stmt.reads)
 
 
 class Guarded(ScheduleRule):

@@ -332,6 +332,25 @@ def _float_unary(relax_name: str | None):
     return convert
 
 
+def _where(node, importer):
+    """``where(cond, x, y)`` with torch's type promotion: both branches cast to the result's
+    dtype. TVM's converter requires one dtype (Gemma3's token-type positions mix an int32
+    tensor and a 0-d int64 one, int32 in torch)."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    cond, x, y = (importer.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args[:3])
+    want = node.meta.get("val")
+    dtype = str(want.dtype).replace("torch.", "") if want is not None else None
+
+    def cast(v):
+        if not isinstance(v, relax.Expr):
+            return relax.const(v, dtype)
+        return v if dtype is None or str(v.ty.dtype) == dtype else bb.emit(relax.op.astype(v, dtype))
+
+    return bb.emit(relax.op.where(cond, cast(x), cast(y)))
+
+
 def _constant_pad_nd(node, importer):
     """``aten.constant_pad_nd`` whose pad widths may be symbolic sizes (a mask padded to the
     symbolic cache length: PaliGemma's prefix mask); TVM's converter takes static widths only.
@@ -398,6 +417,7 @@ def custom_convert_map() -> dict[str, Callable]:
         "sym_size.int": _sym_size_int,
         "sym_sum": _sym_sum,
         "constant_pad_nd.default": _constant_pad_nd,
+        "where.self": _where,
         "reciprocal.default": _float_unary(None),
         **{f"{op}.default": _float_unary(op) for op in ("exp", "log", "sin", "cos", "tanh", "sigmoid", "rsqrt")},
     }

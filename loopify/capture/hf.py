@@ -401,7 +401,21 @@ def _transformers_config(path: Path, arch: str, cls):
     for c in {id(c): c for c in (config, text_config(config))}.values():
         if hasattr(c, "use_cache"):
             c.use_cache = False
+    use_batched_experts(config)
     return config
+
+
+def use_batched_experts(config) -> None:
+    """Mixture-of-experts layers (transformers' ``experts_implementation``) dispatch tokens with
+    ``batched_mm``: each token-expert pair gathers its expert's weights and runs one batched
+    matmul. The default ``grouped_mm`` sorts the pairs by expert and counts them with ``histc``
+    into a grouped matmul that TVM cannot import (issue 15, class 6), and the ``eager`` loop over
+    the experts a batch hits has a data-dependent trip count that torch.export cannot trace. The
+    three compute the same sums. (The gather reads one expert's weights per token and top-k
+    slot: right for these models' sizes, a cost for long prompts of large MoE models.) Set on
+    the config, so it holds for every module built from it, the loops' blocks included."""
+    if "_experts_implementation" in dir(type(config)):
+        config._experts_implementation = "batched_mm"
 
 
 def build_wrapper(path: Path, arch: str, attn_implementation: str, output_names, flags) -> ExportWrapper:

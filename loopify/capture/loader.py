@@ -84,11 +84,30 @@ def sniff(path: Path) -> str:
 # Export
 
 
+def lower_vmap(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``program`` with functorch transforms traced away, when it holds any.
+
+    transformers builds some masks with ``torch.vmap`` over a mask function (Gemma3's
+    bidirectional image mask): torch.export keeps that as ``_vmap_increment_nesting`` /
+    ``_add_batch_dim`` ... nodes around a ``flat_apply`` of the function. Such a program runs once,
+    but an interpreter that keeps intermediate values (find-spans' activation statistics) fails
+    ("tensor may have escaped from inside a function being vmapped") and ``torch.export.save``
+    cannot serialise ``flat_apply`` (issue 15, class 3). ``run_decompositions`` traces the program
+    again at the ATen level, where vmap is executed, not recorded: plain ops, the same values."""
+    def transformed(n):
+        mod = getattr(n.target, "__module__", "") or ""
+        return n.op == "call_function" and (mod.startswith("torch._functorch") or "flat_apply" in str(n.target))
+    if not any(transformed(n) for n in program.graph.nodes):
+        return program
+    return program.run_decompositions()
+
+
 def export_module(module: torch.nn.Module, args: tuple, kwargs: dict, *, source: Path) -> torch.export.ExportedProgram:
-    """``torch.export`` (non-strict) with the failure reported as one line."""
+    """``torch.export`` (non-strict) with the failure reported as one line (vmap traced away:
+    :func:`lower_vmap`)."""
     try:
         with torch.no_grad():
-            return torch.export.export(module, tuple(args), dict(kwargs), strict=False)
+            return lower_vmap(torch.export.export(module, tuple(args), dict(kwargs), strict=False))
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CaptureError(f"{source}: torch.export failed: {type(e).__name__}: {msg[:300]}") from e

@@ -167,6 +167,9 @@ def _cond_forward(rec: Recursion, *args, **kwargs):
     if rec.connector is not None:
         raise NotImplementedError(f"loop {rec.key}: compiled generation of loops with connectors is not "
                                   "supported yet; generate in PyTorch (the .pt2)")
+    if rec.spec.period > 1:
+        raise NotImplementedError(f"loop {rec.key}: compiled generation of a loop over groups of "
+                                  f"{rec.spec.period} layers is not supported yet; generate in PyTorch (the .pt2)")
     n = _COUNTS[rec.key]
     where, s = rec._state(list(args), kwargs)
     h = args[s] if where == "arg" else kwargs[s]

@@ -9,6 +9,11 @@ through ``torch.func.functional_call``: the block's own parameters are the share
 ``nn.Parameter`` objects at every depth), and depth l sees ``W_shared + scale * B_l @ A_l``
 (:mod:`loopify.nn.lora`).
 
+A loop over a run of *groups* (``spec.period`` p > 1: Gemma2's sliding / full attention pairs,
+SmolLM3's four layers of which the last has no RoPE) is the same loop: K (a multiple of p) blocks
+of one layer each, cycle-shared, so depth d always has a block of group position d % p, and depth
+d is called with the side inputs (masks, rotary tables) the model gave to group position d % p.
+
 A loop stands where the layers stood, in either form of a converted model:
 
 * the *module form* (eager Hugging Face models): the loop is an entry of the layer ModuleList and
@@ -17,6 +22,12 @@ A loop stands where the layers stood, in either form of a converted model:
   its layers (``attention_type`` ...);
 * the *graph form* (unflattened torch.export programs): one ``call_module`` node with the layers'
   positional arguments (plus trailing extras for the connector).
+
+A group loop in module form takes p entries of the list: p - 1 :class:`GroupInput` entries, which
+hand the loop the arguments of group positions 0..p-2 and pass the hidden state through, and
+the loop itself at position p-1 (so a model that picks a layer's mask by its list position, as
+``config.layer_types[i]``, picks every position's own). In graph form the call node takes the p
+calls' arguments one after the other.
 
 While a depth runs, :func:`current_depth` tells which one (the KV cache keys its slots by it).
 """
@@ -50,6 +61,8 @@ class RecursionSpec:
     state_name: str = ""  # the hidden state's keyword name, when a caller passes it by keyword
     span_layers: tuple[str, ...] = ()    # every layer the loop replaced (kept and dropped)
     block_sources: tuple[str, ...] = ()  # for each block, the layer it was cloned from
+    period: int = 1       # p > 1: the run repeats groups of p layers; depth d takes the side inputs of group position d % p
+    returns: int = 0      # module form, p > 1: length of the tuple a layer returns (0: a bare tensor)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -124,8 +137,9 @@ class Recursion(nn.Module):
         except AttributeError:
             if name in LAYER_ATTRIBUTES:
                 blocks = self.__dict__.get("_modules", {}).get("blocks")
-                if blocks is not None and len(blocks) and hasattr(blocks[0], name):
-                    return getattr(blocks[0], name)
+                at = self.__dict__.get("spec").period - 1 if "spec" in self.__dict__ else 0  # the loop's own position
+                if blocks is not None and len(blocks) > at and hasattr(blocks[at], name):
+                    return getattr(blocks[at], name)
             raise
 
     # -- structure -----------------------------------------------------------------------------
@@ -303,6 +317,28 @@ class Recursion(nn.Module):
             return "kw", self.spec.state_name
         raise TypeError(f"loop {self.key}: the call carries no hidden state (argument {s})")
 
+    def phase_calls(self, args, kwargs: dict) -> list[tuple[list, dict]]:
+        """The call arguments of each group position, ``[(args, kwargs)] * p`` (one entry for
+        p = 1): module form, positions 0..p-2 from the :class:`GroupInput` entries that ran just
+        before the loop; graph form, the call's arguments cut into p equal parts."""
+        p = self.spec.period
+        if p == 1:
+            return [(list(args), kwargs)]
+        pending = self.__dict__.get("_pending") or {}
+        if pending:
+            self.__dict__["_pending"] = {}
+            if sorted(pending) != list(range(p - 1)):
+                raise RuntimeError(f"loop {self.key}: its group inputs did not all run before it")
+            return [(list(pending[j][0]), dict(pending[j][1])) for j in range(p - 1)] + [(list(args), kwargs)]
+        if kwargs or len(args) % p:
+            raise RuntimeError(f"loop {self.key}: a group loop's call gives the arguments of {p} layers in turn")
+        m = len(args) // p
+        return [(list(args[j * m:(j + 1) * m]), {}) for j in range(p)]
+
+    def stash(self, phase: int, args: tuple, kwargs: dict) -> None:
+        """Keep group position ``phase``'s call arguments for the loop's next call (GroupInput)."""
+        self.__dict__.setdefault("_pending", {})[phase] = (args, kwargs)
+
     def forward(self, *args, **kwargs):
         extras = args[len(args) - self.n_extra:] if self.n_extra else ()
         args = list(args[:len(args) - self.n_extra] if self.n_extra else args)
@@ -310,8 +346,10 @@ class Recursion(nn.Module):
             from loopify.nn.connectors import current_modality
 
             extras = (current_modality(),)
-        where, s = self._state(args, kwargs)
-        box = args if where == "arg" else kwargs
+        phases = self.phase_calls(args, kwargs)
+        p = len(phases)
+        where, s = self._state(*phases[0])
+        h = (phases[0][0] if where == "arg" else phases[0][1])[s]
         capture = _capture_begin()
         if self.router is not None:
             from loopify.nn import routing
@@ -328,29 +366,31 @@ class Recursion(nn.Module):
         runs = [0] * len(self.blocks)  # recursions of each block so far
         for i, step in enumerate(self.steps()):
             if self.connector is not None and i > 0 and taps_prev is not None:
-                box[s] = self.connector(box[s], taps_prev, i, *extras)
+                h = self.connector(h, taps_prev, i, *extras)
             taps: list[torch.Tensor] = []
             for depth in step:
                 b = self.block_for_depth(depth)
+                a, kw = phases[depth % p]
+                (a if where == "arg" else kw)[s] = h
                 token = _CURRENT.set(Depth(self.key, index, i, b, depth, runs[b]))
                 try:
                     factors = self.lora_factors(lambda stacked, d=depth: stacked[d]) if self.lora_forms else None
-                    out = self.call_block(b, self.depth_overrides(depth), tuple(args), kwargs, factors)
+                    out = self.call_block(b, self.depth_overrides(depth), tuple(a), kw, factors)
                 finally:
                     _CURRENT.reset(token)
                 index += 1
                 runs[b] += 1
-                box[s] = last_at[depth] = out[0] if isinstance(out, tuple) else out
-                taps.append(box[s])
+                h = last_at[depth] = out[0] if isinstance(out, tuple) else out
+                taps.append(h)
             taps_prev = taps
         if capture is not None:
-            self._capture_end(capture, index, last_at, box[s])
+            self._capture_end(capture, index, last_at, h)
         # What the layers return besides the hidden state (None or a tensor per entry), for
         # staging: its boundary op must give the model the structure the layer gives.
         self.layer_tail = tuple(t is not None for t in out[1:]) if isinstance(out, tuple) else None
         if isinstance(out, tuple):  # a layer that returns (hidden, ...): the loop does too
-            return (box[s], *out[1:])
-        return box[s]
+            return (h, *out[1:])
+        return h
 
     def _capture_end(self, capture, calls: int, last_at: dict, final) -> None:
         """Hugging Face models collect hidden states by hooks on their layer classes, one entry
@@ -409,6 +449,41 @@ class Recursion(nn.Module):
 
             rec.router = Router(RouterSpec.from_dict(skel["router"]))
         return rec
+
+
+class GroupInput(nn.Module):
+    """A module-list entry standing for group position ``phase`` (< p - 1) of a group loop: it
+    hands the loop its call arguments and passes the hidden state through, in the structure the
+    layers return. The loop is not a submodule (it is its own entry of the list)."""
+
+    def __init__(self, loop: Recursion, phase: int):
+        super().__init__()
+        self.__dict__["loop"] = loop
+        self.phase = phase
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            loop = self.__dict__.get("loop")  # absent while a copy is being built
+            if name in LAYER_ATTRIBUTES and loop is not None and hasattr(loop.blocks[self.phase], name):
+                return getattr(loop.blocks[self.phase], name)
+            raise
+
+    def forward(self, *args, **kwargs):
+        loop = self.__dict__["loop"]
+        loop.stash(self.phase, args, kwargs)
+        where, s = loop._state(list(args), kwargs)
+        h = args[s] if where == "arg" else kwargs[s]
+        return (h, *[None] * (loop.spec.returns - 1)) if loop.spec.returns else h
+
+    def extra_repr(self) -> str:
+        return f"group position {self.phase} of {self.__dict__['loop'].key}"
+
+
+def group_inputs(loop: Recursion) -> list[GroupInput]:
+    """The p - 1 entries that precede a group loop in its module list (none for p = 1)."""
+    return [GroupInput(loop, j) for j in range(loop.spec.period - 1)]
 
 
 def _slot(depth: int, key: str) -> str:

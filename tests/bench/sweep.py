@@ -56,7 +56,7 @@ def _first_line(text: str) -> str:
     return line.replace("loopify: error: ", "").replace("|", "/")[:160]
 
 
-def run_one(arch: str, work: Path, steps: tuple[str, ...]) -> dict:
+def run_one(arch: str, work: Path, steps: tuple[str, ...], layers: int = 2) -> dict:
     """The flow on one architecture, in this process: per step "ok", or the first error line."""
     from click.testing import CliRunner
 
@@ -65,7 +65,7 @@ def run_one(arch: str, work: Path, steps: tuple[str, ...]) -> dict:
 
     row: dict = {"arch": arch}
     try:
-        d = write_tiny(arch, work, layers=2)
+        d = write_tiny(arch, work, layers=layers)
         row["build"] = "ok"
     except Exception as e:  # noqa: BLE001 - a row of the table
         row["build"] = f"{type(e).__name__}: {str(e).splitlines()[0][:140] if str(e) else ''}"
@@ -88,10 +88,11 @@ def run_one(arch: str, work: Path, steps: tuple[str, ...]) -> dict:
     return row
 
 
-def run_isolated(arch: str, timeout: int, steps: tuple[str, ...]) -> dict:
+def run_isolated(arch: str, timeout: int, steps: tuple[str, ...], layers: int = 2) -> dict:
     with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
         out = Path(tmp) / "row.json"
-        cmd = [sys.executable, __file__, "--one", arch, "--row", str(out), "--steps", ",".join(steps)]
+        cmd = [sys.executable, __file__, "--one", arch, "--row", str(out), "--steps", ",".join(steps),
+               "--layers", str(layers)]
         t = time.time()
         try:
             subprocess.run(cmd, cwd=ROOT, timeout=timeout, capture_output=True, text=True,
@@ -132,6 +133,8 @@ def main(argv=None):
                                                              + ",".join(STEPS) + ")")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per architecture")
     ap.add_argument("--out", type=Path, help="write the markdown table here (and a .json beside it)")
+    ap.add_argument("--layers", type=int, default=2, help="layers per model (periodic patterns need "
+                                                              "two groups: 8 for SmolLM3's period 4)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--row", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -139,13 +142,13 @@ def main(argv=None):
     if a.one:
         sys.path.insert(0, str(ROOT))
         with tempfile.TemporaryDirectory(prefix="sweep-one-") as work:
-            a.row.write_text(json.dumps(run_one(a.one, Path(work), steps)))
+            a.row.write_text(json.dumps(run_one(a.one, Path(work), steps, a.layers)))
         return
     archs = a.only.split(",") if a.only else architectures(a.kinds.split(","))
     archs = archs[: a.limit] if a.limit else archs
     rows = []
     for i, arch in enumerate(archs):
-        rows.append(run_isolated(arch, a.timeout, steps))
+        rows.append(run_isolated(arch, a.timeout, steps, a.layers))
         print(f"[{i + 1}/{len(archs)}] {arch}: " + ", ".join(f"{s}={rows[-1].get(s, '-')}" for s in steps),
               file=sys.stderr, flush=True)
         if a.out:  # written after every row: a long sweep can be read while it runs

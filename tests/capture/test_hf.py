@@ -300,3 +300,23 @@ def test_error_config_does_not_fit_weights(hf_dir, tmp_path, model, key, value, 
     cfg[key] = value
     (d / "config.json").write_text(json.dumps(cfg))
     assert message in _err(d)
+
+
+def test_moe_layers_dispatch_with_batched_mm(tmp_path):
+    """Mixture-of-experts models are built with transformers' batched_mm expert dispatch (issue 15,
+    class 6: grouped_mm's sort / histc / grouped matmul do not import into TVM). It computes the
+    same sums as the default: within 1e-5 relative (float32 reordering only)."""
+    from loopify.capture.hf import _transformers_class, _transformers_config
+    from tests.tiny import write_tiny
+
+    d = write_tiny("MixtralForCausalLM", tmp_path, layers=2)
+    cls = _transformers_class(d, "MixtralForCausalLM")
+    config = _transformers_config(d, "MixtralForCausalLM", cls)
+    assert config._experts_implementation == "batched_mm"
+    model = cls.from_pretrained(str(d), config=config).eval()
+    ids = torch.randint(0, config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        batched = model(input_ids=ids).logits
+        model.set_experts_implementation("grouped_mm")
+        grouped = model(input_ids=ids).logits
+    assert float((batched - grouped).abs().max() / grouped.abs().max()) < 1e-5

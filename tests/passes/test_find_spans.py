@@ -66,9 +66,10 @@ def test_layer_with_other_mlp_width_breaks_the_run(tmp_path):
 
 
 def test_alternating_attention_kinds_are_refused(tmp_path):
-    # Negative model 2: full and sliding-window attention alternate; no two neighbours match.
+    # Negative model 2: full and sliding-window attention alternate; no two neighbours match
+    # (as single layers: groups=false; the pairs are a run of groups, see test_groups.py).
     torch.manual_seed(0)
-    a = find_spans(_cap(TinyStack(n=4, windows=[None, 3, None, 3]), tmp_path))
+    a = find_spans(_cap(TinyStack(n=4, windows=[None, 3, None, 3]), tmp_path), groups=False)
     assert a.spans == []
     assert [r["layer"] for r in a.refused] == [1, 2, 3]
     assert all("different op graph" in r["reason"] for r in a.refused)

@@ -9,7 +9,7 @@ from loopify.errors import PipelineError
 from loopify.nn import recursions, set_loops, sharing_map
 from loopify.passes.find_spans import find_spans
 from loopify.passes.fold_loops import FoldLoops
-from loopify.pipeline import State
+from loopify.pipeline import State, parse, run_pipeline
 from tests.models import TinyStack
 from tests.passes.helpers import RTOL, check_golden, describe, out, rel, run
 
@@ -135,9 +135,9 @@ def test_fold_refusals(captured, spec, message):
 
 
 def test_non_interchangeable_span_is_not_folded(captured):
-    # neg-alt-attn has no span: nothing to fold, the model is unchanged.
+    # neg-alt-attn has no span of single layers: nothing to fold, the model is unchanged.
     cap = captured("neg-alt-attn")
-    res = run(cap, "fold-loops")
+    res = run_pipeline(parse("find-spans{similarity=false,groups=false},fold-loops"), State(cap, cap.unflatten()))
     assert not res.records[-1].modified and recursions(res.state.module) == {}
     # neg-mlp-width: layer 2 stays on its own, the runs around it are folded separately.
     cap = captured("neg-mlp-width")

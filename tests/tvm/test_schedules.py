@@ -75,3 +75,37 @@ def test_every_matmul_is_scheduled_and_correct(rows, gelu):
         ref = z * 0.5 * (1 + np.vectorize(lambda v: erf(v / sqrt(2)))(z))
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
 
+
+
+def test_per_row_matrix_products_build_and_match():
+    """A mixture-of-experts layer's gathered weights ``[S, out, in] @ [S, in, 1]`` (each row its
+    own matrix): DLight's GEMV schedule of it never finished LLVM's code generation, so
+    ``cpu_rules.Unbatched`` keeps it off; the build must finish and match numpy (same
+    tolerance as above), and an ordinary GEMV still gets the GEMV rule."""
+    from loopify.backends.tvm.cpu_rules import _batched_matrix
+
+    s, out, inn = 48, 256, 64
+    bb = relax.BlockBuilder()
+    w = relax.Var("w", relax.TensorType([s, out, inn], "float32"))
+    x = relax.Var("x", relax.TensorType([s, inn, 1], "float32"))
+    with bb.function("main", [w, x]):
+        with bb.dataflow():
+            y = bb.emit_output(bb.emit(relax.op.matmul(w, x)))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    target = tvm.target.Target(target_for("x86"))
+    with target:
+        legal = tvm.transform.Sequential(front_passes(target, CompileOptions()))(mod)
+    prims = [f for f in legal.functions.values() if isinstance(f, tirx.PrimFunc)]
+    assert [_batched_matrix(f) for f in prims] == [True]
+    plain = _linear(1, gelu=False)
+    with target:
+        plain = tvm.transform.Sequential(front_passes(target, CompileOptions()))(plain)
+    assert not any(_batched_matrix(f) for f in plain.functions.values() if isinstance(f, tirx.PrimFunc))
+    ex = build_executable_module(mod, target_for("x86"), CompileOptions())
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((s, out, inn)).astype("float32"), rng.standard_normal((s, inn, 1)).astype("float32")
+    got = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy()
+    ref = a @ b
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))

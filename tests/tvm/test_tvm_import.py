@@ -216,3 +216,21 @@ def test_float_ops_on_integers_promote_as_torch_does(tmp_path):
     got = _run_compiled(ep, (m,), tmp_path)
     for g, w in zip(got, IntReciprocal()(m)):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=0)
+
+
+class WhereMixed(torch.nn.Module):
+    def forward(self, cond, x):  # x int32, the other branch a 0-d int64: torch's result is int32
+        return (torch.where(cond, x, torch.tensor(7, dtype=torch.int64)) * 3,)
+
+
+def test_where_promotes_its_branches_as_torch_does(tmp_path):
+    """Gemma3's token-type positions: ``where(cond, int32 [1, T], int64 0-d)`` has torch's
+    promoted dtype (int32: a 0-d tensor does not widen); TVM's converter refused the mixed
+    branches. Exact (integers)."""
+    cond = torch.tensor([[True, False, True, False]])
+    x = torch.tensor([[1, 2, 3, 4]], dtype=torch.int32)
+    ep = _export(WhereMixed(), cond, x)
+    got = _run_compiled(ep, (cond, x), tmp_path)[0]
+    want = WhereMixed()(cond, x)[0]
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
