@@ -319,7 +319,7 @@ def _cache_of(kwargs: dict):
 def run(rec, args: list, kwargs: dict, where: str, s):
     """The routed forward of ``rec`` (called by :meth:`Recursion.forward`): returns the last
     block output, the new hidden state and the number of block calls."""
-    from loopify.nn.recursion import _CURRENT, Depth, _tracing
+    from loopify.nn.recursion import _tracing
 
     router: Router = rec.router
     box = args if where == "arg" else kwargs
@@ -330,96 +330,130 @@ def run(rec, args: list, kwargs: dict, where: str, s):
     if cache is not None and routed_cache is None:
         raise ValueError(f"loop {rec.key}: a routed loop decodes with loopify's LoopCache, not {type(cache).__name__}")
     base = routed_cache.routed.get(rec.key, 0) if routed_cache is not None else 0
-    mask = kwargs.get("attention_mask")
-    valid_tok = _token_valid(mask, batch, seq, base, h.device)
+    valid_tok = _token_valid(kwargs.get("attention_mask"), batch, seq, base, h.device)
     tracing = _tracing()
     if not tracing:
         router.record = []
-    decided: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    depth_taken = torch.zeros(batch, seq, dtype=torch.long, device=h.device)
-    token_plan = None
-    active = torch.ones(batch, seq, dtype=torch.bool, device=h.device)
-    runs = [0] * len(rec.blocks)
     steps_run = max((u.step for u in units(rec) if u.step is not None), default=-1) + 1
+    plan = _Decisions(router, steps_run, torch.ones(batch, seq, dtype=torch.bool, device=h.device), valid_tok)
+    runs = [0] * len(rec.blocks)
     out, calls = None, 0
     for unit in units(rec):
         r = unit.step
-        if r is None:
-            keep, scale = None, None
-        elif r in decided:
-            keep, scale = decided[r]
+        keep, scale = plan.at(r, h)
+        if keep is None or (routed_cache is None and (tracing or bool(keep.all()))):
+            x, idx, valid, call_kwargs = h, None, None, kwargs
         else:
-            if router.kind == "token":
-                if token_plan is None:
-                    token_plan = router.token_depths(h, steps_run)
-                depth, scale = token_plan
-                keep = depth > r
-            else:
-                keep, scale = router.expert_step(h, r, active, valid_tok)
-                active = keep
-            decided[r] = (keep, scale)
-            depth_taken = depth_taken + keep.long()
-        full = keep is None or (routed_cache is None and (tracing or bool(keep.all())))
-        if full:
-            x, idx, valid = h, None, None
-            call_kwargs = kwargs
-        else:
-            count = keep.sum(-1)
-            m = int(count.max())
-            if m == 0:  # no token of any row takes this step (nor a later one: the sets are nested)
+            gathered = _gather_active(h, keep, kwargs, valid_tok)
+            if gathered is None:  # no token of any row takes this step (nor a later one: the sets are nested)
                 for depth in unit.depths:
                     runs[rec.block_for_depth(depth)] += 1
                 continue
-            order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # active tokens first, in order
-            idx = order[:, :m]
-            valid = torch.arange(m, device=h.device).unsqueeze(0) < count.unsqueeze(-1)
-            valid = valid & valid_tok.gather(1, idx)
-            x = _gather_tokens(h, idx, batch, seq)
-            call_kwargs = {k: (v if k == "attention_mask" else _gather_tokens(v, idx, batch, seq))
-                           for k, v in kwargs.items()}
-        y = x
-        for depth, index in zip(unit.depths, unit.indices):
-            b = rec.block_for_depth(depth)
-            d = Depth(rec.key, index, r if r is not None else 0, b, depth, runs[b])
-            kw = dict(call_kwargs)
-            tok = None
-            if idx is not None:
-                q_index = base + idx
-                kw["attention_mask"] = _routed_mask(routed_cache, d, q_index, valid, h.dtype)
-                tok = _ROUTED.set((q_index, valid))
-            a = list(args)
-            if where == "arg":
-                a[s] = y
-            else:
-                kw[s] = y
-            token = _CURRENT.set(d)
-            try:
-                factors = rec.lora_factors(lambda stacked, dd=depth: stacked[dd]) if rec.lora_forms else None
-                out = rec.call_block(b, rec.depth_overrides(depth), tuple(a), kw, factors)
-            finally:
-                _CURRENT.reset(token)
-                if tok is not None:
-                    _ROUTED.reset(tok)
-            runs[b] += 1
-            calls += 1
-            y = out[0] if isinstance(out, tuple) else out
-        if r is None:
-            h = y
-            continue
-        if idx is None:
-            upd = y + (scale.unsqueeze(-1).to(y.dtype) - 1) * (y - h)
-            h = torch.where(keep.unsqueeze(-1), upd, h) if tracing or not bool(keep.all()) else upd
-        else:
-            sc = scale.gather(1, idx).unsqueeze(-1).to(y.dtype)
-            upd = y + (sc - 1) * (y - x)
-            upd = torch.where(valid.unsqueeze(-1), upd, x)
-            h = h.scatter(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]), upd)
+            x, idx, valid, call_kwargs = gathered
+        routed = None if idx is None else (routed_cache, base + idx, valid)
+        out, y, n = _call_unit(rec, unit, x, args, where, s, call_kwargs, routed, runs)
+        calls += n
+        h = y if r is None else _update(h, x, y, keep, scale, idx, valid, tracing)
     if routed_cache is not None:
         routed_cache.routed[rec.key] = base + seq
     if not tracing:
-        router.last_depth = depth_taken.detach()
+        router.last_depth = plan.depth_taken.detach()
     box[s] = h
     return out, h, calls
+
+
+class _Decisions:
+    """The router's decisions of one routed forward, step by step: token-choice decides every
+    token's depth at the first step, expert-choice keeps a subset of the tokens still active at
+    each step; ``depth_taken`` counts the steps each token takes."""
+
+    def __init__(self, router, steps_run: int, active: torch.Tensor, valid_tok: torch.Tensor):
+        self.router, self.steps_run, self.active, self.valid_tok = router, steps_run, active, valid_tok
+        self.decided: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.token_plan = None
+        self.depth_taken = torch.zeros(active.shape, dtype=torch.long, device=active.device)
+
+    def at(self, r, h):
+        """(keep [B, S] bool, scale [B, S]) of recursion step ``r``; (None, None) outside steps."""
+        if r is None:
+            return None, None
+        if r in self.decided:
+            return self.decided[r]
+        if self.router.kind == "token":
+            if self.token_plan is None:
+                self.token_plan = self.router.token_depths(h, self.steps_run)
+            depth, scale = self.token_plan
+            keep = depth > r
+        else:
+            keep, scale = self.router.expert_step(h, r, self.active, self.valid_tok)
+            self.active = keep
+        self.decided[r] = (keep, scale)
+        self.depth_taken = self.depth_taken + keep.long()
+        return keep, scale
+
+
+def _gather_active(h, keep, kwargs: dict, valid_tok):
+    """The active tokens of each row, first and in order: (x [B, m, ..], idx [B, m], valid
+    [B, m], the block's keyword arguments gathered alike), or None when no token is active."""
+    batch, seq = h.shape[0], h.shape[1]
+    count = keep.sum(-1)
+    m = int(count.max())
+    if m == 0:
+        return None
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # active tokens first, in order
+    idx = order[:, :m]
+    valid = torch.arange(m, device=h.device).unsqueeze(0) < count.unsqueeze(-1)
+    valid = valid & valid_tok.gather(1, idx)
+    call_kwargs = {k: (v if k == "attention_mask" else _gather_tokens(v, idx, batch, seq)) for k, v in kwargs.items()}
+    return _gather_tokens(h, idx, batch, seq), idx, valid, call_kwargs
+
+
+def _call_unit(rec, unit, y, args: list, where: str, s, call_kwargs: dict, routed, runs: list):
+    """The unit's depths on ``y`` (the gathered active tokens when ``routed`` = (cache, query
+    positions, valid) is given, with the routed attention mask); returns (last output, new
+    state, calls)."""
+    from loopify.nn.recursion import _CURRENT, Depth
+
+    r = unit.step
+    out, calls = None, 0
+    for depth, index in zip(unit.depths, unit.indices):
+        b = rec.block_for_depth(depth)
+        d = Depth(rec.key, index, r if r is not None else 0, b, depth, runs[b])
+        kw = dict(call_kwargs)
+        tok = None
+        if routed is not None:
+            routed_cache, q_index, valid = routed
+            kw["attention_mask"] = _routed_mask(routed_cache, d, q_index, valid, y.dtype)
+            tok = _ROUTED.set((q_index, valid))
+        a = list(args)
+        if where == "arg":
+            a[s] = y
+        else:
+            kw[s] = y
+        token = _CURRENT.set(d)
+        try:
+            factors = rec.lora_factors(lambda stacked, dd=depth: stacked[dd]) if rec.lora_forms else None
+            out = rec.call_block(b, rec.depth_overrides(depth), tuple(a), kw, factors)
+        finally:
+            _CURRENT.reset(token)
+            if tok is not None:
+                _ROUTED.reset(tok)
+        runs[b] += 1
+        calls += 1
+        y = out[0] if isinstance(out, tuple) else out
+    return out, y, calls
+
+
+def _update(h, x, y, keep, scale, idx, valid, tracing: bool):
+    """The hidden state after a routed step: each kept token's update ``y - x`` scaled by its
+    router score, the others unchanged (scattered back when only the active tokens ran)."""
+    if idx is None:
+        upd = y + (scale.unsqueeze(-1).to(y.dtype) - 1) * (y - h)
+        return torch.where(keep.unsqueeze(-1), upd, h) if tracing or not bool(keep.all()) else upd
+    sc = scale.gather(1, idx).unsqueeze(-1).to(y.dtype)
+    upd = y + (sc - 1) * (y - x)
+    upd = torch.where(valid.unsqueeze(-1), upd, x)
+    return h.scatter(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]), upd)
 
 
 def _routed_mask(cache, d, q_index: torch.Tensor, valid: torch.Tensor, dtype) -> torch.Tensor:
