@@ -122,25 +122,28 @@ def build_entries(exported, target: dict, options, timings: dict, quant=None):
         pnames = [pnames[i] for i in keep]
     sd = ep.state_dict
     tensors = [sd[n] for n in pnames]
-    qinfo = None
-    if quant is not None:
-        from .quant import quantize_weights
+    qinfo, qnames = None, list(pnames)
+    entries = [("prefill", mod, {}), ("decode", mod, {t_sym: 1})] + ([("prefill_image", img, None)] if img is not None else [])
+    out = {}
+    for name, m, binds in entries:
+        # prefill keeps P symbolic (it also serves a prompt after a cached one): bound to 0,
+        # constant folding makes zero-size constants, which TVM 0.27 saves but cannot load back
+        m = specialise(m, binds) if binds is not None else m
+        if quant is not None:
+            # after specialising: each entry's fused dequantise-matmul kernels get its shapes
+            # (decode's are GEMVs, M = 1), not the symbolic prefill's
+            from .quant import quantize_weights
 
-        qnames = pnames
-        mod, pnames, tensors, report = quantize_weights(mod, tensors, qnames, quant.registry, quant.config.embeddings)
-        if img is not None:
-            img, inames2, _t, _r = quantize_weights(img, [sd[n] for n in qnames], qnames, quant.registry,
-                                                    quant.config.embeddings)
-            if inames2 != pnames:
-                raise CompileError("the image prefill step quantises other weights than the text step")
-        options.weights = quant.config.weights
-        qinfo = quant.manifest(report, sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values()))
-    # prefill keeps P symbolic (it also serves a prompt after a cached one): bound to 0, constant
-    # folding makes zero-size constants, which TVM 0.27 saves but cannot load back
-    out = {name: _build(name, specialise(mod, binds), target, options, timings)
-           for name, binds in (("prefill", {}), ("decode", {t_sym: 1}))}
-    if img is not None:
-        out["prefill_image"] = _build("prefill_image", img, target, options, timings)
+            m, names, qtensors, report = quantize_weights(m, [sd[n] for n in qnames], qnames, quant.registry,
+                                                          quant.config.embeddings)
+            if qinfo is None:
+                pnames, tensors = names, qtensors
+                options.weights = quant.config.weights
+                qinfo = quant.manifest(report, sum(t.numel() * t.element_size()
+                                                   for t in {id(t): t for t in tensors}.values()))
+            elif names != pnames:
+                raise CompileError(f"the {name} entry quantises other weights than prefill")
+        out[name] = _build(name, m, target, options, timings)
     return out, pnames, assumptions, dict(zip(pnames, tensors)), qinfo
 
 

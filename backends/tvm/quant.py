@@ -196,12 +196,12 @@ def plan(mod, candidates: dict[int, object], allow_take: bool) -> tuple[dict[int
 
 
 def _sig(entry) -> tuple:
-    return (entry.scheme, tuple(entry.shape), str(entry.scale.dtype), tuple(entry.q.shape))
+    return (entry.scheme, tuple(entry.shape), str(entry.scale.dtype), tuple(entry.q.shape), entry.dtype)
 
 
 # --- the rewrite ----------------------------------------------------------------------------------
 
-def rewrite(mod, chosen: dict[int, object], dtype: str = "float32"):
+def rewrite(mod, chosen: dict[int, object]):
     """``mod`` with each chosen weight of ``main`` (index -> registry entry) replaced by its codes and
     scales, threaded through every function it reaches, dequantised before each use."""
     import tvm
@@ -222,7 +222,7 @@ def rewrite(mod, chosen: dict[int, object], dtype: str = "float32"):
         key = _sig(entry)
         if key not in deq_gvs:
             nn_, kk = entry.shape
-            f = dequant_func(entry.scheme, nn_, kk, tdt(entry.scale), dtype)
+            f = dequant_func(entry.scheme, nn_, kk, tdt(entry.scale), entry.dtype)
             gv = deq_bb.add_func(f, f"dequant_{entry.scheme}_{nn_}x{kk}_{tdt(entry.scale)}")
             deq_gvs[key] = (gv, f)
         return deq_gvs[key][0]
@@ -281,13 +281,13 @@ def rewrite(mod, chosen: dict[int, object], dtype: str = "float32"):
                     elif _is_op(v, "relax.matmul") and v.args[1] in fused:
                         vq, vs, e = split[fused[v.args[1]]]
                         call = deq_bb.call_te(_te_qmatmul, v.args[0], vq, vs, scheme=e.scheme, n=e.shape[0],
-                                              k=e.shape[1], out_dtype=dtype,
+                                              k=e.shape[1], out_dtype=e.dtype,
                                               primfunc_name_hint=f"qmatmul_{e.scheme}_{e.shape[0]}x{e.shape[1]}")
                         bindings.append(relax.VarBinding(b.var, call))
                     elif isinstance(v, relax.Call) and len(v.args) and isinstance(v.args[0], relax.Var) and v.args[0] in split:
                         vq, vs, e = split[v.args[0]]
-                        d = mk(f"{v.args[0].name}_dq", relax.TensorType(list(e.shape), dtype))
-                        call = relax.call_tir(deq_gv(e), [vq, vs], relax.TensorType(list(e.shape), dtype))
+                        d = mk(f"{v.args[0].name}_dq", relax.TensorType(list(e.shape), e.dtype))
+                        call = relax.call_tir(deq_gv(e), [vq, vs], relax.TensorType(list(e.shape), e.dtype))
                         bindings.append(relax.VarBinding(d, call))
                         bindings.append(relax.VarBinding(b.var, relax.Call(v.op, [d] + list(v.args[1:]), v.attrs,
                                                                            v.ty_args)))
@@ -349,7 +349,7 @@ def _fusable_transposes(f, split: dict) -> dict:
     return {wt: w for wt, w in perm.items() if uses_ok.get(wt, False)}
 
 
-def quantize_weights(mod, tensors: list, names: list[str], registry: dict, allow_take: bool, dtype: str = "float32"):
+def quantize_weights(mod, tensors: list, names: list[str], registry: dict, allow_take: bool):
     """Quantise the weights of ``mod``'s ``main`` (``tensors`` / ``names``: its parameters after
     ``num_input``, in order) that the registry holds.
 
@@ -370,7 +370,7 @@ def quantize_weights(mod, tensors: list, names: list[str], registry: dict, allow
         report["float"][names[w]] = why
     if not chosen:
         return mod, list(names), list(tensors), report
-    mod = rewrite(mod, chosen, dtype)
+    mod = rewrite(mod, chosen)
     new_names, new_tensors = [], []
     tag = {"int8": "q8", "int4": "q4"}
     for w, (name, t) in enumerate(zip(names, tensors)):
@@ -390,3 +390,58 @@ def quantize_weights(mod, tensors: list, names: list[str], registry: dict, allow
             new_names.append(name)
             new_tensors.append(t)
     return mod, new_names, new_tensors, report
+
+
+def scheduled(mod, target, options):
+    """``mod`` after the front passes (dispatch, legalise, fuse) and the schedule rules, before
+    lowering: the PrimFuncs the library's kernels are made of (for inspection and tests)."""
+    import tvm
+
+    from . import build, schedules
+
+    tgt = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
+    with tgt:
+        m = tvm.transform.Sequential(build.front_passes(tgt, options))(mod)
+        return tvm.transform.Sequential(schedules.schedule_passes(tgt, options))(m)
+
+
+def weight_copies(mod, shapes) -> list[tuple[str, str]]:
+    """``(function, buffer)`` for every float buffer a PrimFunc of ``mod`` allocates in a quantised
+    weight's shape (``shapes``: their ``(N, K)``; also transposed or flat), and every standalone
+    dequantisation left unfused: none means each kernel reads the codes, never a float copy of
+    the weight. (TVM 0.27's Python API has no TIR visitor; the allocations are read off the
+    printed TIR, where float32 is the dtype left unsaid.)"""
+    import re
+
+    from tvm import tirx
+
+    want = {(int(n), int(k)) for n, k in shapes} | {(int(k), int(n)) for n, k in shapes} | {
+        (int(n) * int(k),) for n, k in shapes}
+    found = []
+    for gv, f in mod.functions.items():
+        if not isinstance(f, tirx.PrimFunc):
+            continue
+        if gv.name_hint.startswith("dequant"):
+            found.append((gv.name_hint, "its output (a dequantisation not fused into its consumer)"))
+            continue
+        for line in f.script().splitlines():
+            m = re.match(r"\s*(\w+) = T\.(?:sblock_)?alloc_buffer\(\((.*)$", line)
+            if not m:
+                continue
+            rest, depth, dims = m.group(2), 1, ""
+            for pos, ch in enumerate(rest):  # the shape tuple: up to its closing parenthesis
+                depth += {"(": 1, ")": -1}.get(ch, 0)
+                if depth == 0:
+                    dims, rest = rest[:pos], rest[pos + 1:]
+                    break
+            parts = [d.strip() for d in dims.split(",") if d.strip()]
+            ints = [re.fullmatch(r"(?:T\.int64\()?(\d+)\)?", d) for d in parts]
+            if not parts or not all(ints):
+                continue  # a symbolic extent: not a weight's size
+            shape = [int(x.group(1)) for x in ints]
+            while len(shape) > 1 and shape[0] == 1:
+                shape = shape[1:]
+            dt = re.search(r'"(u?int\d+|float\d+|bfloat16|bool)"', rest)
+            if (dt.group(1) if dt else "float32").startswith("float") and tuple(shape) in want:
+                found.append((gv.name_hint, m.group(1)))
+    return found

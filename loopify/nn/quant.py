@@ -76,6 +76,7 @@ class Quantized:
     shape: tuple
     names: list = field(default_factory=list)  # every module name of this tensor (ties)
     role: str = "linear"  # "linear" or "embedding"
+    dtype: str = "float32"  # of the dequantised weight (the model's)
 
 
 def content_key(t: torch.Tensor) -> tuple:
@@ -169,7 +170,8 @@ def quantize_module_(module: nn.Module, config: QuantConfig) -> tuple[dict, dict
                 continue
             q, s = quantize(p, config.weights, config.scale_dtype)
             p.copy_(dequantize(q, s, config.weights, p.dtype))
-            registry[content_key(p)] = Quantized(config.weights, q, s, tuple(p.shape), names, role)
+            registry[content_key(p)] = Quantized(config.weights, q, s, tuple(p.shape), names, role,
+                                                 str(p.dtype).replace("torch.", ""))
     return registry, skipped
 
 
@@ -204,7 +206,8 @@ def quantize_program_(program, config: QuantConfig) -> tuple[dict, dict]:
                 continue
             q, s = quantize(t, config.weights, config.scale_dtype)
             t.copy_(dequantize(q, s, config.weights, t.dtype))
-            ent = Quantized(config.weights, q, s, tuple(t.shape), [pname], "linear" if lin else "embedding")
+            ent = Quantized(config.weights, q, s, tuple(t.shape), [pname], "linear" if lin else "embedding",
+                            str(t.dtype).replace("torch.", ""))
             registry[content_key(t)] = ent
             done[key] = ent
     return registry, skipped
