@@ -53,7 +53,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
                   rpc: str | None = None, schedule: str = "loopify", validate: bool = True,
                   capture_options: dict | None = None, max_context: int | None = None,
                   kv_policy: str = "per-depth", lora_form: str = "auto", weights: str = "float32",
-                  quantize_embeddings: bool = False, dtype: str = "float32") -> CompiledModel:
+                  quantize_embeddings: bool = False) -> CompiledModel:
     """Compile ``model`` for ``target`` into the artifact directory ``out`` (written atomically).
 
     ``max_context``: compile for generation instead (``prefill`` / ``decode`` entry points with a
@@ -68,9 +68,6 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
     (:mod:`loopify.nn.quant`); ``quantize_embeddings`` also the embeddings and a tied head. The
     artifact is validated against the PyTorch model with the same dequantised weights.
 
-    ``dtype``: ``float16`` builds a converted model's CUDA artifact in half precision (weights,
-    activations; with ``weights``, float16 scales); CPU artifacts are float32.
-
     Raises:
         LoopifyError: one line naming what failed (capture, staging, import, build, validation).
     """
@@ -78,7 +75,6 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
 
     check_output(out, directory=True, what="artifact")  # before the work, not after it
     qconfig = quant_config(weights, quantize_embeddings, target)
-    half = _half(dtype, target, max_context, model)
     if max_context is not None:
         return compile_generation(model, out, target=target, arch=arch, mcpu=mcpu, schedule=schedule,
                                   validate=validate, max_context=max_context, kv_policy=kv_policy,
@@ -99,10 +95,6 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
 
         opts = capture_options or {}
         module, captured, _manifest = load_converted(model, seq_len=opts.get("seq_len"), batch=opts.get("batch"))
-        if half:
-            module.half()
-            captured.args = tuple(_to_half(a) for a in captured.args)
-            captured.kwargs = {k: _to_half(v) for k, v in captured.kwargs.items()}
         extra = lora_manifest(module, lora_form)
         qplan = _plan(qconfig, model, module=module)
         stages = stages_of(module, captured)
@@ -156,26 +148,6 @@ def quant_config(weights: str, embeddings: bool, target: str):
         return QuantConfig(weights, embeddings=embeddings, scale_dtype="float16" if target == "cuda" else "float32")
     except ValueError as e:
         raise LoopifyError(str(e)) from None
-
-
-def _half(dtype: str, target: str, max_context, model) -> bool:
-    """Whether to build in float16; refusals in one line."""
-    if dtype == "float32":
-        return False
-    if dtype != "float16":
-        raise LoopifyError(f"--dtype must be float32 or float16, got {dtype!r}")
-    if target != "cuda":
-        raise LoopifyError("--dtype float16 is for CUDA artifacts (--target cuda); CPU artifacts run float32")
-    if max_context is not None:
-        raise LoopifyError("--dtype float16 is not implemented for generation artifacts (--max-context): "
-                           "their KV cache is float32")
-    if not is_converted(Path(model)):
-        raise LoopifyError(f"{model}: --dtype float16 needs a converted model (loopify convert MODEL -o OUT.pt2)")
-    return True
-
-
-def _to_half(x):
-    return x.half() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
 
 def _plan(config, model, module=None, program=None):
