@@ -1,21 +1,22 @@
-"""Quantised weights in a Relax module: ``W`` becomes ``dequant(q, scale)`` at each use.
+"""Quantised weights in a Relax module: ``W`` becomes its codes and scales, dequantised at each use.
 
 The numerics (schemes, packing, the fake quantisation of the PyTorch model) are
 :mod:`loopify.nn.quant`; here a module's float weights (``main``'s parameters after
 ``num_input``) whose content the registry holds are replaced by two parameters, the codes and
 the scales. They are threaded through every function the weight is passed to (a loop's body,
-its recursive call, a ``cond`` branch, a per-step ``if``), and at each use a call of a small
-dequantisation PrimFunc is bound right before it::
+its recursive call, a ``cond`` branch, a per-step ``if``), and at each use:
 
-    w_t = permute_dims(w)                  ->   w_dq = call_tir(dequant_int4_NxK, (q, s))
-                                                w_t  = permute_dims(w_dq)
+* ``matmul(x, permute_dims(w))`` (a linear layer, every use of the transpose a matmul) becomes
+  one ``call_tir`` of a PrimFunc ``qmatmul_SCHEME_NxK`` holding a dequantisation block and the
+  NT reduction. The schedule rules (:mod:`.sym_rules` on CPUs, DLight on CUDA) inline the
+  dequantisation into the reduction (``compute_inline``), so the kernel reads the codes and
+  never a float copy of the weight. (A separate dequantisation would not do: ``FuseOps`` fuses
+  elementwise producers into injective or reduction consumers, not into a matmul.)
+* any other allowed use (``take`` of an embedding table, by option; a transpose used otherwise)
+  gets a ``dequant_SCHEME_NxK`` PrimFunc bound right before it, annotated ``op_pattern =
+  kBroadcast`` so that ``FuseOps`` fuses it into that consumer (a gather then reads only its rows).
 
-The dequantisation PrimFunc is annotated ``op_pattern = kBroadcast`` (its analysed pattern is
-"injective" for int4's nibble indexing, which ``FuseOps`` would not fuse into a matmul), so it
-is fused into its consumer: with ``FuseTransposeMatmul`` into the NT matmul / GEMV, whose
-schedule rule (:mod:`.sym_rules`, DLight on CUDA) inlines it (``compute_inline``): the kernel
-reads the codes, never a float copy of the weight. Uses other than a linear's transpose (or an
-embedding's ``take``, by option) leave the weight in float.
+Weights with a use that is neither stay in float (with the reason in the manifest).
 """
 
 from __future__ import annotations

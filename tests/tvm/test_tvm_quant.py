@@ -177,7 +177,7 @@ def test_shared_block_weights_are_quantised_once_and_the_bytes_shrink(artifacts,
     assert sizes["int4"] < sizes["int8"] < f32_size
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~20 s call, but a third artifact build
 def test_quantize_embeddings_quantises_the_table_and_it_still_matches(llama_pt2, tmp_path):
     res = compile_model(llama_pt2, tmp_path / "emb", weights="int8", quantize_embeddings=True)
     assert res.ok
@@ -185,6 +185,7 @@ def test_quantize_embeddings_quantises_the_table_and_it_still_matches(llama_pt2,
     assert roles == {"linear", "embedding"}
 
 
+@pytest.mark.slow  # ~50 s here: the decode step's export
 def test_the_fused_kernels_read_codes_never_a_float_copy_of_a_weight(llama_pt2):
     """The decode entry point of the int4 generation step, scheduled as the build does: every
     quantised matmul is one kernel with the dequantisation inlined, and no PrimFunc allocates
@@ -223,6 +224,7 @@ def test_the_fused_kernels_read_codes_never_a_float_copy_of_a_weight(llama_pt2):
     assert tq.weight_copies(raw, [(64, 128)]) == [("qmatmul_int4_64x128", "dequant")]
 
 
+@pytest.mark.slow  # ~60 s here: prefill and decode built, validated at both loop counts
 def test_the_int4_generation_artifact_decodes_the_eager_tokens_of_the_same_dequantised_weights(llama_pt2, tmp_path):
     from loopify import runtime
     from loopify.compile import _generation_source, _plan
