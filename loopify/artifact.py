@@ -19,7 +19,6 @@ with this module.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from loopify.errors import LoopifyError
+from loopify.io import read_manifest_json, sha256_file
 
 FORMAT = "loopify-artifact"
 VERSION = 1
@@ -44,17 +44,6 @@ class ArtifactError(LoopifyError):
 
 class LoopCountError(LoopifyError):
     """A loop count outside the range the artifact's manifest allows."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def _all_files(root: Path) -> list[Path]:
@@ -112,12 +101,7 @@ def read_manifest(path, *, verify: bool = True) -> dict:
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise ArtifactError(f"{root}: no {MANIFEST}; not a loopify artifact or an incomplete copy")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{mpath}: unreadable manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{mpath}: not a {FORMAT} manifest")
+    manifest = read_manifest_json(mpath, FORMAT, ArtifactError)
     if manifest.get("version") != VERSION:
         raise ArtifactError(f"{mpath}: artifact version {manifest.get('version')!r}, this loopify "
                             f"reads version {VERSION}; rebuild the artifact")

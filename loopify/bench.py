@@ -17,6 +17,8 @@ Method (what a performance engineer would check):
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import multiprocessing as mp
 import os
@@ -193,12 +195,25 @@ def _tokens(cap) -> tuple[int, str]:
     return 1, "calls/s"
 
 
-def _worker(conn, cfg: Config, spec: BenchSpec):
+@contextlib.contextmanager
+def worker_session(conn):
+    """The frame of a spawned benchmark worker: library warnings off (a spawned process starts
+    afresh), any failure sent to the parent as one line, the pipe closed at the end."""
     import warnings
 
-    for category in (FutureWarning, DeprecationWarning, UserWarning):  # a spawned process starts afresh
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
     try:
+        yield
+    except Exception as e:  # noqa: BLE001 - reported to the parent as one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        conn.send({"error": f"{type(e).__name__}: {first[:300]}"})
+    finally:
+        conn.close()
+
+
+def _worker(conn, cfg: Config, spec: BenchSpec):
+    with worker_session(conn):
         # The baseline is taken after the libraries are imported: what is measured is the model
         # (weights, activations, compiled code), not torch's or TVM's own footprint.
         import torch  # noqa: F401
@@ -228,11 +243,6 @@ def _worker(conn, cfg: Config, spec: BenchSpec):
                 call()
                 times.append((time.perf_counter() - t0) * 1e3)
             conn.send({"times": times, "peak_mb": max(_peak_mb(), _rss_mb()) - base})
-    except Exception as e:  # noqa: BLE001 - reported to the parent as one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        conn.send({"error": f"{type(e).__name__}: {first[:300]}"})
-    finally:
-        conn.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,10 +424,26 @@ def pyplot():
     return plt
 
 
-def plot(report: dict, path: Path) -> Path:
-    plt = pyplot()
+def label_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
+def save_figure(plt, fig, path: Path) -> Path:
+    """Lay out, write the PNG atomically, close."""
     from loopify.io import atomic_path
 
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot(report: dict, path: Path) -> Path:
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for b in sorted({r["backend"] for r in report["results"]}):
         conv = sorted((r for r in report["results"] if r["backend"] == b and r["model"] == "converted"),
@@ -435,19 +461,9 @@ def plot(report: dict, path: Path) -> Path:
     unit = report["results"][0]["unit"] if report["results"] else ""
     ks = sorted({r["loops"] for r in report["results"] if r["loops"] is not None})
     a1.set_xticks(ks)
-    a1.set_xlabel("loops")
-    a1.set_ylabel(f"throughput ({unit})")
-    a1.set_title("throughput against loop count")
-    a1.legend(fontsize=7)
-    a2.set_xlabel(f"throughput ({unit})")
-    a2.set_ylabel("cosine to original")
-    a2.set_title("fidelity against throughput (Pareto view)")
-    a2.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-    return path
+    label_axes(a1, "loops", f"throughput ({unit})", "throughput against loop count")
+    label_axes(a2, f"throughput ({unit})", "cosine to original", "fidelity against throughput (Pareto view)")
+    return save_figure(plt, fig, path)
 
 
 def write_json(report: dict, path: Path) -> Path:

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loopify.bench import _peak_mb, _release_freed, _reset_peak, _rss_mb, machine
+from loopify.bench import _peak_mb, _release_freed, _reset_peak, _rss_mb, machine, worker_session
 from loopify.errors import LoopifyError
 
 
@@ -190,6 +190,7 @@ def _open(cfg: GenConfig, spec: GenBenchSpec):
 
     def run(prompt):
         r = g.generate([prompt], s, loops=cfg.loops, policy=cfg.policy)
+        run.depth = r.depth  # routed models: depth per token
         return r.ttft_s, r.decode_tokens_per_s, r.kv_bytes
     return run, wbytes, g.tokenizer, vocab
 
@@ -251,11 +252,7 @@ def _llama_cpp_runner(path: str, spec: GenBenchSpec):
 
 
 def _worker(conn, cfg: GenConfig, spec: GenBenchSpec):
-    import warnings
-
-    for category in (FutureWarning, DeprecationWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category)
-    try:
+    with worker_session(conn):
         import torch  # noqa: F401
 
         base = _rss_mb()
@@ -272,12 +269,7 @@ def _worker(conn, cfg: GenConfig, spec: GenBenchSpec):
                 break
             ttft, rate, kvb = run(inputs[int(msg)])
             conn.send({"ttft_s": ttft, "decode_tps": rate, "kv_bytes": kvb,
-                       "peak_mb": max(_peak_mb(), _rss_mb()) - base})
-    except Exception as e:  # noqa: BLE001 - one line to the parent
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        conn.send({"error": f"{type(e).__name__}: {first[:300]}"})
-    finally:
-        conn.close()
+                       "peak_mb": max(_peak_mb(), _rss_mb()) - base, "depth": getattr(run, "depth", None)})
 
 
 def configs(spec: GenBenchSpec, max_loops: int) -> list[GenConfig]:
@@ -355,7 +347,8 @@ def _row(c: GenConfig, n: int, msgs: list[dict], wbytes: int, bw: float) -> dict
             "weights": Path(c.gguf).name if c.gguf else "float32", "prompt_tokens": n,
             "ttft_ms": ttft * 1e3, "decode_tokens_per_s": tps, "peak_mb": max(m["peak_mb"] for m in msgs),
             "kv_bytes": kv, "weight_bytes_per_token": wbytes, "bandwidth_bound_tokens_per_s": bound,
-            "bandwidth_fraction": tps / bound if bound == bound else None, "n": len(msgs)}
+            "bandwidth_fraction": tps / bound if bound == bound else None, "n": len(msgs),
+            "depth": msgs[-1].get("depth")}
 
 
 def ratios(rows: list[dict]) -> list[dict]:
@@ -388,6 +381,12 @@ def format_table(report: dict) -> str:
     widths = [max(len(x[i]) for x in rows) for i in range(len(head))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in rows]
     lines.insert(2, "  ".join("-" * w for w in widths))
+    for r in report["results"]:
+        if r.get("depth"):
+            from loopify.nn.routing import format_depths
+
+            lines.append(f"{r['model']} {r['backend']} loops={r['loops']} prompt {r['prompt_tokens']}: "
+                         + format_depths(r["depth"]))
     lines += [f"note: {n}" for n in report.get("notes", [])]
     lines.append("x hf: decode tokens/s against transformers' generate on the original; of bound: decode rate / "
                  "(bandwidth / weight bytes read per token)")
@@ -432,10 +431,9 @@ def kv_policy_table(converted: str | Path, text_tokens: int = 96, prefix: int = 
 
 def plot(report: dict, path: Path) -> Path:
     """Decode tokens/s against prompt length per configuration, and time to first token."""
-    from loopify.bench import pyplot
+    from loopify.bench import label_axes, pyplot, save_figure
 
     plt = pyplot()
-    from loopify.io import atomic_path
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     keys = sorted({(r["model"], r["backend"], r["loops"] or 0, r["kv_policy"]) for r in report["results"]})
@@ -445,16 +443,6 @@ def plot(report: dict, path: Path) -> Path:
         label = f"{k[0]} {k[1]}" + (f" k={k[2]}" if k[2] else "") + (f" {k[3]}" if k[3] != "per-depth" else "")
         a1.plot([r["prompt_tokens"] for r in rs], [r["decode_tokens_per_s"] for r in rs], marker="o", label=label)
         a2.plot([r["prompt_tokens"] for r in rs], [r["ttft_ms"] for r in rs], marker="o", label=label)
-    a1.set_xlabel("context (prompt tokens)")
-    a1.set_ylabel("decode tokens/s")
-    a1.set_title("decode rate")
-    a2.set_xlabel("prompt tokens")
-    a2.set_ylabel("time to first token (ms)")
-    a2.set_title("prefill")
-    for a in (a1, a2):
-        a.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-    return path
+    label_axes(a1, "context (prompt tokens)", "decode tokens/s", "decode rate")
+    label_axes(a2, "prompt tokens", "time to first token (ms)", "prefill")
+    return save_figure(plt, fig, path)

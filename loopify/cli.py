@@ -208,13 +208,17 @@ def inspect(model, inputs, trust_pickle, allow_export_mismatch, seq_len, batch, 
               help="Norm weights shared by the block or kept per depth.")
 @click.option("--subsample", is_flag=True, help="When K does not divide a run, keep evenly spaced layers.")
 @click.option("--image-token-id", type=int, default=-1, help="Image token id for the modality mask (default: from the config).")
+@click.option("--router", type=click.Choice(["none", "expert", "token"]), default="none", show_default=True,
+              help="Mixture-of-Recursions router on every loop (neutral until trained; Hugging Face sources).")
+@click.option("--capacity", metavar="C0,C1,...", default=None,
+              help="Expert router: fraction of the tokens kept at each recursion step (default (N-r)/N).")
 @click.option("--pipeline", "pipeline_spec", metavar="SPEC", help="Full pipeline spec (overrides the plan options).")
 @click.option("--dry-run", is_flag=True, help="Plan, convert and verify; write nothing.")
 @capture_options
 @pipeline_options
 def convert(model, out, blocks, loops, sharing, init, rank, connector, mode, repeat, stacks, norms, subsample,
-            image_token_id, pipeline_spec, dry_run, inputs, trust_pickle, allow_export_mismatch, seq_len, batch,
-            print_after, dump_ir, timing, skip):
+            image_token_id, router, capacity, pipeline_spec, dry_run, inputs, trust_pickle, allow_export_mismatch,
+            seq_len, batch, print_after, dump_ir, timing, skip):
     """Fold MODEL's spans of interchangeable layers into recursive loops and write OUT.pt2.
 
     With no options: every run is halved (K = L/2 blocks x 2 loops), cycle sharing, average
@@ -227,7 +231,8 @@ def convert(model, out, blocks, loops, sharing, init, rank, connector, mode, rep
     config = conv.ConvertConfig(blocks=blocks or 0, loops=loops or 0, sharing=sharing, init=init,
                                 rank=_rank_option(rank), connector=connector or "none", mode=mode, repeat=repeat,
                                 stacks=tuple(stacks), norms=norms, subsample=subsample,
-                                image_token_id=image_token_id, pipeline=pipeline_spec)
+                                image_token_id=image_token_id, router=router,
+                                capacity=_capacity_option(capacity), pipeline=pipeline_spec)
     pipeline = config.to_pipeline()
     click.echo(f"plan: {pipeline}", err=True)
     from tqdm import tqdm
@@ -268,6 +273,15 @@ def convert(model, out, blocks, loops, sharing, init, rank, connector, mode, rep
     m = result.manifest
     click.echo(f"wrote {out} (program {m['bytes']['program_file']:,} bytes; weights "
                f"{m['bytes']['converted_file']:,} bytes) and {Path(out).with_suffix('.json')}")
+
+
+def _capacity_option(text: str | None) -> tuple[float, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(float(c) for c in text.replace(":", ",").split(",") if c.strip())
+    except ValueError:
+        raise LoopifyError(f"--capacity {text!r}: give fractions separated by commas, e.g. 1,0.5") from None
 
 
 def _check_outputs(*paths) -> None:
@@ -561,7 +575,14 @@ def _bench_generate(original, converted, artifacts, backends, loops, threads, ro
 @click.option("--loss", type=click.Choice(["mrl", "last"]), default="mrl", show_default=True,
               help="mrl: every depth supervised, a depth worse than the previous weighted by beta; last: final depth only.")
 @click.option("--beta", type=float, default=2.0, show_default=True, help="MRL weight of a depth worse than the previous one (>= 1).")
-@click.option("--train", "groups", default="base,lora,connector", show_default=True, help="Parameter groups to train.")
+@click.option("--train", "groups", default="base,lora,connector,router", show_default=True, help="Parameter groups to train.")
+@click.option("--router", type=click.Choice(["none", "expert", "token"]), default="none", show_default=True,
+              help="Add a Mixture-of-Recursions router to every loop and train it (router losses beside distillation).")
+@click.option("--capacity", metavar="C0,C1,...", default=None,
+              help="Expert router: fraction of the tokens kept at each recursion step (default (N-r)/N).")
+@click.option("--router-aux", type=float, default=0.1, show_default=True,
+              help="Weight of the router's auxiliary loss (expert: BCE to the top-k choice; token: balancing).")
+@click.option("--router-z", type=float, default=1e-3, show_default=True, help="Weight of the router z-loss.")
 @click.option("--objective", type=click.Choice(["auto", "kl", "cosine", "mse", "ce"]), default="auto", show_default=True,
               help="auto: KL on logits, cosine on pooled embeddings for encoders; ce: next-token cross-entropy on the data (no teacher).")
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None, help="Held-out data (default: part of --data).")
@@ -579,14 +600,14 @@ def _bench_generate(original, converted, artifacts, backends, loops, threads, ro
 @click.option("--tokenizer", default="auto", show_default=True, help="auto (the model's own), bytes, or a tokenizer directory.")
 @click.option("--max-seconds", type=float, default=0.0, help="Stop training after this long and write the output (0: no limit).")
 @click.option("--threads", type=int, default=0)
-def train_cmd(converted, teacher, data, out, groups, **kw):
+def train_cmd(converted, teacher, data, out, groups, capacity, **kw):
     """Uptrain CONVERTED (a `loopify convert` output) by distillation from the original, with
     RecursiveVLM's Monotonic Recursion Loss over every recursion depth. Writes OUT.pt2 + OUT.json
     like `convert`, with the training report. Runs under torchrun (DDP, gloo on CPU)."""
     from loopify import train as tr
 
     config = tr.TrainConfig(converted=str(converted), teacher=str(teacher) if teacher else None, data=str(data),
-                            out=str(out), train=groups,
+                            out=str(out), train=groups, capacity=_capacity_option(capacity),
                             **{k: (str(v) if isinstance(v, Path) else v) for k, v in kw.items()})
     click.echo("train: " + " ".join(f"{k}={v}" for k, v in config.to_dict().items() if v not in (None, "", ())), err=True)
     res = tr.train(config, progress=tr.ConsoleProgress())
@@ -651,6 +672,10 @@ def generate_cmd(model, prompts, prompt_ids, image, chat, max_new_tokens, loops_
     click.echo(f"time to first token {res.ttft_s * 1000:.1f} ms; decode {res.decode_tokens_per_s:.1f} tokens/s "
                f"({res.decoded} tokens); KV cache {res.kv_bytes:,} bytes ({res.kv_bytes / max(n_tok, 1):,.0f} per token)",
                err=True)
+    if res.depth:
+        from loopify.nn.routing import format_depths
+
+        click.echo(format_depths(res.depth), err=True)
     if json_out:
         from loopify.io import write_json
 

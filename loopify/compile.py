@@ -95,6 +95,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
 
         opts = capture_options or {}
         module, captured, _manifest = load_converted(model, seq_len=opts.get("seq_len"), batch=opts.get("batch"))
+        refuse_routers(module, model)
         extra = lora_manifest(module, lora_form)
         qplan = _plan(qconfig, model, module=module)
         stages = stages_of(module, captured)
@@ -166,6 +167,17 @@ def _plan(config, model, module=None, program=None):
     return plan
 
 
+def refuse_routers(module, model) -> None:
+    """Routed loops (the route pass) run in PyTorch only: TVM compilation of per-token depth is
+    not built yet."""
+    from loopify.nn import recursions
+
+    routed = [p for p, r in recursions(module).items() if r.router is not None]
+    if routed:
+        raise LoopifyError(f"{model}: {routed[0]} has a Mixture-of-Recursions router; routed loops run in PyTorch "
+                           "only for now (generate, eval, bench --backends eager), not in a TVM artifact")
+
+
 def lora_manifest(module, lora_form: str) -> dict:
     """Fix the LoRA form of every relaxed matrix of ``module`` (:func:`loopify.nn.deploy_lora`)
     and describe it for the manifest: ``{"lora": {"policy", "max_factored_overhead", "loops":
@@ -209,6 +221,7 @@ def _generation_source(model: Path):
         from loopify.convert import load_converted
 
         module, inputs, manifest = load_converted(model)
+        refuse_routers(module, model)
         if manifest.get("architecture", {}).get("kind") != "hf":
             raise LoopifyError(f"{model}: generation needs a converted Hugging Face model (this one came from an "
                                "export archive, a fixed-shape graph without a KV cache)")

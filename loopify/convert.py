@@ -58,6 +58,9 @@ class ConvertConfig:
         norms: shared or per-depth.
         subsample: keep evenly spaced layers when blocks do not divide a run.
         image_token_id: overrides the image token id used for the connector's modality mask.
+        router: none, expert or token: a Mixture-of-Recursions router on every loop (neutral at
+            insertion; module form only).
+        capacity: expert router: fraction of the tokens kept per recursion step (empty: (N-r)/N).
         pipeline: a full pipeline spec; when given, the options above are not used.
     """
 
@@ -74,6 +77,8 @@ class ConvertConfig:
     norms: Literal["shared", "per-depth"] = "shared"
     subsample: bool = False
     image_token_id: int = -1
+    router: Literal["none", "expert", "token"] = "none"
+    capacity: tuple[float, ...] = ()
     pipeline: str | None = None
 
     def __post_init__(self):
@@ -83,11 +88,14 @@ class ConvertConfig:
             raise ConvertError("--rank applies to compress mode; deepen mode keeps every layer's own weights")
         if self.blocks and self.loops:
             raise ConvertError("give --blocks or --loops, not both")
+        if self.capacity and self.router != "expert":
+            raise ConvertError("--capacity applies to --router expert")
         # The passes validate the rest when the pipeline is built.
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["stacks"] = list(self.stacks)
+        d["capacity"] = list(self.capacity)
         return d
 
     @classmethod
@@ -127,6 +135,9 @@ class ConvertConfig:
             if self.image_token_id >= 0:
                 opts.append(f"image_token_id={self.image_token_id}")
             parts.append("insert-connectors{" + ",".join(opts) + "}")
+        if self.router != "none":
+            opts = [f"kind={self.router}"] + ([f"capacity={':'.join(map(str, self.capacity))}"] if self.capacity else [])
+            parts.append("route{" + ",".join(opts) + "}")
         try:
             return parse(",".join(parts))
         except LoopifyError as e:
@@ -220,7 +231,8 @@ def convert_captured(captured, config: ConvertConfig, *, progress=None, **runner
         "bytes": {"original": orig_b, "converted": conv_b},
         "verify": report,
         "loops": [{"module": p, "stack": r.spec.stack, "min": 0 if r.deepen else 1, "max": None if r.deepen else r.spec.max_loops,
-                   "default": r.spec.max_loops, "mode": r.spec.mode} for p, r in loops.items()],
+                   "default": r.spec.max_loops, "mode": r.spec.mode,
+                   **({"router": r.router.kind} if r.router is not None else {})} for p, r in loops.items()],
         "skeletons": {p: r.skeleton() for p, r in loops.items()},
         "wrapper": {"modality_token": getattr(module, "modality_token", None)},
         "inputs": _describe(captured),
@@ -246,6 +258,8 @@ def _plan_summary(plan: dict, loops) -> dict:
             {k: v for k, v in l.items() if k != "per_matrix"} for l in rel.get("loops", [])]}
     if "insert-connectors" in plan:
         out["connectors"] = plan["insert-connectors"]
+    if "route" in plan:
+        out["router"] = plan["route"]
     return out
 
 
@@ -379,6 +393,12 @@ def format_summary(m: dict) -> str:
     if conn:
         for l in conn["loops"]:
             lines.append(f"connector {conn['kind']} on {l['loop']}: " + (l.get("skipped") or f"{l['mask']}, {l['params']:,} params"))
+    routed = m["plan"].get("router")
+    if routed:
+        for l in routed.get("loops", []):
+            cap = ", capacity " + ":".join(f"{c:g}" for c in l["capacity"]) if l["kind"] == "expert" else ""
+            lines.append(f"router {l['kind']} on {l['loop']}: {l['steps']} steps{cap}, {l['params']:,} params "
+                         "(neutral: every token takes every step until trained)")
     v = m["verify"]
     kl = f", KL {v['kl']:.3g}" if v.get("kl") is not None else ""
     status = ("OK (lossless plan within 1e-5 relative)" if v["ok"] else "FAILED") if v["lossless_plan"] else "lossy plan"

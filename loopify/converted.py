@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from loopify.errors import LoopifyError
-from loopify.io import atomic_path, check_output, check_space, sha256_file, write_json
+from loopify.io import atomic_path, check_output, check_space, read_manifest_json, sha256_file, write_json
 
 FORMAT = "loopify-converted"
 VERSION = 2
@@ -249,12 +249,7 @@ def read_manifest(path: str | Path, *, verify: bool = False) -> dict:
     b = Bundle.of(path)
     if not b.manifest.is_file():
         raise ConvertedError(f"{path}: no manifest {b.manifest.name} beside it (is this a loopify convert output?)")
-    try:
-        manifest = json.loads(b.manifest.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConvertedError(f"{b.manifest}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ConvertedError(f"{b.manifest}: not a loopify convert manifest")
+    manifest = read_manifest_json(b.manifest, FORMAT, ConvertedError)
     if manifest.get("version") != VERSION:
         raise ConvertedError(f"{path}: converted-model format {manifest.get('version')!r}, this loopify reads "
                              f"format {VERSION} (older files rebuilt the model from its source); convert it again")

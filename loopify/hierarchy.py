@@ -321,3 +321,24 @@ def thread_modality(root: nn.Module, loop_path: str, token_id: int, mark) -> Non
     loop.n_extra = 1
     loop.modality_token = int(token_id)
     refresh(caller)
+
+
+def hidden_shapes(root, captured) -> dict[str, tuple]:
+    """Module form: each loop's hidden-state shape on the example inputs, with the shape of the
+    model's ``input_ids`` (one run with hooks)."""
+    from loopify.nn.recursion import recursions
+
+    shapes, handles = {}, []
+    for path, rec in recursions(root).items():
+        def hook(mod, args, kwargs, _p=path):
+            where, s = mod._state(list(args), kwargs)
+            shapes[_p] = tuple((args[s] if where == "arg" else kwargs[s]).shape)
+        handles.append(rec.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            root(*captured.args, **captured.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    ids = captured.kwargs.get(TOKEN_INPUT)
+    return {p: (shape, None if ids is None else tuple(ids.shape)) for p, shape in shapes.items()}

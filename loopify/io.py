@@ -233,6 +233,39 @@ def _json_default(o):
     return repr(o)
 
 
+def read_manifest_json(path: Path, fmt: str, error: type[LoopifyError]) -> dict:
+    """The JSON manifest at ``path`` whose ``format`` is ``fmt``; anything else raises ``error``
+    in one line (unreadable, not JSON, not an object, another format)."""
+    try:
+        manifest = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        raise error(f"{path}: not a {fmt} manifest")
+    return manifest
+
+
+def safetensors_header(f: str | Path) -> tuple[dict, int]:
+    """A safetensors file's header (name -> dtype, shape, data_offsets; and ``__metadata__``)
+    and where its data starts; ValueError when the header is unreadable or points past the end
+    of the file. Reads the header only."""
+    size = Path(f).stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError("file shorter than its 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or n > size - 8:
+            raise ValueError("header length past the end of the file")
+        header = json.loads(fh.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"file is {size} bytes, its header needs {8 + n + end}")
+    return header, 8 + n
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """sha256 of a file's bytes."""
     h = hashlib.sha256()

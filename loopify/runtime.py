@@ -136,6 +136,51 @@ class OutputCheck(NamedTuple):
     rel_err: float
 
 
+#: safetensors dtypes -> numpy
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32",
+              "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64",
+              "BOOL": "bool"}
+
+
+def params_on_device(path: Path, names: list, ties: dict, device) -> list:
+    """The weights ``names`` of an artifact (``ties``: a name -> the stored name it shares), as
+    device tensors in that order, each stored tensor loaded once. Read one tensor at a time with
+    plain reads, so loading holds the device copies and one host array: reading the whole file
+    first (or mapping it) added the model's size again to every run's peak memory."""
+    import tvm.runtime
+
+    from loopify.io import safetensors_header
+
+    file = path / _artifact.PARAMS
+    try:
+        header, start = safetensors_header(file)
+    except Exception as e:  # noqa: BLE001
+        raise ArtifactError(f"{path}: unreadable {_artifact.PARAMS}: {e}") from None
+    missing = [n for n in names if ties.get(n, n) not in header]
+    if missing:
+        raise ArtifactError(f"{path}: {_artifact.PARAMS} lacks {len(missing)} parameter(s) the manifest lists, "
+                            f"e.g. {missing[0]!r}")
+    out: dict = {}
+    with open(file, "rb") as fh:
+        for n in names:
+            key = ties.get(n, n)
+            if key in out:
+                continue
+            info = header[key]
+            dtype = _ST_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise ArtifactError(f"{path}: {key} in {_artifact.PARAMS} has dtype {info.get('dtype')!r}, "
+                                    "which this runtime does not read")
+            b, e = info["data_offsets"]
+            fh.seek(start + b)
+            count = int(np.prod(info["shape"], dtype=np.int64))
+            a = np.fromfile(fh, dtype=dtype, count=count)
+            if a.nbytes != e - b:
+                raise ArtifactError(f"{path}: {key} in {_artifact.PARAMS} is truncated")
+            out[key] = tvm.runtime.tensor(a.reshape(info["shape"]), device)
+    return [out[ties.get(n, n)] for n in names]
+
+
 class Artifact:
     """A loaded artifact: call it like the model, with ``loops=`` for the loop stages."""
 
@@ -159,19 +204,7 @@ class Artifact:
         self.outputs = self.manifest["outputs"]
 
     def _load_params(self) -> list:
-        import tvm.runtime
-        from safetensors.numpy import load_file
-
-        names = self.manifest.get("params", [])
-        try:
-            arrays = load_file(str(self.path / _artifact.PARAMS))
-        except Exception as e:  # noqa: BLE001
-            raise ArtifactError(f"{self.path}: unreadable {_artifact.PARAMS}: {e}") from None
-        missing = [n for n in names if n not in arrays]
-        if missing:
-            raise ArtifactError(f"{self.path}: {_artifact.PARAMS} lacks {len(missing)} parameter(s) "
-                                f"the manifest lists, e.g. {missing[0]!r}")
-        return [tvm.runtime.tensor(np.ascontiguousarray(arrays[n]), self.device) for n in names]
+        return params_on_device(self.path, self.manifest.get("params", []), {}, self.device)
 
     @property
     def loops(self) -> list[dict]:
@@ -287,20 +320,8 @@ class GenerationArtifact:
         self.params = self._load_params()
 
     def _load_params(self) -> list:
-        import tvm.runtime
-        from safetensors.numpy import load_file
-
-        try:
-            arrays = load_file(str(self.path / _artifact.PARAMS))
-        except Exception as e:  # noqa: BLE001
-            raise ArtifactError(f"{self.path}: unreadable {_artifact.PARAMS}: {e}") from None
-        ties = self.manifest.get("param_ties") or {}
-        on_device = {n: tvm.runtime.tensor(np.ascontiguousarray(a), self.device) for n, a in arrays.items()}
-        names = self.manifest["params"]
-        missing = [n for n in names if ties.get(n, n) not in on_device]
-        if missing:
-            raise ArtifactError(f"{self.path}: {_artifact.PARAMS} lacks {missing[0]!r}")
-        return [on_device[ties.get(n, n)] for n in names]
+        return params_on_device(self.path, self.manifest["params"], self.manifest.get("param_ties") or {},
+                                self.device)
 
     @property
     def loops(self) -> list[dict]:

@@ -14,6 +14,7 @@ REGISTRY: dict[str, str] = {
     "fold-loops": "loopify.passes.fold_loops:FoldLoops",
     "relax": "loopify.passes.relax:Relax",
     "insert-connectors": "loopify.passes.insert_connectors:InsertConnectors",
+    "route": "loopify.passes.route:Route",
 }
 
 

@@ -20,7 +20,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from loopify.hierarchy import TOKEN_INPUT, clone, is_graph_form, thread_modality
+from loopify.hierarchy import TOKEN_INPUT, clone, hidden_shapes, is_graph_form, thread_modality
 from loopify.nn.connectors import EmbeddingConnector, IdentityConnector, RecursiveConnector
 from loopify.nn.recursion import Recursion, recursions
 from loopify.pipeline import Pass, PassResult, State, mark_node, require
@@ -64,7 +64,7 @@ class InsertConnectors(Pass):
             return PassResult(state, False, {"kind": self.kind, "note": f"already connected ({self.kind})"})
         module = clone(state.module)
         token_id = self.image_token_id if self.image_token_id >= 0 else state.captured.info.get("image_token_id")
-        hidden = None if is_graph_form(module) else _hidden_shapes(module, state.captured)
+        hidden = None if is_graph_form(module) else hidden_shapes(module, state.captured)
         report = []
         for path, rec in recursions(module).items():
             report.append(self._insert(module, path, rec, token_id, hidden))
@@ -129,22 +129,3 @@ class InsertConnectors(Pass):
                 mask_note = f"one modality (hidden sequence {tuple(hidden.shape[:-1])} is not aligned with {TOKEN_INPUT})"
         call.meta[f"{self.name}"] = self.kind
         return dim, modalities, mask_note
-
-
-def _hidden_shapes(root, captured) -> dict[str, tuple]:
-    """Module form: each loop's hidden-state shape on the example inputs, with the shape of the
-    model's ``input_ids`` (one run with hooks)."""
-    shapes, handles = {}, []
-    for path, rec in recursions(root).items():
-        def hook(mod, args, kwargs, _p=path):
-            where, s = mod._state(list(args), kwargs)
-            shapes[_p] = tuple((args[s] if where == "arg" else kwargs[s]).shape)
-        handles.append(rec.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            root(*captured.args, **captured.kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    ids = captured.kwargs.get(TOKEN_INPUT)
-    return {p: (shape, None if ids is None else tuple(ids.shape)) for p, shape in shapes.items()}

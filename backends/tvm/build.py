@@ -163,7 +163,7 @@ def build_executable_module(mod, target: dict, options: CompileOptions, work_dir
 
 def _pack_width(target: dict, options: CompileOptions) -> int | None:
     """Column-panel width for linear weights on CPUs (two SIMD registers of float32), matching
-    the loopify Matmul rule's tile; None (plain transpose) elsewhere."""
+    the NN matmul kernel's tile (`sym_rules.MatmulLike`); None (plain transpose) elsewhere."""
     if target.get("kind") != "llvm" or options.schedule != "loopify":
         return None
     import tvm

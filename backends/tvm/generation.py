@@ -56,7 +56,33 @@ def import_step(ep: torch.export.ExportedProgram, example=None, assumptions=None
 
     mod = import_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=False, example=example,
                          assumptions=assumptions)
-    return mod, parameter_names(ep)
+    return bound_branches(mod), parameter_names(ep)
+
+
+def bound_branches(mod):
+    """``mod`` with ``main``'s bounds on its symbolic sizes (``tir_var_upper_bound`` /
+    ``lower_bound``: T and P from the maximum context) given to every function that takes
+    them: the importer bounds ``main`` only, and a ``cond`` branch without bounds (where a loop
+    does its work) left the static memory planner nothing to plan with. Its buffers were
+    allocated per call at each new past length: 175 storage allocations per decode step
+    against the original's 77, and a pool that grew with every token (2.4 GB peak for the
+    converted SmolLM2 against 1.4 GB for the original)."""
+    import tvm
+    from tvm import relax
+
+    main = mod["main"]
+    out = tvm.IRModule(dict(mod.functions.items()))
+    for key in ("tir_var_upper_bound", "tir_var_lower_bound"):
+        bounds = dict(main.attrs[key]) if main.attrs is not None and key in main.attrs else {}
+        if not bounds:
+            continue
+        for gv, f in list(out.functions.items()):
+            if not isinstance(f, relax.Function) or gv.name_hint == "main":
+                continue
+            mine = {str(v): bounds[str(v)] for v in relax.analysis.defined_symbolic_vars(f) if str(v) in bounds}
+            if mine:
+                out[gv] = f.with_attr(key, mine)
+    return out
 
 
 def used_weights(mod) -> set[int]:

@@ -3,7 +3,7 @@
 The importer spells ``nn.Linear`` as ``matmul(x, permute_dims(W))``. A weight whose every use is
 that transpose is stored transposed (``[in, out]``), so no transpose runs per call; a weight whose
 every use is such a matmul of a 2-D activation is stored as contiguous column panels
-``[N / NJ, K, NJ]`` (NJ = the loopify Matmul rule's tile width), so a matmul tile streams one
+``[N / NJ, K, NJ]`` (NJ = the width of the NN matmul kernel's tile, `sym_rules.MatmulLike`), so a matmul tile streams one
 panel without TLB or cache-set conflicts (a power-of-two row stride such as a vocabulary of 8192
 otherwise causes them). A weight used in several layouts (by several stages) is stored once, in
 the most general layout every use can take.

@@ -21,7 +21,7 @@ def legalize_passes(target, dataflow: bool = True, fuse_transpose: bool = False)
     * ``FuseTransposeMatmul``: ``matmul(x, permute_dims(W))`` becomes one "NT" matmul reading
       ``W [out, in]`` as it is (k contiguous in both operands), which the CPU rules schedule
       (:mod:`.sym_rules`); otherwise a transpose kernel copied every weight on every call.
-      Static-shape models pre-transpose their weights, so they keep loopify's NN Matmul rule.
+      Static-shape models pre-transpose their weights, so they get loopify's NN matmul kernel.
       Quantised weights (``fuse_transpose``) get it on every target: their dequantisation is
       fused into the NT matmul, where a transpose in between would materialise the weight.
     """

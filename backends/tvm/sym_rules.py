@@ -1,6 +1,6 @@
-"""CPU schedule rules for symbolic-shape modules (the generation entry points ``prefill``, T
-symbolic, and ``decode``, P symbolic; see :mod:`.generation`). :func:`.cpu_rules.default_rules`
-tries them after loopify's static NN :class:`.cpu_rules.Matmul`, so static-shape models keep it.
+"""CPU schedule rules for matmuls and row reductions of any shapes: static-shape models, and the
+generation entry points ``prefill`` (T symbolic) and ``decode`` (P symbolic; see
+:mod:`.generation`). :func:`.cpu_rules.default_rules` tries them first.
 
 Weights are parameters in their PyTorch layout ``W [out, in]``: ``FuseTransposeMatmul`` (see
 :func:`.schedules.legalize_passes`) turns ``x @ W.T`` into an "NT" matmul reading W as it is
@@ -21,8 +21,9 @@ Weights are parameters in their PyTorch layout ``W [out, in]``: ``FuseTransposeM
     MI * NJ FMAs), lane sums per tile, j tiles outermost (a W panel stays in L1), no packing.
     A symbolic M is padded to the row tile (``pad_einsum``: A copied into a padded buffer, C
     written back from one): with a predicate instead, LLVM kept the accumulators in memory.
-  - **NN matmul** (prefill attention, M / N / K symbolic): loopify's outer-product kernel, M
-    and N padded to the tile.
+  - **NN matmul** (every linear of a static-shape model, whose weights are stored transposed;
+    prefill attention, M / N / K symbolic): loopify's outer-product kernel, M and N padded to
+    the tile when they do not divide it.
 
 * :class:`RowReduction` - norms and softmax with symbolic rows or row lengths, or unit rows
   (decode): every block computed under one row loop; DLight's ``cpu.Reduction`` made each
@@ -164,6 +165,44 @@ def _epilogues(sch, mm):
     return [b for b in mm.infos if b is not mm.main and b.is_injective() and _alive(sch, b.block_rv)]
 
 
+def _sum_lanes(sch, mm, rf, r_ko, at):
+    """The common tail of the rfactor kernels (GEMV-NT, NT dot): the vector partial sums
+    ``rf`` in a local buffer initialised before ``r_ko``; the lane sum (the original block)
+    and the epilogues computed at ``at``."""
+    sch.set_scope(rf, 0, "local")
+    init = sch.decompose_reduction(rf, r_ko)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.reverse_compute_at(mm.main.block_rv, at, preserve_unit_loops=True)
+    for ep in _epilogues(sch, mm):
+        sch.reverse_compute_at(ep.block_rv, at, preserve_unit_loops=True)
+    return sch
+
+
+def _accumulate_in_registers(sch, mm, outer, tile, ji, kloop, nj: int):
+    """The common tail of the register-tiled kernels: C's tile accumulated in a local buffer
+    written back at ``tile``, ``outer`` parallel, the column loop ``ji`` (and the init and
+    write-back loops) vectorised, the reduction initialised before ``kloop``, and each
+    epilogue inlined into the write-back (or computed per tile when it cannot be)."""
+    block = mm.main.block_rv
+    cache = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(cache, tile, preserve_unit_loops=True)
+    sch.vectorize(ji)
+    sch.parallel(outer)
+    init = sch.decompose_reduction(block, kloop)
+    sch.vectorize(sch.get_loops(init)[-1])
+    wl = sch.get_loops(cache)
+    if _const(sch.get(wl[-1]).extent) == nj:
+        sch.vectorize(wl[-1])
+    for ep in _epilogues(sch, mm):
+        if not _alive(sch, ep.block_rv):
+            continue
+        try:
+            sch.reverse_compute_inline(ep.block_rv)
+        except Exception:  # noqa: BLE001
+            sch.reverse_compute_at(ep.block_rv, tile, preserve_unit_loops=True)
+    return sch
+
+
 class MatmulLike(ScheduleRule):
     """Matmul / GEMV blocks with any symbolic extent (see the module docstring)."""
 
@@ -271,13 +310,7 @@ class MatmulLike(ScheduleRule):
         if self.gemv_unroll:
             sch.annotate(r_ko, "pragma_auto_unroll_max_step", self.gemv_unroll)
             sch.annotate(r_ko, "pragma_unroll_explicit", 1)
-        sch.set_scope(rf, 0, "local")
-        init = sch.decompose_reduction(rf, r_ko)
-        sch.vectorize(sch.get_loops(init)[-1])
-        sch.reverse_compute_at(block, outer, preserve_unit_loops=True)
-        for ep in _epilogues(sch, mm):
-            sch.reverse_compute_at(ep.block_rv, outer, preserve_unit_loops=True)
-        return sch
+        return _sum_lanes(sch, mm, rf, r_ko, outer)
 
     def _gemv_nn(self, sch, mm, lanes):
         block = mm.main.block_rv
@@ -292,23 +325,7 @@ class MatmulLike(ScheduleRule):
         jo, ji = sch.split(lj, [None, nj])
         sch.reorder(jo, lk, ji)
         outer = sch.fuse(*batch, jo) if batch else jo
-        cache = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(cache, outer, preserve_unit_loops=True)
-        sch.parallel(outer)
-        sch.vectorize(ji)
-        init = sch.decompose_reduction(block, lk)
-        sch.vectorize(sch.get_loops(init)[-1])
-        wl = sch.get_loops(cache)
-        if _const(sch.get(wl[-1]).extent) == nj:
-            sch.vectorize(wl[-1])
-        for ep in _epilogues(sch, mm):
-            if not _alive(sch, ep.block_rv):
-                continue
-            try:
-                sch.reverse_compute_inline(ep.block_rv)
-            except Exception:  # noqa: BLE001
-                sch.reverse_compute_at(ep.block_rv, outer, preserve_unit_loops=True)
-        return sch
+        return _accumulate_in_registers(sch, mm, outer, outer, ji, lk, nj)
 
     # -- M > 1, NT ------------------------------------------------------------------------------
     def _dot(self, sch, mm, lanes):
@@ -349,13 +366,7 @@ class MatmulLike(ScheduleRule):
         sch.vectorize(r_kv)
         sch.unroll(r_ji)
         sch.unroll(r_ii)
-        sch.set_scope(rf, 0, "local")
-        init = sch.decompose_reduction(rf, r_ko)
-        sch.vectorize(sch.get_loops(init)[-1])
-        sch.reverse_compute_at(block, r_io, preserve_unit_loops=True)
-        for ep in _epilogues(sch, mm):
-            sch.reverse_compute_at(ep.block_rv, r_io, preserve_unit_loops=True)
-        return sch
+        return _sum_lanes(sch, mm, rf, r_ko, r_io)
 
     # -- M > 1, NN ------------------------------------------------------------------------------
     def _outer(self, sch, mm, lanes):
@@ -390,24 +401,8 @@ class MatmulLike(ScheduleRule):
             sch.reorder(*batch, jo, io, lk, ii, ji)
             kouter = lk
         outer = sch.fuse(*batch, jo) if batch else jo
-        cache = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(cache, io, preserve_unit_loops=True)
         sch.unroll(ii)
-        sch.vectorize(ji)
-        sch.parallel(outer)
-        init = sch.decompose_reduction(block, kouter)
-        sch.vectorize(sch.get_loops(init)[-1])
-        wl = sch.get_loops(cache)
-        if _const(sch.get(wl[-1]).extent) == nj:
-            sch.vectorize(wl[-1])
-        for ep in _epilogues(sch, mm):
-            if not _alive(sch, ep.block_rv):
-                continue
-            try:
-                sch.reverse_compute_inline(ep.block_rv)
-            except Exception:  # noqa: BLE001
-                sch.reverse_compute_at(ep.block_rv, io, preserve_unit_loops=True)
-        return sch
+        return _accumulate_in_registers(sch, mm, outer, io, ji, kouter, nj)
 
     @staticmethod
     def _pad_copy(sch, block, lanes):

@@ -311,22 +311,12 @@ def available_memory() -> int | None:
 
 
 def _check_safetensors_file(path: Path, f: Path) -> dict:
-    size = f.stat().st_size
+    from loopify.io import safetensors_header
+
     try:
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise ValueError("file shorter than its 8-byte header length")
-            n = int.from_bytes(head, "little")
-            if n <= 0 or n > size - 8:
-                raise ValueError("header length past the end of the file")
-            header = json.loads(fh.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end > size:
-            raise ValueError(f"file is {size} bytes, its header needs {8 + n + end}")
+        return safetensors_header(f)[0]
     except Exception as e:
         raise HFLoadError(f"{path}: {f.name} is truncated or corrupt ({one_line(e)})") from None
-    return header
 
 
 def _load_registered(path: Path, arch: str, config: dict, seq_len: int | None, batch: int = 1) -> HFModel:

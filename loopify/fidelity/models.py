@@ -38,6 +38,10 @@ class Subject:
     max_len: int | None = None     # an artifact's maximum context
     module: object = None          # the PyTorch model (originals and converted models)
 
+    def depth(self) -> torch.Tensor | None:
+        """Routed models: the recursion steps each token took in the last output (else None)."""
+        return getattr(self.run, "depth", None)
+
     def output(self, ids: torch.Tensor, loops: int | None = None, extra: dict | None = None) -> torch.Tensor:
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **(extra or {})}
         with torch.no_grad():
@@ -101,9 +105,16 @@ def _eager_run(wrapper, output_names: list[str]):
 
     index = output_names.index("logits") if "logits" in output_names else 0
 
+    from loopify.nn.routing import routers
+
+    routed = list(routers(wrapper).values())
+
     def run(inputs: dict, loops):
         set_loops(wrapper, loops)
-        return wrapper(**inputs)[index]
+        out = wrapper(**inputs)[index]
+        # routed models: the steps each token took (summed over routed loops), for eval's depth
+        run.depth = sum(r.last_depth for r in routed).flatten() if routed else None
+        return out
 
     return run
 

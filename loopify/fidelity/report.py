@@ -115,6 +115,7 @@ def _causal(subject, ref, counts, tokens, seq, limit, data, progress) -> dict:
     if not wins:
         raise EvalError(f"{data}: no text of 2 tokens or more to score")
     stats = {k: NextToken() for k in counts}
+    depths: dict = {k: [] for k in counts}
     ref_stats = NextToken()
     for w in _bar(wins, progress, "windows"):
         ids = torch.tensor([w], dtype=torch.long)
@@ -126,10 +127,21 @@ def _causal(subject, ref, counts, tokens, seq, limit, data, progress) -> dict:
             if r is not None:
                 _check_same_shape(r, out, subject)
             stats[k].add(out, ids[0], r)
+            if subject.depth() is not None:
+                depths[k].append(subject.depth())
     return {"data": _data_info(data, tokens=len(tokens), windows=len(wins), window_tokens=seq,
                                scored_tokens=ref_stats.n or stats[counts[0]].n),
             "original": ref_stats.result() if ref is not None else None,
-            "results": [{"loops": k, **stats[k].result()} for k in counts]}
+            "results": [{"loops": k, **stats[k].result(), **_depth(depths[k], k)} for k in counts]}
+
+
+def _depth(depths: list, k) -> dict:
+    """Routed models: average recursion depth per token and its distribution at this count."""
+    if not depths:
+        return {}
+    from loopify.nn.routing import depth_stats
+
+    return {"depth": depth_stats(torch.cat(depths), int(k) if k is not None else int(max(int(d.max()) for d in depths)))}
 
 
 def _embed(subject: Subject, ids_list: list[list[int]], k) -> torch.Tensor:
@@ -165,11 +177,14 @@ def format_report(rep: dict) -> str:
             else ["loops", "cosine", "cosine min", "spearman"])
     keys = (["perplexity", "accuracy", "top1_agreement", "top5_overlap", "kl"] if causal
             else ["cosine", "cosine_min", "spearman"])
+    routed = any("depth" in r for r in rep["results"])
+    if routed:  # routed models: the average recursion depth per token at each count
+        cols = cols + ["avg depth"]
     rows = []
     if rep.get("original"):
-        rows.append(["original"] + [_fmt(rep["original"].get(k)) for k in keys])
+        rows.append(["original"] + [_fmt(rep["original"].get(k)) for k in keys] + ([""] if routed else []))
     rows += [[str(r["loops"]) if r["loops"] is not None else "-"] + [_fmt(r.get(k)) for k in keys]
-             for r in rep["results"]]
+             + ([_fmt(r["depth"]["average"]) if "depth" in r else ""] if routed else []) for r in rep["results"]]
     widths = [max(len(x) for x in col) for col in zip(cols, *rows)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [cols] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

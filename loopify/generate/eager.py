@@ -27,6 +27,10 @@ class EagerDecoder:
         self.wrapper = wrapper
         self.policy = policy
         self.cache: LoopCache | None = None
+        from loopify.nn import recursions
+
+        self.routed = {r.key: r for r in recursions(wrapper).values() if r.router is not None}
+        self.depths: dict[str, list[torch.Tensor]] = {k: [] for k in self.routed}
         params = inspect.signature(wrapper.model.forward).parameters
         self.takes = set(params)
         self.token_types = "token_type_ids" in self.takes
@@ -35,10 +39,28 @@ class EagerDecoder:
         inputs = {k: v for k, v in inputs.items() if k in self.takes}
         with torch.no_grad():  # a decoder serves tokens: no autograd graph kept across steps
             out = self.wrapper.run_model(inputs, use_cache=True, cache=self.cache)
+        if self.routed:  # the depth each real token took
+            ids = inputs["input_ids"]
+            mask = inputs.get("attention_mask")
+            real = mask[:, -ids.shape[1]:].bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+            for key, rec in self.routed.items():
+                if rec.router.last_depth is not None and rec.router.last_depth.shape == real.shape:
+                    self.depths[key].append(rec.router.last_depth[real])
         return _logits(out)[:, -1]
+
+    def depth_stats(self) -> dict[str, dict] | None:
+        """Per routed loop: average recursion depth per token and its distribution (prompt and
+        decoded tokens), or None for a model without routers."""
+        from loopify.nn.routing import depth_stats
+
+        if not self.routed:
+            return None
+        return {k: depth_stats(torch.cat(v) if v else torch.zeros(0, dtype=torch.long), self.routed[k].loops)
+                for k, v in self.depths.items()}
 
     def prefill(self, batch: dict) -> torch.Tensor:
         self.cache = LoopCache(self.policy)
+        self.depths = {k: [] for k in self.routed}
         if self.token_types and "token_type_ids" not in batch:
             batch = {**batch, "token_type_ids": torch.zeros_like(batch["input_ids"])}
         return self._run(batch)

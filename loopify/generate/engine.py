@@ -72,6 +72,8 @@ class Result:
     decoded: int = 0              # tokens decoded after the first (all rows)
     kv_bytes: int = 0
     finish: list[str] = field(default_factory=list)
+    #: routed models: per loop, average recursion depth per token and its distribution
+    depth: dict | None = None
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -84,7 +86,7 @@ class Result:
     def to_dict(self) -> dict:
         return {"tokens": self.tokens, "texts": self.texts, "prompt_tokens": self.prompt_tokens,
                 "ttft_s": self.ttft_s, "decode_s": self.decode_s, "decoded": self.decoded,
-                "decode_tokens_per_s": self.decode_tokens_per_s, "kv_bytes": self.kv_bytes, "finish": self.finish}
+                "decode_tokens_per_s": self.decode_tokens_per_s, "kv_bytes": self.kv_bytes, "finish": self.finish, "depth": self.depth}
 
 
 def left_pad(prompts: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
@@ -138,6 +140,7 @@ def run(decoder, prompts: list[list[int]], s: Sampling, *, pad: int = 0, extra: 
             res.decoded += sum(1 for f in res.finish if not f)
         res.decode_s = time.perf_counter() - t1
     res.kv_bytes = decoder.kv_bytes()
+    res.depth = decoder.depth_stats() if hasattr(decoder, "depth_stats") else None
     if detok is not None:
         res.texts = [_trim(detok(t), s.stop) for t in res.tokens]
     return res

@@ -273,7 +273,9 @@ def _cond_groups(rec, h, side, leaves, spec, tensor_at, where, s, cache, n):
         # slots an earlier recursion wrote and this one replaces (Ouro's "last"): when the step
         # does not run, they keep the earlier entries (not zeros)
         held = [j for j in idx if j not in reads and j in cache.new]
-        ops = (h, *side, cache.past_k[idx[0]:idx[-1] + 1], cache.past_v[idx[0]:idx[-1] + 1],
+        # the whole past goes in (each branch reads its slots inside): a slice taken out here
+        # was a new buffer of a new size at every decode step, outside any memory plan
+        ops = (h, *side, cache.past_k, cache.past_v,
                *[cache.new[j][0].clone() for j in reads], *[cache.new[j][1].clone() for j in reads],
                *[cache.new[j][0].clone() for j in held], *[cache.new[j][1].clone() for j in held])
         ctx = (rec, group, idx, reads, leaves, spec, tensor_at, where, s, cache)
@@ -299,17 +301,16 @@ class _Run:
             return self._blocks(h, side, None)
         pk, pv = rest[len(tensor_at)], rest[len(tensor_at) + 1]
         prev = rest[len(tensor_at) + 2:len(tensor_at) + 2 + 2 * len(reads)]
-        base = idx[0]
         plan = [kv.slot(cache.lay.policy, d, 0) for d in group]
-        local = ExportKV(pk, pv, cache.lay, index_of=lambda key: cache.index_of(key) - base, plan=plan)
+        local = ExportKV(pk, pv, cache.lay, index_of=cache.index_of, plan=plan)
         for j, k_, v_ in zip(reads, prev[:len(reads)], prev[len(reads):]):
-            local.new[j - base] = (k_, v_)
+            local.new[j] = (k_, v_)
         h = self._blocks(h, side, local)
         zero = pk.new_zeros((pk.shape[1], pk.shape[2], h.shape[-2], pk.shape[4]))
         # a slot this group only reads (share-first's later recursions) returns zeros, never its
         # operand: a cond branch may not return an input (aliasing), and the caller keeps the
         # writer's entry anyway
-        got = [None if j in reads else local.new.get(j - base) for j in idx]
+        got = [None if j in reads else local.new.get(j) for j in idx]
         return (h, torch.stack([g[0] if g is not None else zero for g in got]),
                 torch.stack([g[1] if g is not None else zero for g in got]))
 

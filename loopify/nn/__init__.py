@@ -5,7 +5,8 @@
 * :mod:`~loopify.nn.recursion`: the loop module (:class:`Recursion`) and loop counts;
 * :mod:`~loopify.nn.lora`: per-depth LoRA relaxation, initialised from the SVD of the residual;
 * :mod:`~loopify.nn.connectors`: connectors between recursion steps (RecursiveVLM);
-* :mod:`~loopify.nn.kv`: KV caches for loops (one slot per executed depth, or shared).
+* :mod:`~loopify.nn.kv`: KV caches for loops (one slot per executed depth, or shared);
+* :mod:`~loopify.nn.routing`: Mixture-of-Recursions routers (each token its own depth).
 
 Used alike by the passes, staging, training and generation.
 """

@@ -115,6 +115,8 @@ class Recursion(nn.Module):
         #: image positions are input_ids == this token (module form: the mask is read while the loop
         #: runs; graph form: it is computed in the graph and passed as the trailing argument)
         self.modality_token: int | None = None
+        #: Mixture-of-Recursions router (:mod:`loopify.nn.routing`), set by the route pass
+        self.router: nn.Module | None = None
 
     def __getattr__(self, name: str):
         try:
@@ -311,6 +313,14 @@ class Recursion(nn.Module):
         where, s = self._state(args, kwargs)
         box = args if where == "arg" else kwargs
         capture = _capture_begin()
+        if self.router is not None:
+            from loopify.nn import routing
+
+            out, final, calls = routing.run(self, args, kwargs, where, s)
+            if capture is not None:
+                self._capture_end(capture, calls, {}, final)
+            self.layer_tail = tuple(t is not None for t in out[1:]) if isinstance(out, tuple) else None
+            return (final, *out[1:]) if isinstance(out, tuple) else final
         taps_prev: list[torch.Tensor] | None = None
         out = None
         index = 0
@@ -373,7 +383,8 @@ class Recursion(nn.Module):
                 "lora": {k: {"A": list(self.lora_A[k].shape), "B": list(self.lora_B[k].shape),
                              "scale": self.lora_scales.get(unkey(k), 1.0)} for k in self.lora_A.keys()},
                 "connector": None if self.connector is None else self.connector.config(),
-                "n_extra": self.n_extra, "modality_token": self.modality_token}
+                "n_extra": self.n_extra, "modality_token": self.modality_token,
+                "router": None if self.router is None else self.router.spec.to_dict()}
 
     @classmethod
     def from_skeleton(cls, blocks: Sequence[nn.Module], skel: dict) -> "Recursion":
@@ -393,6 +404,10 @@ class Recursion(nn.Module):
             rec.connector = from_config(skel["connector"])
         rec.n_extra = int(skel.get("n_extra", 0))
         rec.modality_token = skel.get("modality_token")
+        if skel.get("router") is not None:
+            from loopify.nn.routing import Router, RouterSpec
+
+            rec.router = Router(RouterSpec.from_dict(skel["router"]))
         return rec
 
 

@@ -14,7 +14,7 @@ from loopify.errors import LoopifyError
 TRAIN_CONFIG_VERSION = 1
 CHECKPOINT_FORMAT = "loopify-train-checkpoint"
 CHECKPOINT_VERSION = 1
-GROUPS = ("base", "lora", "connector")
+GROUPS = ("base", "lora", "connector", "router")
 LOSSES = ("mrl", "last")
 OBJECTIVES = ("auto", "kl", "cosine", "mse", "ce")
 SCHEDULES = ("cosine", "constant")
@@ -73,6 +73,12 @@ class TrainConfig:
         max_seconds: stop (and write the output) after this much training time (0: no limit).
         log_every: steps between history records in the report.
         threads: torch intra-op threads (0: leave torch's setting).
+        router: ``none``, ``expert`` or ``token``: add a Mixture-of-Recursions router to every loop
+            before training (a model converted with ``--router`` keeps its own, of the same kind).
+        capacity: expert router: fraction of the tokens kept per step (empty: (N-r)/N).
+        router_aux: weight of the router's auxiliary loss (expert: BCE against the top-k
+            decision; token: balancing).
+        router_z: weight of the router z-loss.
     """
 
     converted: str = ""
@@ -103,6 +109,10 @@ class TrainConfig:
     max_seconds: float = 0.0
     log_every: int = 1
     threads: int = 0
+    router: Literal["none", "expert", "token"] = "none"
+    capacity: tuple[float, ...] = ()
+    router_aux: float = 0.1
+    router_z: float = 1e-3
 
     def __post_init__(self):
         if self.version != TRAIN_CONFIG_VERSION:
@@ -136,7 +146,11 @@ class TrainConfig:
             raise TrainError(f"beta must be a number >= 1 (the weight of a depth that got worse), not {self.beta!r}")
         if not (0 <= self.holdout < 1):
             raise TrainError(f"holdout must be in [0, 1), not {self.holdout!r}")
-        for name in ("weight_decay", "grad_clip", "max_seconds"):
+        _choice("router", self.router, ("none", "expert", "token"))
+        object.__setattr__(self, "capacity", tuple(float(c) for c in self.capacity))
+        if self.capacity and self.router != "expert":
+            raise TrainError("capacity applies to --router expert")
+        for name in ("weight_decay", "grad_clip", "max_seconds", "router_aux", "router_z"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise TrainError(f"{name} must be a number >= 0, not {v!r}")
@@ -150,6 +164,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["train"] = list(self.train)
+        d["capacity"] = list(self.capacity)
         return d
 
     @classmethod

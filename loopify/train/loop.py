@@ -235,6 +235,7 @@ def _setup(config: TrainConfig, progress, dist: Dist) -> Run:
 
     ckpt_path, converted_sha, data_sha, state = _preflight(config)
     student, inputs, manifest = load_converted(config.converted)
+    student = _add_routers(config, student, inputs)
     objective = resolve_objective(config.objective, inputs)
     teacher = _load_teacher(config, inputs, manifest, objective)
     tok_dir = Path(inputs.info.get("assets_dir") or config.converted)
@@ -259,6 +260,30 @@ def _setup(config: TrainConfig, progress, dist: Dist) -> Run:
 
         run.model = DDP(runner, find_unused_parameters=True, broadcast_buffers=False)
     return run
+
+
+def _add_routers(config: TrainConfig, student: nn.Module, inputs) -> nn.Module:
+    """``--router``: routers on every loop (the route pass on the loaded model); expert routers
+    train with MoR's top-k selection (and are calibrated to a per-token threshold at the end)."""
+    from loopify.nn.routing import routers
+
+    have = {r.kind for r in routers(student).values()}
+    if config.router != "none" and not have:
+        from loopify.passes.route import Route
+        from loopify.pipeline import State
+
+        try:
+            student = Route(kind=config.router, capacity=config.capacity).run(
+                State(inputs, student, history=("fold-loops",))).state.module
+        except ValueError as e:
+            raise TrainError(f"{config.converted}: --router: {e}") from None
+    elif config.router != "none" and have != {config.router}:
+        raise TrainError(f"{config.converted}: the model already has {'/'.join(sorted(have))} routers, "
+                         f"not {config.router}")
+    for r in routers(student).values():
+        if r.kind == "expert":
+            r.select = "topk"
+    return student
 
 
 def _restore(run: Run, state: dict) -> None:
@@ -308,11 +333,17 @@ def _one_step(run: Run, lr: float) -> tuple[list[float], list[float]]:
                     worse[d] += w
             else:
                 loss, info = last_loss(units)
+            for rl in _runner(run).router_losses:  # Mixture-of-Recursions router losses, every depth
+                loss = loss + config.router_aux * rl.get("aux", 0.0) + config.router_z * rl.get("z", 0.0)
             (loss / len(idx)).backward()
         sums[0] += float(loss.detach())
         for d, v in enumerate(info["depths"]):
             sums[d + 1] += v
     return sums, worse
+
+
+def _runner(run: Run) -> DepthRunner:
+    return run.model if isinstance(run.model, DepthRunner) else run.model.module  # DDP wraps the runner
 
 
 def _record(run: Run, lr: float, sums: list[float], worse: list[float]) -> dict:
@@ -379,6 +410,9 @@ def _finish(run: Run, stopped: str) -> TrainResult:
 
     config = run.config
     train_seconds = run.seconds_before + (time.perf_counter() - run.t_loop)
+    routed = run.routed = _finish_routers(run)  # type: ignore[attr-defined]
+    if routed:  # calibrated to the decode-safe rule: evaluate that
+        run.evals = [e for e in run.evals if e["step"] != run.step]
     last = run.evals[-1] if run.evals and run.evals[-1]["step"] == run.step else run.do_eval(run.step)
     run.emit({"event": "done", "step": run.step})
     set_depth(run.student, None)
@@ -396,12 +430,60 @@ def _finish(run: Run, stopped: str) -> TrainResult:
             new_manifest.pop(k, None)
         new_manifest["verify"] = verify
         new_manifest["train"] = report
+        if routed:
+            _record_routers(new_manifest, run)
         result = conv.ConvertResult(run.student, new_manifest)
         out_path, manifest_path = conv.save(result, run.inputs, config.out)
         if run.ckpt_path.exists():
             run.ckpt_path.unlink()
     run.dist.barrier()
     return TrainResult(out_path, manifest_path, report, run.student)
+
+
+def _finish_routers(run: Run) -> dict | None:
+    """Expert routers: thresholds calibrated on (at most 8) training examples so that the
+    per-token rule keeps the capacity top-k kept in training; then the depth per token on the
+    held-out examples at full count. None for a model without routers."""
+    from loopify.nn.routing import calibrate_on, depth_stats, routers
+
+    rs = routers(run.student)
+    if not rs:
+        return None
+    thresholds = calibrate_on(run.student, run.train_ex[:8])
+    depths: dict[str, list] = {p: [] for p in rs}
+    set_depth(run.student, None)
+    with torch.no_grad():
+        for ex in run.eval_ex or run.train_ex[:8]:
+            run.student(**ex)
+            mask = ex.get("attention_mask")
+            for p, r in rs.items():
+                d = r.last_depth
+                depths[p].append(d[mask.bool()] if mask is not None and mask.shape == d.shape else d.flatten())
+    def finite(ts):  # JSON has no infinity: a threshold of -inf (every token passes) is null
+        return None if ts is None else [t if math.isfinite(t) else None for t in ts]
+
+    return {"loops": {p: {"kind": r.kind, "capacity": list(r.spec.capacity), "select": r.select,
+                          "thresholds": finite(thresholds.get(p)), "depth": depth_stats(torch.cat(depths[p]), r.spec.steps)}
+                      for p, r in rs.items()}}
+
+
+def _record_routers(manifest: dict, run: Run) -> None:
+    """The trained model's manifest describes its routers (added by --router or trained)."""
+    from loopify.nn import recursions
+
+    loops = recursions(run.student)
+    manifest["skeletons"] = {p: r.skeleton() for p, r in loops.items()}
+    kinds = {r.router.kind for r in loops.values() if r.router is not None}
+    manifest.setdefault("config", {})["router"] = kinds.pop() if len(kinds) == 1 else "mixed"
+    for entry in manifest.get("loops", []):
+        r = loops.get(entry["module"])
+        if r is not None and r.router is not None:
+            entry["router"] = r.router.kind
+    manifest.setdefault("plan", {})["router"] = {"kind": manifest["config"]["router"], "loops": [
+        {"loop": p, "kind": r.router.kind, "steps": r.router.spec.steps, "capacity": list(r.router.spec.capacity),
+         "activation": r.router.spec.activation, "hidden": r.router.spec.hidden,
+         "params": sum(q.numel() for q in r.router.parameters()), "trained": True}
+        for p, r in loops.items() if r.router is not None]}
 
 
 def _report(run: Run, stopped: str, seconds: float, last) -> dict:
@@ -419,4 +501,5 @@ def _report(run: Run, stopped: str, seconds: float, last) -> dict:
                  "seq_len": enc.seq, "images": sum(r.image is not None for r in run.train_recs), "notes": enc.notes},
         "before": next((e for e in run.evals if e["step"] == 0), None), "after": last, "evals": run.evals,
         "history": run.history, "verify_before": run.manifest.get("verify"),
+        "router": getattr(run, "routed", None),
     }

@@ -61,4 +61,14 @@ def format_report(report: dict) -> str:
         lines.append(f"monotonic over depth after training: {'yes' if after['monotonic'] else 'NO'}")
     else:
         lines.append("no held-out data: no evaluation")
+    if report.get("router"):
+        from loopify.nn.routing import format_depths
+
+        rs = report["router"]["loops"]
+        for loop, r in rs.items():
+            th = r.get("thresholds")
+            lines.append(f"router {r['kind']} on {loop}: " + (f"capacity {':'.join(f'{c:g}' for c in r['capacity'])}, "
+                         f"calibrated thresholds {', '.join('none (all pass)' if t is None else f'{t:.3g}' for t in th)}"
+                                            if th else "token-choice"))
+        lines.append(format_depths({loop: r["depth"] for loop, r in rs.items()}) + " on the held-out examples")
     return "\n".join(lines)

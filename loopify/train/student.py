@@ -34,13 +34,22 @@ class DepthRunner(nn.Module):
     def __init__(self, student: nn.Module):
         super().__init__()
         self.student = student
+        #: per depth of the last forward: the routers' losses summed over loops ({"aux", "z"})
+        self.router_losses: list[dict] = []
 
     def forward(self, inputs: dict, depths: list[int]) -> list[torch.Tensor]:
-        outs = []
+        from loopify.nn.routing import router_losses, routers
+
+        outs, self.router_losses = [], []
         try:
             for k in depths:
                 set_depth(self.student, k)
                 outs.append(_first(self.student(**inputs)))
+                total: dict = {}
+                for r in routers(self.student).values():
+                    for name, v in router_losses(r).items():
+                        total[name] = total.get(name, 0) + v
+                self.router_losses.append(total)
         finally:
             set_depth(self.student, None)
         return outs
@@ -57,7 +66,7 @@ def _first(out) -> torch.Tensor:
 
 
 def parameter_groups(module: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """``{group: [(name, parameter)]}`` for base, lora and connector, in ``named_parameters`` order."""
+    """``{group: [(name, parameter)]}`` for base, lora, connector and router, in ``named_parameters`` order."""
     from loopify.nn import recursions
 
     ids: dict[int, str] = {}
@@ -70,6 +79,9 @@ def parameter_groups(module: nn.Module) -> dict[str, list[tuple[str, nn.Paramete
         if r.connector is not None:
             for p in r.connector.parameters():
                 ids[id(p)] = "connector"
+        if r.router is not None:
+            for p in r.router.parameters():
+                ids[id(p)] = "router"
     out: dict[str, list] = {g: [] for g in GROUPS}
     for name, p in module.named_parameters():
         g = ids.get(id(p))

@@ -99,16 +99,9 @@ def test_arm64_tuning_through_an_rpc_server_in_the_emulator(tmp_path, emulated_r
     # server (a board in real use); a timing that failed there would be recorded as None.
     import torch
 
-    from loopify.backends.tvm import compile_program
-    from tests.tvm.test_tvm_tuning import MLP
+    from tests.tvm.test_tvm_tuning import MLP, tune_remotely
 
     torch.manual_seed(0)
-    ep = torch.export.export(MLP().eval(), (torch.randn(16, 64),), strict=False)
-    res = compile_program(ep, "arm64", tmp_path / "a", tune=True, trials=4, tuning_db=str(tmp_path / "db"),
-                          rpc=emulated_rpc_server)
-    tuning = json.loads((res.path / "manifest.json").read_text())["tuning"]
-    assert tuning["rpc"] == emulated_rpc_server and tuning["functions"]
-    for f in tuning["functions"]:  # both schedules timed remotely, several uploads in one session
-        assert f["default_ms"] is not None and f["default_ms"] > 0, f
-        assert f["tuned_ms"] is not None and f["tuned_ms"] > 0, f
+    tune_remotely(torch.export.export(MLP().eval(), (torch.randn(16, 64),), strict=False), "arm64", tmp_path,
+                  emulated_rpc_server)
     assert (tmp_path / "db" / "database_tuning_record.json").stat().st_size > 0

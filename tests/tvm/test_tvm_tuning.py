@@ -89,19 +89,25 @@ def test_tuning_through_an_rpc_tracker(tmp_path, rpc_tracker):
     # --rpc: candidates and both schedules of each function are timed on the device the tracker
     # hands out (here a local server); a timing that failed would be recorded as None.
     import loopify.runtime as rt
-    from loopify.backends.tvm import compile_program
 
     torch.manual_seed(0)
     m, x = MLP().eval(), torch.randn(16, 64)
-    ep = torch.export.export(m, (x,), strict=False)
-    res = compile_program(ep, "x86", tmp_path / "a", tune=True, trials=4, tuning_db=str(tmp_path / "db"),
-                          rpc=rpc_tracker)
+    res = tune_remotely(torch.export.export(m, (x,), strict=False), "x86", tmp_path, rpc_tracker)
+    assert rt.validate(res.path, lambda *i: m(*i), (x,))[0].ok
+
+
+def tune_remotely(ep, target: str, tmp_path, rpc: str):
+    """Compile with --rpc tuning and check that every function's both schedules were timed on the
+    remote device (a timing that failed there is recorded as None), several uploads in one session."""
+    from loopify.backends.tvm import compile_program
+
+    res = compile_program(ep, target, tmp_path / "a", tune=True, trials=4, tuning_db=str(tmp_path / "db"), rpc=rpc)
     tuning = json.loads((res.path / "manifest.json").read_text())["tuning"]
-    assert tuning["rpc"] == rpc_tracker and tuning["functions"]
-    for f in tuning["functions"]:  # both schedules timed remotely, several uploads in one session
+    assert tuning["rpc"] == rpc and tuning["functions"]
+    for f in tuning["functions"]:
         assert f["default_ms"] is not None and f["default_ms"] > 0, f
         assert f["tuned_ms"] is not None and f["tuned_ms"] > 0, f
-    assert rt.validate(res.path, lambda *i: m(*i), (x,))[0].ok
+    return res
 
 
 def test_unreachable_tracker_is_one_line(tmp_path):

@@ -1,0 +1,146 @@
+"""Mixture-of-Recursions: perplexity and eager wall-clock time against average depth.
+
+For a converted model with expert routers (``loopify convert --router expert`` then ``loopify
+train``, or ``loopify train --router expert``), each capacity of the last step is set by
+re-calibrating the thresholds on training text (:func:`loopify.nn.routing.calibrate_on`), then
+on held-out windows: perplexity, accuracy, average recursion depth per token, and the median
+time of one forward (eager PyTorch, interleaved rounds in one process, the thread count fixed).
+The same model without its routers is measured at every fixed loop count. The time saved is
+compared with the ideal saving of the loop's share of the time, (1 - depth / N) * loop time,
+where the loop time of one step is t(N) - t(N-1).
+
+    python tests/bench/mor_pareto.py ROUTED.pt2 --data heldout.txt --calib train.txt \\
+        --capacities 1,0.75,0.5,0.25 --windows 8 --seq 64 --threads 1 --json pareto.json --plot pareto.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--capacities", default="1,0.75,0.5,0.25", help="capacity of the last step (earlier steps keep 1)")
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--calib-windows", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json")
+    ap.add_argument("--plot")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+
+    from loopify.convert import load_converted
+    from loopify.fidelity.inputs import tokenizer_for, windows
+    from loopify.fidelity.metrics import NextToken
+    from loopify.nn import recursions, set_loops
+    from loopify.nn.routing import calibrate_on, depth_stats, routers
+
+    module, inputs, manifest = load_converted(a.model)
+    module.eval()
+    tok = tokenizer_for(Path(a.model).with_suffix(".assets"))
+    enc = lambda path: tok(Path(path).read_text(), add_special_tokens=False)["input_ids"]  # noqa: E731
+    held = [torch.tensor([w]) for w in windows(enc(a.data), a.seq, a.windows) if len(w) == a.seq]
+    calib = [{"input_ids": torch.tensor([w]), "attention_mask": torch.ones(1, len(w), dtype=torch.long)}
+             for w in windows(enc(a.calib), a.seq, a.calib_windows) if len(w) == a.seq]
+    rs = routers(module)
+    if not rs or any(r.kind != "expert" for r in rs.values()):
+        raise SystemExit(f"{a.model}: needs expert routers")
+    loops = recursions(module)
+    n = max(r.spec.max_loops for r in loops.values())
+    trained = {p: (r.spec, r.threshold.clone()) for p, r in rs.items()}
+    calibrated: dict = {}  # capacity -> thresholds per loop (calibrated once)
+
+    def configure(cfg):
+        kind, value = cfg
+        for p, rec in loops.items():
+            rec.router = rs.get(p) if kind == "routed" else None
+        set_loops(module, None if kind == "routed" else value)
+        if kind == "routed":
+            for p, r in rs.items():
+                cap = tuple([1.0] * (r.spec.steps - 1) + [value])
+                r.spec = dataclasses.replace(trained[p][0], capacity=cap)
+                r.threshold.copy_(calibrated[value][p] if value in calibrated else trained[p][1])
+            if value not in calibrated:
+                calibrate_on(module, calib)
+                calibrated[value] = {p: r.threshold.clone() for p, r in rs.items()}
+
+    configs = [("loops", k) for k in range(1, n + 1)] + [("routed", float(c)) for c in a.capacities.split(",")]
+    rows = {}
+    for cfg in configs:  # quality (one pass over the held-out windows)
+        configure(cfg)
+        stats, depths = NextToken(), []
+        with torch.no_grad():
+            for ids in held:
+                logits = module(input_ids=ids, attention_mask=torch.ones_like(ids))[0][0].float()
+                stats.add(logits, ids[0])
+                if cfg[0] == "routed":
+                    depths.append(sum(r.last_depth for r in rs.values()).flatten())
+        d = depth_stats(torch.cat(depths), n) if depths else {"average": float(cfg[1]), "max": n}
+        rows[cfg] = {"config": cfg[0], "value": cfg[1], **stats.result(), "depth": d,
+                     "thresholds": {p: [t if t > float("-inf") else None for t in r.threshold.tolist()]  # null: all pass
+                                    for p, r in rs.items()} if cfg[0] == "routed" else None,
+                     "times_ms": []}
+    for _ in range(a.rounds):  # time, interleaved: every config once per round
+        for cfg in configs:
+            configure(cfg)
+            with torch.no_grad():
+                for ids in held:
+                    t0 = time.perf_counter()
+                    module(input_ids=ids, attention_mask=torch.ones_like(ids))
+                    rows[cfg]["times_ms"].append((time.perf_counter() - t0) * 1e3)
+    for r in rows.values():
+        r["median_ms"] = statistics.median(r["times_ms"])
+        r["min_ms"] = min(r["times_ms"])
+    t_full, t_less = rows[("loops", n)]["median_ms"], rows[("loops", n - 1)]["median_ms"] if n > 1 else 0.0
+    step_ms = t_full - t_less
+    for r in rows.values():
+        if r["config"] == "routed":
+            ideal = (1 - r["depth"]["average"] / n) * n * step_ms
+            r["saved_ms"] = t_full - r["median_ms"]
+            r["ideal_saved_ms"] = ideal
+            r["saved_of_ideal"] = r["saved_ms"] / ideal if ideal > 0 else None
+    report = {"model": str(a.model), "seq": a.seq, "windows": len(held), "threads": a.threads, "rounds": a.rounds,
+              "step_ms": step_ms, "results": [{k: v for k, v in r.items() if k != "times_ms"} for r in rows.values()]}
+    print(f"{'config':<16} {'avg depth':>9} {'perplexity':>11} {'accuracy':>9} {'median ms':>10} {'min ms':>8} "
+          f"{'saved/ideal':>11}")
+    for r in report["results"]:
+        name = f"loops={r['value']}" if r["config"] == "loops" else f"capacity={r['value']:g}"
+        soi = r.get("saved_of_ideal")
+        print(f"{name:<16} {r['depth']['average']:>9.3f} {r['perplexity']:>11.2f} {r['accuracy']:>9.3f} "
+              f"{r['median_ms']:>10.1f} {r['min_ms']:>8.1f} {'' if soi is None else f'{soi:.2f}':>11}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=1))
+    if a.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        for kind, marker in (("loops", "s"), ("routed", "o")):
+            rs_ = [r for r in report["results"] if r["config"] == kind]
+            label = "fixed loop count" if kind == "loops" else "expert router (capacity)"
+            a1.plot([r["depth"]["average"] for r in rs_], [r["perplexity"] for r in rs_], marker=marker, label=label)
+            a2.plot([r["depth"]["average"] for r in rs_], [r["median_ms"] for r in rs_], marker=marker, label=label)
+        a1.set_xlabel("average recursion depth per token"), a1.set_ylabel("perplexity (held out)"), a1.set_yscale("log")
+        a2.set_xlabel("average recursion depth per token"), a2.set_ylabel("eager forward, median ms")
+        a1.legend(), a2.legend()
+        fig.tight_layout()
+        fig.savefig(a.plot, dpi=120)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
