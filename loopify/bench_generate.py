@@ -77,10 +77,16 @@ def bandwidth_gbs(threads: int = 1, mb: int = 512, repeat: int = 3) -> float:
     return a.nbytes / best / 1e9
 
 
-def weight_bytes_per_token(module, loops=None) -> int:
+def weight_bytes_per_token(module, loops=None, stored: dict | None = None) -> int:
     """Bytes of weights one decoded token reads: every weight outside loops once (an embedding
     table only when a linear layer reads it too: tied heads), a loop's block weights once per
-    recursion that runs, and each running depth's own LoRA factors and vectors."""
+    recursion that runs, and each running depth's own LoRA factors and vectors. ``stored``:
+    ``{id(parameter): bytes}`` for weights stored otherwise (quantised codes and scales)."""
+    stored = stored or {}
+
+    def nbytes(p):
+        return stored.get(id(p), p.numel() * p.element_size())
+
     from torch import nn
 
     from loopify.nn import recursions, set_loops
@@ -96,7 +102,7 @@ def weight_bytes_per_token(module, loops=None) -> int:
             for b, block in enumerate(rec.blocks):
                 for p in block.parameters():
                     loop_params.add(id(p))
-                    total += p.numel() * p.element_size() * runs.get(b, 0)
+                    total += nbytes(p) * runs.get(b, 0)
             for d in (rec.lora_A, rec.lora_B, rec.depth_params):
                 for p in d.values():
                     loop_params.add(id(p))
@@ -108,10 +114,32 @@ def weight_bytes_per_token(module, loops=None) -> int:
             if id(p) in loop_params or id(p) in tables or id(p) in seen:
                 continue
             seen.add(id(p))
-            total += p.numel() * p.element_size()
+            total += nbytes(p)
         return total
     finally:
         set_loops(module, None)
+
+
+def _quantised_bytes(module, artifact) -> dict:
+    """``{id(parameter): bytes of its codes and scales}`` for a quantised artifact's weights (the
+    same selection as its compile, :func:`loopify.nn.quant.quantize_module_`, by parameter
+    identity); {} for a float artifact."""
+    import json
+    from pathlib import Path
+
+    from loopify.nn import quant
+
+    q = json.loads((Path(artifact.path) / "manifest.json").read_text()).get("quantization")
+    if not q:
+        return {}
+    cfg = quant.QuantConfig(q["weights"], embeddings=q.get("embeddings", False), scale_dtype=q.get("scale_dtype", "float32"))
+    out = {}
+    for p, _names, _role in quant._selected(module, cfg).values():
+        if quant.quantizable(tuple(p.shape), cfg.weights) is None:
+            n, k = p.shape
+            scales = n if cfg.weights == "int8" else n * (k // quant.GROUP)
+            out[id(p)] = (n * k if cfg.weights == "int8" else n * k // 2) + scales * (2 if cfg.scale_dtype == "float16" else 4)
+    return out
 
 
 def prompts(n_tokens: int, tokenizer, vocab: int) -> list[int]:
@@ -154,7 +182,7 @@ def _open(cfg: GenConfig, spec: GenBenchSpec):
     else:
         g = src = open_model(spec.converted if cfg.model == "converted" else spec.original)
     module = src.make_decoder("per-depth", None).wrapper
-    wbytes = weight_bytes_per_token(module, cfg.loops)
+    wbytes = weight_bytes_per_token(module, cfg.loops, _quantised_bytes(module, g) if cfg.backend == "tvm" else None)
     vocab = int(src.config.get("vocab_size") or 32000)
     if cfg.backend == "hf":
         return _hf_runner(module, spec), wbytes, g.tokenizer, vocab

@@ -340,21 +340,29 @@ def _loops_option(value):
 @click.option("--lora-form", type=click.Choice(["auto", "merged", "factored"]), default="auto", show_default=True,
               help="Per-depth LoRA: each depth's merged matrix precomputed, or factored x@W.T + s*(x@A.T)@B.T; "
                    "auto: per matrix, factored while the factors add at most 5% to its matmul.")
+@click.option("--weights", type=click.Choice(["float32", "int8", "int4"]), default="float32", show_default=True,
+              help="Linear weights stored as int8 (per output channel) or int4 (groups of 32; two per byte), "
+                   "dequantised inside the matmul kernels; shared loop weights once for all depths.")
+@click.option("--quantize-embeddings", is_flag=True,
+              help="With --weights: also the token embeddings and a head tied to them (default: float).")
 @capture_options
 def compile_cmd(model, out, target, arch, mcpu, tune, trials, tuning_db, rpc, schedule, no_validate, max_context,
-                kv_policy, lora_form, inputs, trust_pickle, allow_export_mismatch, seq_len, batch):
+                kv_policy, lora_form, weights, quantize_embeddings, inputs, trust_pickle, allow_export_mismatch,
+                seq_len, batch):
     """Compile MODEL (any model `convert` takes, or its OUT.pt2) with TVM into an artifact directory:
     lib.so, params.safetensors (shared weights once), manifest.json. A converted model compiles into
     a prologue, a loop body per loop and an epilogue; the loop count is a run-time argument."""
     from loopify.compile import compile_model
 
     gen = f" generation: max_context={max_context} kv_policy={kv_policy}" if max_context else ""
+    quant = f" weights={weights}{' +embeddings' if quantize_embeddings else ''}" if weights != "float32" else ""
     click.echo(f"compile {model} -> {out}: target={target} arch={arch or '-'} mcpu={mcpu or '-'} schedule={schedule} "
-               f"tune={tune} trials={trials if tune else '-'} tuning_db={tuning_db or '-'} rpc={rpc or '-'}{gen}",
+               f"tune={tune} trials={trials if tune else '-'} tuning_db={tuning_db or '-'} rpc={rpc or '-'}{gen}{quant}",
                err=True)
     res = compile_model(model, out, target=target, arch=arch, mcpu=mcpu, tune=tune, trials=trials,
                         tuning_db=str(tuning_db) if tuning_db else None, rpc=rpc, schedule=schedule,
                         validate=not no_validate, max_context=max_context, kv_policy=kv_policy, lora_form=lora_form,
+                        weights=weights, quantize_embeddings=quantize_embeddings,
                         capture_options=dict(inputs=inputs, trust_pickle=trust_pickle,
                                              allow_export_mismatch=allow_export_mismatch, seq_len=seq_len, batch=batch))
     m = res.manifest
@@ -370,6 +378,12 @@ def compile_cmd(model, out, target, arch, mcpu, tune, trials, tuning_db, rpc, sc
                        f"rel {c['rel_err']:.3g} {'ok' if c['ok'] else 'NOT OK'}")
     elif not no_validate:
         click.echo("  (not validated: the artifact does not run on this machine)")
+    q = m.get("quantization")
+    if q:
+        b = q["bytes"]
+        click.echo(f"  weights {q['weights']}: {len(q['tensors'])} matrices quantised ({b['quantized']:,} bytes for "
+                   f"{b['quantized_float32']:,} in float32), {len(q['float'])} kept in float; params {b['params']:,} bytes"
+                   + ("; validated against the PyTorch model with the same dequantised weights" if res.checks else ""))
 
 
 @cli.command("run")
@@ -685,7 +699,9 @@ def generate_cmd(model, prompts, prompt_ids, image, chat, max_new_tokens, loops_
               help="At most this many windows (default 16) or sentences (default 64), evenly spaced over the file.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
-def eval_cmd(model, data, loops, reference, tokenizer, seq_len, limit, threads, json_out):
+@click.option("--weights", type=click.Choice(["int8", "int4"]), default=None,
+              help="Measure MODEL (original or converted) with its linear weights quantised as `compile --weights` does.")
+def eval_cmd(model, data, loops, reference, tokenizer, seq_len, limit, threads, json_out, weights):
     """Fidelity of MODEL (an original, a converted .pt2 or a generation artifact) on the texts of
     --data, at every loop count, against the original: perplexity and next-token agreement (top-1,
     top-5 overlap, KL) for causal LMs and VLMs; sentence-embedding cosine and the Spearman
@@ -700,7 +716,7 @@ def eval_cmd(model, data, loops, reference, tokenizer, seq_len, limit, threads, 
     click.echo(f"eval: model={model} data={data} loops={list(loops) or 'all'} reference={reference or 'recorded'}",
                err=True)
     rep = evaluate(model, data, loops=list(loops) or None, reference=reference, tokenizer_choice=tokenizer,
-                   seq_len=seq_len, limit=limit, progress=sys.stderr.isatty())
+                   seq_len=seq_len, limit=limit, progress=sys.stderr.isatty(), weights=weights)
     click.echo(format_report(rep))
     if json_out:
         write_json(json_out, rep)

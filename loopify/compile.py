@@ -52,7 +52,8 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
                   mcpu: str | None = None, tune: bool = False, trials: int = 64, tuning_db: str | None = None,
                   rpc: str | None = None, schedule: str = "loopify", validate: bool = True,
                   capture_options: dict | None = None, max_context: int | None = None,
-                  kv_policy: str = "per-depth", lora_form: str = "auto") -> CompiledModel:
+                  kv_policy: str = "per-depth", lora_form: str = "auto", weights: str = "float32",
+                  quantize_embeddings: bool = False) -> CompiledModel:
     """Compile ``model`` for ``target`` into the artifact directory ``out`` (written atomically).
 
     ``max_context``: compile for generation instead (``prefill`` / ``decode`` entry points with a
@@ -62,15 +63,22 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
     ``lora_form``: how per-depth LoRA runs (``auto``, ``merged``, ``factored``; see
     :data:`loopify.nn.lora.FORMS`), recorded per matrix in the manifest's ``lora``.
 
+    ``weights``: ``float32``, ``int8`` (per output channel) or ``int4`` (groups of 32): the
+    linear weights are stored quantised and dequantised inside the matmul kernels
+    (:mod:`loopify.nn.quant`); ``quantize_embeddings`` also the embeddings and a tied head. The
+    artifact is validated against the PyTorch model with the same dequantised weights.
+
     Raises:
         LoopifyError: one line naming what failed (capture, staging, import, build, validation).
     """
     from loopify.io import check_output
 
     check_output(out, directory=True, what="artifact")  # before the work, not after it
+    qconfig = quant_config(weights, quantize_embeddings, target)
     if max_context is not None:
         return compile_generation(model, out, target=target, arch=arch, mcpu=mcpu, schedule=schedule,
-                                  validate=validate, max_context=max_context, kv_policy=kv_policy)
+                                  validate=validate, max_context=max_context, kv_policy=kv_policy,
+                                  quant=qconfig)
     from loopify import capture
     from loopify.backends import tvm as tvm_backend
     from loopify.backends.tvm.build import CompileOptions
@@ -89,6 +97,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
         module, captured, _manifest = load_converted(model, seq_len=opts.get("seq_len"), batch=opts.get("batch"))
         refuse_routers(module, model)
         extra = lora_manifest(module, lora_form)
+        qplan = _plan(qconfig, model, module=module)
         stages = stages_of(module, captured)
 
         def reference(loops: list[int]):
@@ -100,6 +109,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
     else:
         captured = capture.load(model, **(capture_options or {}))
         extra = {}
+        qplan = _plan(qconfig, model, program=captured.program)
         stages = [Stage("straight", captured.program, name="model", example=tuple(captured.flat_inputs()))]
 
         def reference(loops: list[int]):
@@ -111,7 +121,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
     out = Path(out)
     # Built and validated beside OUT; moved into place only when it matches PyTorch.
     with atomic_path(out, directory=True) as tmp:
-        result = tvm_backend.compile_stages(stages, tgt, tmp, options=options, extra=extra)
+        result = tvm_backend.compile_stages(stages, tgt, tmp, options=options, extra=extra, quant=qplan)
         manifest = read_manifest(Path(result.path), verify=False)
         checks: list[dict] = []
         if validate and _runs_here(manifest):
@@ -124,6 +134,37 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
     compiled = CompiledModel(out, manifest)
     compiled.checks = checks
     return compiled
+
+
+def quant_config(weights: str, embeddings: bool, target: str):
+    """The :class:`loopify.nn.quant.QuantConfig` of ``--weights`` (None for float32): float16
+    scales on CUDA, float32 on CPUs. Bad values are one line."""
+    from loopify.nn.quant import QuantConfig
+
+    if weights in (None, "float32"):
+        if embeddings:
+            raise LoopifyError("--quantize-embeddings needs --weights int8 or int4")
+        return None
+    try:
+        return QuantConfig(weights, embeddings=embeddings, scale_dtype="float16" if target == "cuda" else "float32")
+    except ValueError as e:
+        raise LoopifyError(str(e)) from None
+
+
+def _plan(config, model, module=None, program=None):
+    """Fake-quantise the model's weights in place (it is then the reference the artifact is
+    validated against) and return the codes and scales (:class:`loopify.nn.quant.QuantPlan`)."""
+    if config is None:
+        return None
+    from loopify.nn import quant
+
+    plan = quant.plan_module(module, config) if module is not None else quant.plan_program(program, config)
+    if not plan.registry:
+        why = "; ".join(f"{n}: {r}" for n, r in list(plan.skipped.items())[:3])
+        raise LoopifyError(f"{model}: --weights {config.weights}: no weight to quantise "
+                           + (f"({why})" if why else "(no nn.Linear weights; a graph-form converted model "
+                                                      "has none, convert the Hugging Face source instead)"))
+    return plan
 
 
 def refuse_routers(module, model) -> None:
@@ -197,7 +238,7 @@ def _generation_source(model: Path):
 
 def compile_generation(model: str | Path, out: str | Path, *, target: str = "x86", arch: str | None = None,
                        mcpu: str | None = None, schedule: str = "loopify", validate: bool = True,
-                       max_context: int = 512, kv_policy: str = "per-depth") -> CompiledModel:
+                       max_context: int = 512, kv_policy: str = "per-depth", quant=None) -> CompiledModel:
     """Compile a causal LM (original or converted) for generation: ``prefill`` and ``decode``
     entry points over one set of weights, every prompt length up to ``max_context``, the loop
     count a run-time input. Validated on the host: prefill logits and a few greedy decode steps
@@ -219,12 +260,14 @@ def compile_generation(model: str | Path, out: str | Path, *, target: str = "x86
     model, out = Path(model), Path(out)
     tgt = target_for(target, arch=arch, mcpu=mcpu)  # bad target options before the work
     wrapper, inputs, assets, source = _generation_source(model)
+    qplan = _plan(quant, model, module=wrapper)
     try:
         exported = export_step(wrapper, inputs, kv_policy, max_context, source.get("image_token_id"))
     except NotImplementedError as e:
         raise LoopifyError(f"{model}: {e}") from None
     with atomic_path(out, directory=True) as tmp:
-        result = build(exported, tgt, tmp, options=CompileOptions(schedule=schedule), assets=assets, source=source)
+        result = build(exported, tgt, tmp, options=CompileOptions(schedule=schedule), assets=assets, source=source,
+                       quant=qplan)
         checks = []
         if validate and _runs_here(result.manifest):
             checks = validate_generation(Path(result.path), wrapper, inputs, kv_policy)

@@ -48,6 +48,8 @@ class CompileOptions:
         rpc: ``"host:port:key"`` of a TVM RPC tracker: measure candidates on the remote device
             (arm64 boards) instead of this machine.
         num_threads: the CPU thread count the schedules and tuning assume (default: all cores).
+        weights: ``float32``, or ``int8`` / ``int4`` when the module carries quantised weights
+            (their dequantisation is fused into the matmuls; see :mod:`.quant`).
     """
 
     schedule: str = "loopify"
@@ -56,10 +58,12 @@ class CompileOptions:
     tuning_db: str | None = None
     rpc: str | None = None
     num_threads: int | None = None
+    weights: str = "float32"
 
     def to_dict(self) -> dict:
         return {"schedule": self.schedule, "tune": self.tune, "trials": self.trials,
-                "tuning_db": self.tuning_db, "rpc": self.rpc, "num_threads": self.num_threads}
+                "tuning_db": self.tuning_db, "rpc": self.rpc, "num_threads": self.num_threads,
+                "weights": self.weights}
 
 
 @dataclass
@@ -92,7 +96,7 @@ def front_passes(target, options: CompileOptions, dataflow: bool = True) -> list
 
     return (schedules.prepare_passes(target, options)
             + _backend(target).library_dispatch_passes(target)
-            + schedules.legalize_passes(target, dataflow))
+            + schedules.legalize_passes(target, dataflow, fuse_transpose=options.weights != "float32"))
 
 
 def back_pipeline(target, options: CompileOptions):
@@ -240,7 +244,7 @@ def link(ex, path: Path, target: dict, name: str, timings: dict, manifest: dict,
 
 
 def compile_stages(stages: list[Stage], target="x86", out=None, *, options: CompileOptions | None = None,
-                   extra: dict | None = None, **kw) -> CompileResult:
+                   extra: dict | None = None, quant=None, **kw) -> CompileResult:
     """Compile a staged model (see :class:`Stage`) for ``target`` and write the artifact to ``out``.
 
     Args:
@@ -250,6 +254,8 @@ def compile_stages(stages: list[Stage], target="x86", out=None, *, options: Comp
         options: a :class:`CompileOptions`; or pass its fields as keywords
             (``tune=True, trials=64, tuning_db=..., rpc="host:port:key", schedule=...``).
         extra: more manifest fields (the LoRA forms of a converted model).
+        quant: a :class:`loopify.nn.quant.QuantPlan`: the weights it holds are stored as codes
+            and scales and dequantised inside the matmuls (manifest ``quantization``).
 
     Returns:
         A :class:`CompileResult` with the artifact path, its manifest and the executable.
@@ -258,7 +264,16 @@ def compile_stages(stages: list[Stage], target="x86", out=None, *, options: Comp
     target, name = resolve_target(target, options)
     timings = {}
     t = time.time()
-    staged = build_module(stages, pack_width=_pack_width(target, options))
+    staged = build_module(stages, pack_width=_pack_width(target, options),
+                          raw_keys=frozenset(quant.registry) if quant else frozenset())
+    quant_info = None
+    if quant is not None:
+        from .quant import quantize_weights
+
+        staged.mod, staged.params.names, staged.params.tensors, report = quantize_weights(
+            staged.mod, staged.params.tensors, staged.params.names, quant.registry, quant.config.embeddings)
+        quant_info = quant.manifest(report, staged.params.nbytes)
+        options.weights = quant.config.weights
     timings["import_s"] = round(time.time() - t, 1)
     work = Path(tempfile.mkdtemp(prefix="loopify-build-"))
     device_record: dict = {}
@@ -267,6 +282,8 @@ def compile_stages(stages: list[Stage], target="x86", out=None, *, options: Comp
         ex = build_executable(staged, target, options, work, timings, device_record)
         timings["build_s"] = round(time.time() - t, 1)
         manifest = {**_stages_manifest(staged, stages, target, name, options, timings), **(extra or {})}
+        if quant_info is not None:
+            manifest["quantization"] = quant_info
         if out is None:
             return CompileResult(None, manifest, ex, timings)
 

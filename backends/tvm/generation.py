@@ -123,9 +123,11 @@ def _build(name: str, mod, target: dict, options, timings: dict):
     return ex
 
 
-def build_entries(exported, target: dict, options, timings: dict):
-    """({entry: tvm.relax.Executable}, parameter names, assumptions) for prefill and decode (and
-    prefill_image for a vision-language model: its own program over the same weights)."""
+def build_entries(exported, target: dict, options, timings: dict, quant=None):
+    """({entry: tvm.relax.Executable}, parameter names, assumptions, {name: tensor}, manifest
+    ``quantization`` or None) for prefill and decode (and prefill_image for a vision-language
+    model: its own program over the same weights). ``quant``: a
+    :class:`loopify.nn.quant.QuantPlan` (its weights stored as codes and scales)."""
     ep = exported.program
     mod, pnames = import_step(ep)
     t_sym, p_sym = symbol_names(ep)
@@ -144,17 +146,35 @@ def build_entries(exported, target: dict, options, timings: dict):
         mod = keep_weights(mod, keep)
         img = keep_weights(img, keep) if img is not None else None
         pnames = [pnames[i] for i in keep]
-    # prefill keeps P symbolic (it also serves a prompt after a cached one): bound to 0, constant
-    # folding makes zero-size constants, which TVM 0.27 saves but cannot load back
-    out = {name: _build(name, specialise(mod, binds), target, options, timings)
-           for name, binds in (("prefill", {}), ("decode", {t_sym: 1}))}
-    if img is not None:
-        out["prefill_image"] = _build("prefill_image", img, target, options, timings)
-    return out, pnames, assumptions
+    sd = ep.state_dict
+    tensors = [sd[n] for n in pnames]
+    qinfo, qnames = None, list(pnames)
+    entries = [("prefill", mod, {}), ("decode", mod, {t_sym: 1})] + ([("prefill_image", img, None)] if img is not None else [])
+    out = {}
+    for name, m, binds in entries:
+        # prefill keeps P symbolic (it also serves a prompt after a cached one): bound to 0,
+        # constant folding makes zero-size constants, which TVM 0.27 saves but cannot load back
+        m = specialise(m, binds) if binds is not None else m
+        if quant is not None:
+            # after specialising: each entry's fused dequantise-matmul kernels get its shapes
+            # (decode's are GEMVs, M = 1), not the symbolic prefill's
+            from .quant import quantize_weights
+
+            m, names, qtensors, report = quantize_weights(m, [sd[n] for n in qnames], qnames, quant.registry,
+                                                          quant.config.embeddings)
+            if qinfo is None:
+                pnames, tensors = names, qtensors
+                options.weights = quant.config.weights
+                qinfo = quant.manifest(report, sum(t.numel() * t.element_size()
+                                                   for t in {id(t): t for t in tensors}.values()))
+            elif names != pnames:
+                raise CompileError(f"the {name} entry quantises other weights than prefill")
+        out[name] = _build(name, m, target, options, timings)
+    return out, pnames, assumptions, dict(zip(pnames, tensors)), qinfo
 
 
 def compile_generation(exported, target="x86", out=None, *, options=None, assets: Path | None = None,
-                       source: dict | None = None, **kw):
+                       source: dict | None = None, quant=None, **kw):
     """Compile a decode step (:class:`loopify.generate.export.Exported`) into a generation
     artifact at ``out``: ``prefill.so``, ``decode.so``, ``params.safetensors`` (raw layout, each
     weight once), the architecture's tokenizer and config files under ``assets/``, and the
@@ -168,8 +188,7 @@ def compile_generation(exported, target="x86", out=None, *, options=None, assets
     options = resolve_options(options, kw)
     target, name = resolve_target(target, options)
     timings: dict = {}
-    exes, pnames, assumptions = build_entries(exported, target, options, timings)
-    sd = exported.program.state_dict
+    exes, pnames, assumptions, sd, qinfo = build_entries(exported, target, options, timings, quant)
     manifest = {**target_manifest(target, name, options, timings),
                 "kind": "generation", "params": pnames, "loops": exported.loops, "source": source or {},
                 "assumptions": assumptions,
@@ -183,6 +202,8 @@ def compile_generation(exported, target="x86", out=None, *, options=None, assets
                                "kv_heads": exported.heads, "head_dim": exported.head_dim, "vocab": exported.vocab,
                                "inputs": ["input_ids", "attention_mask", "position_ids", "past_k", "past_v", "loops"],
                                "outputs": ["logits", "new_k", "new_v"]}}
+    if qinfo is not None:
+        manifest["quantization"] = qinfo
     if out is None:
         return CompileResult(None, manifest, exes, timings)
 

@@ -8,7 +8,7 @@ def prepare_passes(target, options) -> list:
     return []
 
 
-def legalize_passes(target, dataflow: bool = True) -> list:
+def legalize_passes(target, dataflow: bool = True, fuse_transpose: bool = False) -> list:
     """Legalise to TIR and fuse.
 
     On CPUs two Relax passes come first (GPU pipelines are left as they were):
@@ -22,12 +22,16 @@ def legalize_passes(target, dataflow: bool = True) -> list:
       ``W [out, in]`` as it is (k contiguous in both operands), which the CPU rules schedule
       (:mod:`.sym_rules`); otherwise a transpose kernel copied every weight on every call.
       Static-shape models pre-transpose their weights, so they get loopify's NN matmul kernel.
+      Quantised weights (``fuse_transpose``) get it on every target: their dequantisation is
+      fused into the NT matmul, where a transpose in between would materialise the weight.
     """
     from tvm import relax
 
     front = []
     if getattr(getattr(target, "kind", None), "name", None) == "llvm":
         front = ([relax.transform.ConvertToDataflow()] if dataflow else []) + [relax.transform.FuseTransposeMatmul()]
+    elif fuse_transpose:
+        front = [relax.transform.FuseTransposeMatmul()]
     return front + [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),

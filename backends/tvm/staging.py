@@ -138,8 +138,9 @@ class _Imported:
 
 
 def _import_all(stages: list[Stage], params: "ParamTable", pretranspose: bool, pack_width: int | None,
-                assumptions: list) -> tuple[list[_Imported], dict]:
-    """Pass 1: import every stage and decide each weight's layout over all of them."""
+                assumptions: list, raw_keys=frozenset()) -> tuple[list[_Imported], dict]:
+    """Pass 1: import every stage and decide each weight's layout over all of them (the
+    weights in ``raw_keys``, content keys of weights to quantise, stay in their own layout)."""
     from .importer import import_program, parameter_names
 
     imported, layouts = [], {}
@@ -155,7 +156,8 @@ def _import_all(stages: list[Stage], params: "ParamTable", pretranspose: bool, p
         which, pack = layout.stage_layouts(f, num_input, pretranspose, pack_width)
         for q, n in enumerate(pnames):
             for t in [sd[n]] + [t for _, t in st.step_params.get(n, ())]:  # every step's tensor, one layout
-                layout.merge(layouts, params.key(t), layout.want(num_input + q, which, pack))
+                key = params.key(t)
+                layout.merge(layouts, key, "raw" if key in raw_keys else layout.want(num_input + q, which, pack))
         imported.append(_Imported(f, num_input, pnames, sd, which, pack))
     return imported, layouts
 
@@ -373,8 +375,9 @@ def _main_function(bb, stages, info, loop_gvs, loops, of_stage, param_vars):
 
 
 def build_module(stages: list[Stage], *, pretranspose: bool = True,
-                 pack_width: int | None = None) -> StagedModule:
-    """Import every stage and chain them into one Relax module (see the module docstring)."""
+                 pack_width: int | None = None, raw_keys=frozenset()) -> StagedModule:
+    """Import every stage and chain them into one Relax module (see the module docstring).
+    ``raw_keys``: content keys of weights kept in their PyTorch layout (to be quantised)."""
     import tvm
     from tvm import relax
 
@@ -382,7 +385,7 @@ def build_module(stages: list[Stage], *, pretranspose: bool = True,
         raise CompileError("no stages to compile")
     params = ParamTable()
     assumptions: list[dict] = []
-    imported, layouts = _import_all(stages, params, pretranspose, pack_width, assumptions)
+    imported, layouts = _import_all(stages, params, pretranspose, pack_width, assumptions, raw_keys)
     info = [_stage_function(i, st, imported[i], layouts, params) for i, st in enumerate(stages)]
     _check_chain(stages, info)
     funcs = {gv: func for gv, func, *_ in info}

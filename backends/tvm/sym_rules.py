@@ -223,11 +223,20 @@ class MatmulLike(ScheduleRule):
     def apply(self, func, target: Target, _tunable: bool):
         if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
             return None
+        try:
+            return self._apply(func, target, late_inline=False)
+        except Exception:  # noqa: BLE001
+            # pad_einsum needs plain indices: a dequantised weight (:mod:`.quant`), once inlined,
+            # reads its codes at q[j, k // 32 * 16 + k % 16]; pad first, then inline
+            return self._apply(func, target, late_inline=True)
+
+    def _apply(self, func, target: Target, late_inline: bool):
         sch = s_tir.Schedule(func)
         mm = _analyse(sch)
         if mm is None:
             return None
-        if not _inline_producers(sch, mm):
+        mm.late_inline = late_inline
+        if not late_inline and not _inline_producers(sch, mm):
             return None
         lanes = _lanes(target)
         if mm.i is None:
@@ -249,8 +258,17 @@ class MatmulLike(ScheduleRule):
                 self._pad_copy(sch, b, lanes)
         return sch.get_loops(block)
 
+    @staticmethod
+    def _late(sch, mm):
+        """In late-inline mode, inline the producers now (after any padding)."""
+        if getattr(mm, "late_inline", False):
+            mm.late_inline = False
+            if not _inline_producers(sch, mm):
+                raise ValueError("a producer of the matmul cannot be inlined")
+
     # -- M = 1 --------------------------------------------------------------------------------
     def _gemv_nt(self, sch, mm, lanes):
+        self._late(sch, mm)
         block = mm.main.block_rv
         loops = sch.get_loops(block)
         *batch, lj, lk = loops
@@ -303,6 +321,7 @@ class MatmulLike(ScheduleRule):
         if nj is None:
             nj = lanes
             *batch, lj, lk = self._pad(sch, block, [1] * len(batch) + [nj, 1], lanes)
+        self._late(sch, mm)
         jo, ji = sch.split(lj, [None, nj])
         sch.reorder(jo, lk, ji)
         outer = sch.fuse(*batch, jo) if batch else jo
@@ -333,6 +352,7 @@ class MatmulLike(ScheduleRule):
             # back from one): the kernel then has no predicate, which kept its accumulators in
             # memory (a conditional store per FMA)
             *batch, li, lj, lk = self._pad(sch, block, [1] * nb + [mi, 1, 1], lanes)
+        self._late(sch, mm)
         io, ii = sch.split(li, [None, mi])
         jo, ji = sch.split(lj, [None, nj])
         ko, kv = sch.split(lk, [None, vl])
@@ -369,6 +389,7 @@ class MatmulLike(ScheduleRule):
         pad = [1] * nb + [mi if (M is None or M % mi) else 1, nj if (N is None or N % nj) else 1, 1]
         if any(p > 1 for p in pad):
             *batch, li, lj, lk = self._pad(sch, block, pad, lanes)
+        self._late(sch, mm)
         io, ii = sch.split(li, [None, mi])
         jo, ji = sch.split(lj, [None, nj])
         kb = _largest_divisor(K, [256, 128, 64, 32, 16, 8]) if K is not None else None

@@ -36,6 +36,7 @@ class Subject:
     loops: list[dict] = field(default_factory=list)   # per loop: min, max, default
     source: dict | None = None     # what it was made from (a converted model's or artifact's record)
     max_len: int | None = None     # an artifact's maximum context
+    module: object = None          # the PyTorch model (originals and converted models)
 
     def depth(self) -> torch.Tensor | None:
         """Routed models: the recursion steps each token took in the last output (else None)."""
@@ -66,18 +67,32 @@ class Subject:
         return list(range(lo, top + 1))
 
 
-def open_subject(path: str | Path) -> Subject:
-    """A :class:`Subject` for an original, a converted ``.pt2`` or a generation artifact."""
+def open_subject(path: str | Path, weights: str | None = None) -> Subject:
+    """A :class:`Subject` for an original, a converted ``.pt2`` or a generation artifact.
+
+    ``weights``: ``int8`` / ``int4``: an original or converted model with its weights
+    fake-quantised (:func:`loopify.nn.quant.quantize_module_`): exactly what a ``compile
+    --weights`` artifact computes (validated against it to 1e-4)."""
     path = Path(path)
     if not path.exists():
         raise EvalError(f"{path}: no such file or directory")
     if path.is_dir() and (path / "manifest.json").is_file():
+        if weights:
+            raise EvalError(f"{path}: --weights is for PyTorch models; an artifact's weights are fixed when it is compiled")
         return _artifact(path)
     from loopify.converted import is_converted
 
-    if is_converted(path):
-        return _converted(path)
-    return _original(path)
+    subject = _converted(path) if is_converted(path) else _original(path)
+    if weights:
+        from loopify.nn import quant
+
+        try:
+            plan = quant.plan_module(subject.module, quant.QuantConfig(weights))
+        except ValueError as e:
+            raise EvalError(str(e)) from None
+        if not plan.registry:
+            raise EvalError(f"{path}: --weights {weights}: no nn.Linear weight to quantise")
+    return subject
 
 
 def _task(output_names: list[str]) -> str:
@@ -126,7 +141,7 @@ def _converted(path: Path) -> Subject:
     names = list(arch.get("output_names") or ["logits"])
     assets = Path(inputs.info["assets_dir"])
     return Subject(path, "converted", _task(names), _eager_run(module, names), assets, _json(assets / "config.json"),
-                   _takes(module), list(manifest["loops"]), dict(manifest.get("source") or {}))
+                   _takes(module), list(manifest["loops"]), dict(manifest.get("source") or {}), module=module)
 
 
 def _original(path: Path) -> Subject:
@@ -137,7 +152,7 @@ def _original(path: Path) -> Subject:
     names = list(model.output_names)
     assets = Path(model.info.get("assets_dir") or path)
     return Subject(path, "original", _task(names), _eager_run(model.module, names), assets,
-                   _json(assets / "config.json"), _takes(model.module))
+                   _json(assets / "config.json"), _takes(model.module), module=model.module)
 
 
 def _artifact(path: Path) -> Subject:

@@ -49,11 +49,13 @@ def read_texts(path: str | Path) -> list[str]:
 
 def evaluate(model: str | Path, data: str | Path, *, loops: list[int] | None = None, reference: str | Path | None = None,
              tokenizer_choice: str = "auto", seq_len: int | None = None, limit: int | None = None,
-             progress: bool = False) -> dict:
+             progress: bool = False, weights: str | None = None) -> dict:
     """Fidelity of ``model`` on ``data`` at each loop count (default: every count), against
     ``reference`` (default: the original the model records as its source; none for an original,
-    whose own perplexity is then reported alone)."""
-    subject = open_subject(model)
+    whose own perplexity is then reported alone). ``weights``: measure the model with its
+    weights fake-quantised (``int8`` / ``int4``, see :func:`open_subject`); an original is then
+    compared with itself in float32."""
+    subject = open_subject(model, weights=weights)
     counts = subject.counts(loops)
     texts = read_texts(data)
     if seq_len is not None and subject.max_len is not None and seq_len > subject.max_len:
@@ -61,6 +63,11 @@ def evaluate(model: str | Path, data: str | Path, *, loops: list[int] | None = N
     seq = seq_len or min(DEFAULT_SEQ, subject.max_len or DEFAULT_SEQ)
     notes = []
     ref_path, why = (Path(reference), "") if reference is not None else reference_path(subject)
+    if weights and reference is None and subject.kind == "original":
+        ref_path, why = Path(model), ""  # the same model in float32
+    if weights:
+        notes.append(f"weights {weights}: fake-quantised in PyTorch, what a `compile --weights {weights}` artifact "
+                     "computes (validated against it to 1e-4)")
     if why:
         notes.append(f"no agreement with the original: {why} (give --reference ORIGINAL)")
     ref = open_subject(ref_path) if ref_path is not None else None

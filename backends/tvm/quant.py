@@ -1,0 +1,448 @@
+"""Quantised weights in a Relax module: ``W`` becomes its codes and scales, dequantised at each use.
+
+The numerics (schemes, packing, the fake quantisation of the PyTorch model) are
+:mod:`loopify.nn.quant`; here a module's float weights (``main``'s parameters after
+``num_input``) whose content the registry holds are replaced by two parameters, the codes and
+the scales. They are threaded through every function the weight is passed to (a loop's body,
+its recursive call, a ``cond`` branch, a per-step ``if``), and at each use:
+
+* ``matmul(x, permute_dims(w))`` (a linear layer, every use of the transpose a matmul) becomes
+  one ``call_tir`` of a PrimFunc ``qmatmul_SCHEME_NxK`` holding a dequantisation block and the
+  NT reduction. The schedule rules (:mod:`.sym_rules` on CPUs, DLight on CUDA) inline the
+  dequantisation into the reduction (``compute_inline``), so the kernel reads the codes and
+  never a float copy of the weight. (A separate dequantisation would not do: ``FuseOps`` fuses
+  elementwise producers into injective or reduction consumers, not into a matmul.)
+* any other allowed use (``take`` of an embedding table, by option; a transpose used otherwise)
+  gets a ``dequant_SCHEME_NxK`` PrimFunc bound right before it, annotated ``op_pattern =
+  kBroadcast`` so that ``FuseOps`` fuses it into that consumer (a gather then reads only its rows).
+
+Weights with a use that is neither stay in float (with the reason in the manifest).
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+GROUP = 32
+KBROADCAST = 1  # tvm relax OpPatternKind
+
+
+def dequant_func(scheme: str, n: int, k: int, scale_dtype: str = "float32", out_dtype: str = "float32"):
+    """TIR PrimFunc ``(q, scale) -> W [n, k]`` (see :mod:`loopify.nn.quant` for the layout)."""
+    from tvm import te
+
+    if scheme == "int8":
+        q = te.placeholder((n, k), "int8", name="q")
+        s = te.placeholder((n,), scale_dtype, name="scale")
+    else:
+        q = te.placeholder((n, k // 2), "uint8", name="q")
+        s = te.placeholder((n, k // GROUP), scale_dtype, name="scale")
+    w = _te_dequant(q, s, scheme, n, k, out_dtype)
+    f = te.create_prim_func([q, s, w])
+    return f.with_attr("op_pattern", KBROADCAST).with_attr("global_symbol", f"dequant_{scheme}_{n}x{k}")
+
+
+def _te_dequant(q, s, scheme: str, n: int, k: int, out_dtype: str):
+    from tvm import te, tirx
+
+    if scheme == "int8":
+        return te.compute((n, k), lambda i, j: q[i, j].astype(out_dtype) * s[i].astype(out_dtype), name="dequant")
+    half = GROUP // 2
+
+    def value(i, j):
+        byte = q[i, (j // GROUP) * half + j % half]
+        shift = ((j % GROUP) // half * 4).astype("uint8")
+        code = tirx.bitwise_and(tirx.shift_right(byte, shift), tirx.const(15, "uint8")).astype(out_dtype)
+        return (code - tirx.const(8, out_dtype)) * s[i, j // GROUP].astype(out_dtype)
+
+    return te.compute((n, k), value, name="dequant")
+
+
+def _te_qmatmul(x, q, s, *, scheme: str, n: int, k: int, out_dtype: str):
+    """``y[.., j] = sum_k x[.., k] * W[j, k]``, W dequantised in the same PrimFunc: one kernel
+    whose only reads of the weight are its codes and scales (the rules inline the dequant
+    block into the reduction)."""
+    from tvm import te
+
+    w = _te_dequant(q, s, scheme, n, k, out_dtype)
+    r = te.reduce_axis((0, k), name="k")
+    shape = list(x.shape[:-1]) + [n]
+    return te.compute(shape, lambda *i: te.sum(x[tuple(i[:-1]) + (r,)].astype(out_dtype) * w[i[-1], r], axis=r),
+                      name="NT_matmul")
+
+
+# --- which weights: union of the parameter slots a weight flows through ----------------------------
+
+class _Slots:
+    """Union-find over (function name, parameter index)."""
+
+    def __init__(self):
+        self.parent: dict = {}
+
+    def find(self, a):
+        self.parent.setdefault(a, a)
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a, b):
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[ra] = rb
+
+
+def _is_op(call, name: str) -> bool:
+    from tvm import relax
+    from tvm.ir import Op
+
+    return isinstance(call, relax.Call) and isinstance(call.op, Op) and call.op.same_as(Op.get(name))
+
+
+def _leaf_use(call, var, allow_take: bool) -> bool:
+    """Is ``call`` a use a dequantised weight may feed: ``permute_dims(w, [1, 0])`` (a linear's
+    weight), or ``take(w, ids, axis=0)`` (an embedding) when ``allow_take``."""
+    if _is_op(call, "relax.permute_dims") and call.args[0].same_as(var):
+        axes = call.attrs.axes
+        return axes is None or [int(x) for x in axes] == [1, 0]
+    if allow_take and _is_op(call, "relax.take") and call.args[0].same_as(var) and not any(
+            a.same_as(var) for a in call.args[1:]):
+        return call.attrs.axis is not None and int(call.attrs.axis) == 0
+    return False
+
+
+def _walk(mod, allow_take: bool):
+    """(slots, bad): the parameter slots joined by calls, and the slots with a use that cannot
+    take a dequantised weight."""
+    from tvm import relax
+
+    slots, bad = _Slots(), set()
+    funcs = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, relax.Function)}
+    for fname, f in funcs.items():
+        params = {p: (fname, i) for i, p in enumerate(f.params)}
+
+        def mark_free(expr):
+            for v in relax.analysis.free_vars(expr):
+                if v in params:
+                    bad.add(params[v])
+
+        def visit(value):
+            if isinstance(value, relax.If):
+                mark_free(value.cond)
+                visit_seq(value.true_branch)
+                visit_seq(value.false_branch)
+            elif isinstance(value, relax.SeqExpr):
+                visit_seq(value)
+            elif isinstance(value, relax.Call) and isinstance(value.op, relax.GlobalVar) and \
+                    value.op.name_hint in funcs:
+                for a, arg in enumerate(value.args):
+                    callee = (value.op.name_hint, a)
+                    if isinstance(arg, relax.Var) and arg in params:
+                        slots.union(params[arg], callee)
+                    else:
+                        mark_free(arg)
+                        bad.add(callee)  # takes a computed value somewhere
+            elif isinstance(value, relax.Call):
+                for arg in value.args:
+                    if isinstance(arg, relax.Var) and arg in params and _leaf_use(value, arg, allow_take):
+                        continue
+                    mark_free(arg)
+            else:
+                mark_free(value)
+
+        def visit_seq(seq):
+            for block in seq.blocks:
+                for b in block.bindings:
+                    visit(b.value)
+            mark_free(seq.body)
+
+        body = f.body
+        if isinstance(body, relax.SeqExpr):
+            visit_seq(body)
+        else:
+            mark_free(body)
+    return slots, bad, funcs
+
+
+def plan(mod, candidates: dict[int, object], allow_take: bool) -> tuple[dict[int, object], dict[int, str]]:
+    """Of ``candidates`` (weight index -> registry entry), those that can be quantised: every
+    parameter slot the weight reaches uses it only as a linear weight (or embedding table), and
+    every weight sharing a slot with it (one loop body serving several steps' weights) is
+    quantised the same way. Returns ``(chosen, refused: index -> reason)``."""
+    slots, bad, _funcs = _walk(mod, allow_take)
+    main = mod["main"]
+    n = int(main.attrs["num_input"])
+    classes: dict = {}
+    for fname_i in list(slots.parent):
+        classes.setdefault(slots.find(fname_i), set()).add(fname_i)
+    chosen, refused = {}, {}
+    members_of = {}
+    for w in range(len(main.params) - n):
+        root = slots.find(("main", n + w))
+        members_of.setdefault(root, []).append(w)
+    for w, entry in candidates.items():
+        root = slots.find(("main", n + w))
+        cls = classes.get(root, {("main", n + w)})
+        if any(c in bad for c in cls):
+            refused[w] = "used other than as a linear weight" + (" or embedding table" if allow_take else "")
+            continue
+        others = [o for o in members_of.get(root, [w]) if o != w]
+        if any(o not in candidates or _sig(candidates[o]) != _sig(entry) for o in others):
+            refused[w] = "shares a loop body's parameter with a weight that is not quantised alike"
+            continue
+        chosen[w] = entry
+    return chosen, refused
+
+
+def _sig(entry) -> tuple:
+    return (entry.scheme, tuple(entry.shape), str(entry.scale.dtype), tuple(entry.q.shape), entry.dtype)
+
+
+# --- the rewrite ----------------------------------------------------------------------------------
+
+def rewrite(mod, chosen: dict[int, object]):
+    """``mod`` with each chosen weight of ``main`` (index -> registry entry) replaced by its codes and
+    scales, threaded through every function it reaches, dequantised before each use."""
+    import tvm
+    from tvm import relax
+
+    slots, _bad, funcs = _walk(mod, True)
+    main = mod["main"]
+    n = int(main.attrs["num_input"])
+    split_roots = {slots.find(("main", n + w)): entry for w, entry in chosen.items()}
+    deq_gvs: dict = {}
+    new_mod_funcs = {}
+    deq_bb = relax.BlockBuilder()  # gives each dequantisation PrimFunc a typed GlobalVar
+
+    def tdt(t):
+        return str(t.dtype).replace("torch.", "")
+
+    def deq_gv(entry):
+        key = _sig(entry)
+        if key not in deq_gvs:
+            nn_, kk = entry.shape
+            f = dequant_func(entry.scheme, nn_, kk, tdt(entry.scale), entry.dtype)
+            gv = deq_bb.add_func(f, f"dequant_{entry.scheme}_{nn_}x{kk}_{tdt(entry.scale)}")
+            deq_gvs[key] = (gv, f)
+        return deq_gvs[key][0]
+
+    new_types = {}
+    rebuilt = {}
+    for fname, f in funcs.items():
+        entries = {i: split_roots[slots.find((fname, i))] for i in range(len(f.params))
+                   if slots.find((fname, i)) in split_roots}
+        rebuilt[fname] = (f, entries)
+    # a function whose signature changes gets a new GlobalVar (a typed one cannot be retyped)
+    gvmap = {fname: relax.GlobalVar(fname) for fname, (_f, entries) in rebuilt.items() if entries}
+
+    for fname, (f, entries) in rebuilt.items():
+        new_params, split = [], {}
+        for i, p in enumerate(f.params):
+            if i in entries:
+                e = entries[i]
+                vq = relax.Var(f"{p.name}_q", relax.TensorType(list(e.q.shape), tdt(e.q)))
+                vs = relax.Var(f"{p.name}_s", relax.TensorType(list(e.scale.shape), tdt(e.scale)))
+                new_params += [vq, vs]
+                split[p] = (vq, vs, e)
+            else:
+                new_params.append(p)
+        if not split:
+            new_mod_funcs[fname] = f
+            continue
+
+        def args_of(args):
+            out = []
+            for a in args:
+                if isinstance(a, relax.Var) and a in split:
+                    out += list(split[a][:2])
+                else:
+                    out.append(a)
+            return out
+
+        fused = _fusable_transposes(f, split)
+
+        def rb_seq(seq):
+            blocks = []
+            for block in seq.blocks:
+                dataflow = isinstance(block, relax.DataflowBlock)
+                mk = relax.DataflowVar if dataflow else relax.Var
+                bindings = []
+                for b in block.bindings:
+                    v = b.value
+                    if isinstance(v, relax.If):
+                        v = relax.If(v.cond, rb_seq(v.true_branch), rb_seq(v.false_branch))
+                        bindings.append(relax.VarBinding(b.var, v))
+                    elif isinstance(v, relax.Call) and isinstance(v.op, relax.GlobalVar) and v.op.name_hint in funcs:
+                        bindings.append(relax.VarBinding(b.var, relax.Call(gvmap.get(v.op.name_hint, v.op),
+                                                                           args_of(v.args), v.attrs, v.ty_args)))
+                    elif b.var in fused:
+                        continue  # the transpose of a weight every use of which is a fused matmul
+                    elif _is_op(v, "relax.matmul") and v.args[1] in fused:
+                        vq, vs, e = split[fused[v.args[1]]]
+                        call = deq_bb.call_te(_te_qmatmul, v.args[0], vq, vs, scheme=e.scheme, n=e.shape[0],
+                                              k=e.shape[1], out_dtype=e.dtype,
+                                              primfunc_name_hint=f"qmatmul_{e.scheme}_{e.shape[0]}x{e.shape[1]}")
+                        bindings.append(relax.VarBinding(b.var, call))
+                    elif isinstance(v, relax.Call) and len(v.args) and isinstance(v.args[0], relax.Var) and v.args[0] in split:
+                        vq, vs, e = split[v.args[0]]
+                        d = mk(f"{v.args[0].name}_dq", relax.TensorType(list(e.shape), e.dtype))
+                        call = relax.call_tir(deq_gv(e), [vq, vs], relax.TensorType(list(e.shape), e.dtype))
+                        bindings.append(relax.VarBinding(d, call))
+                        bindings.append(relax.VarBinding(b.var, relax.Call(v.op, [d] + list(v.args[1:]), v.attrs,
+                                                                           v.ty_args)))
+                    else:
+                        bindings.append(b)
+                blocks.append(type(block)(bindings))
+            return relax.SeqExpr(blocks, seq.body)
+
+        body = rb_seq(f.body)
+        nf = relax.Function(new_params, body, f.ret_ty, f.is_pure, f.attrs, f.span)
+        new_mod_funcs[fname] = nf
+        new_types[fname] = nf
+
+    for fname, nf in new_types.items():
+        relax.expr._update_type(gvmap[fname], relax.FuncType([p.ty for p in nf.params], nf.ret_ty, nf.is_pure))
+    out = {}
+    for gv, f in mod.functions.items():
+        out[gvmap.get(gv.name_hint, gv)] = new_mod_funcs.get(gv.name_hint, f)
+    for gv, f in deq_bb.get().functions.items():  # dequantisations and fused matmuls
+        out[gv] = f
+    new = tvm.IRModule(out, attrs=mod.attrs) if mod.attrs is not None else tvm.IRModule(out)
+    return relax.transform.Normalize()(new)
+
+
+def _fusable_transposes(f, split: dict) -> dict:
+    """``{wt: w}`` for each binding ``wt = permute_dims(w)`` of a split weight whose every use is
+    ``matmul(x, wt)`` (x not 1-D): these matmuls become one fused dequantise-matmul kernel."""
+    from tvm import relax
+
+    perm, uses_ok = {}, {}
+
+    def scan(seq):
+        for block in seq.blocks:
+            for b in block.bindings:
+                v = b.value
+                if isinstance(v, relax.If):
+                    for u in relax.analysis.free_vars(v.cond):
+                        uses_ok[u] = False
+                    scan(v.true_branch)
+                    scan(v.false_branch)
+                    continue
+                if _is_op(v, "relax.permute_dims") and v.args[0] in split and _leaf_use(v, v.args[0], False):
+                    perm[b.var] = v.args[0]
+                    continue
+                mm = _is_op(v, "relax.matmul") and len(v.args) == 2
+                for a_i, a in enumerate(v.args if isinstance(v, relax.Call) else []):
+                    for u in relax.analysis.free_vars(a):
+                        ok = mm and a_i == 1 and a.same_as(u) and not v.args[0].same_as(u) and \
+                            len(v.args[0].ty.shape) >= 2
+                        uses_ok[u] = uses_ok.get(u, True) and ok
+                if not isinstance(v, relax.Call):
+                    for u in relax.analysis.free_vars(v):
+                        uses_ok[u] = False
+        for u in relax.analysis.free_vars(seq.body):
+            uses_ok[u] = False
+
+    if isinstance(f.body, relax.SeqExpr):
+        scan(f.body)
+    return {wt: w for wt, w in perm.items() if uses_ok.get(wt, False)}
+
+
+def quantize_weights(mod, tensors: list, names: list[str], registry: dict, allow_take: bool):
+    """Quantise the weights of ``mod``'s ``main`` (``tensors`` / ``names``: its parameters after
+    ``num_input``, in order) that the registry holds.
+
+    Returns ``(mod, names, tensors, report)``: the new module and its parameter list (each
+    quantised weight's pair ``NAME.q4`` / ``NAME.scale`` in its place) and the manifest's
+    ``tensors`` and ``float`` entries."""
+    from loopify.nn.quant import content_key
+
+    candidates = {}
+    for w, t in enumerate(tensors):
+        if t.dim() == 2 and t.dtype.is_floating_point:
+            e = registry.get(content_key(t))
+            if e is not None:
+                candidates[w] = e
+    chosen, refused = plan(mod, candidates, allow_take)
+    report = {"tensors": {}, "float": {}}
+    for w, why in refused.items():
+        report["float"][names[w]] = why
+    if not chosen:
+        return mod, list(names), list(tensors), report
+    mod = rewrite(mod, chosen)
+    new_names, new_tensors = [], []
+    tag = {"int8": "q8", "int4": "q4"}
+    for w, (name, t) in enumerate(zip(names, tensors)):
+        if w in chosen:
+            e = chosen[w]
+            qn, sn = f"{name}.{tag[e.scheme]}", f"{name}.scale"
+            new_names += [qn, sn]
+            new_tensors += [e.q.contiguous(), e.scale.contiguous()]
+            report["tensors"][name] = {"scheme": e.scheme, "group_size": GROUP if e.scheme == "int4" else None,
+                                       "granularity": "group" if e.scheme == "int4" else "output channel",
+                                       "shape": list(e.shape), "codes": qn, "scales": sn, "role": e.role,
+                                       "scale_dtype": str(e.scale.dtype).replace("torch.", ""),
+                                       "modules": list(e.names),
+                                       "bytes": e.q.numel() * e.q.element_size() + e.scale.numel() * e.scale.element_size(),
+                                       "float32_bytes": e.shape[0] * e.shape[1] * 4}
+        else:
+            new_names.append(name)
+            new_tensors.append(t)
+    return mod, new_names, new_tensors, report
+
+
+def scheduled(mod, target, options):
+    """``mod`` after the front passes (dispatch, legalise, fuse) and the schedule rules, before
+    lowering: the PrimFuncs the library's kernels are made of (for inspection and tests)."""
+    import tvm
+
+    from . import build, schedules
+
+    tgt = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
+    with tgt:
+        m = tvm.transform.Sequential(build.front_passes(tgt, options))(mod)
+        return tvm.transform.Sequential(schedules.schedule_passes(tgt, options))(m)
+
+
+def weight_copies(mod, shapes) -> list[tuple[str, str]]:
+    """``(function, buffer)`` for every float buffer a PrimFunc of ``mod`` allocates in a quantised
+    weight's shape (``shapes``: their ``(N, K)``; also transposed or flat), and every standalone
+    dequantisation left unfused: none means each kernel reads the codes, never a float copy of
+    the weight. (TVM 0.27's Python API has no TIR visitor; the allocations are read off the
+    printed TIR, where float32 is the dtype left unsaid.)"""
+    import re
+
+    from tvm import tirx
+
+    want = {(int(n), int(k)) for n, k in shapes} | {(int(k), int(n)) for n, k in shapes} | {
+        (int(n) * int(k),) for n, k in shapes}
+    found = []
+    for gv, f in mod.functions.items():
+        if not isinstance(f, tirx.PrimFunc):
+            continue
+        if gv.name_hint.startswith("dequant"):
+            found.append((gv.name_hint, "its output (a dequantisation not fused into its consumer)"))
+            continue
+        for line in f.script().splitlines():
+            m = re.match(r"\s*(\w+) = T\.(?:sblock_)?alloc_buffer\(\((.*)$", line)
+            if not m:
+                continue
+            rest, depth, dims = m.group(2), 1, ""
+            for pos, ch in enumerate(rest):  # the shape tuple: up to its closing parenthesis
+                depth += {"(": 1, ")": -1}.get(ch, 0)
+                if depth == 0:
+                    dims, rest = rest[:pos], rest[pos + 1:]
+                    break
+            parts = [d.strip() for d in dims.split(",") if d.strip()]
+            ints = [re.fullmatch(r"(?:T\.int64\()?(\d+)\)?", d) for d in parts]
+            if not parts or not all(ints):
+                continue  # a symbolic extent: not a weight's size
+            shape = [int(x.group(1)) for x in ints]
+            while len(shape) > 1 and shape[0] == 1:
+                shape = shape[1:]
+            dt = re.search(r'"(u?int\d+|float\d+|bfloat16|bool)"', rest)
+            if (dt.group(1) if dt else "float32").startswith("float") and tuple(shape) in want:
+                found.append((gv.name_hint, m.group(1)))
+    return found

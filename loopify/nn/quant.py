@@ -1,0 +1,243 @@
+"""Quantised weights, loop-aware: int8 per output channel, int4 in groups of 32.
+
+A weight ``W [N, K]`` (``nn.Linear``: N outputs, K inputs) is stored as
+
+* ``int8``: ``q [N, K]`` int8 in [-127, 127] and ``scale [N]``, ``W ~ q * scale[:, None]``
+  (symmetric, one scale per output channel: llama.cpp Q8_0's and torchao's int8 weight-only
+  scheme per row);
+* ``int4``: ``q [N, K / 2]`` uint8, two 4-bit codes per byte, and ``scale [N, K / 32]``:
+  ``W ~ (code - 8) * scale`` per group of 32 inputs (MLC-LLM q4f16_1's groups, symmetric).
+  In each group of 32, byte j holds element j in its low nibble and element j + 16 in its high
+  nibble (llama.cpp's Q4_0 order), so a vector of 16 consecutive inputs reads 16 consecutive
+  bytes with one shift, instead of a gather.
+
+Scales are float32 (float16 on CUDA, ``scale_dtype``). *Loop-aware*: a shared block's weight is
+one parameter for every depth, so it is quantised once; per-depth LoRA factors are not
+``nn.Linear`` weights and stay float; embeddings (and a head tied to them) only with
+``embeddings=True``.
+
+:func:`quantize_module_` replaces each selected weight *in place* by its dequantisation
+(``fake quantisation``), so the module is afterwards exactly the model the quantised artifact
+computes (the reference it is validated against), and returns the codes and scales to store,
+keyed by the tensor's content (:func:`content_key`), which the compiler looks up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+SCHEMES = ("int8", "int4")
+GROUP = 32  # int4 group size along the input dimension
+SCALE_DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantise weights (recorded in the manifest as :meth:`to_dict`).
+
+    Attributes:
+        weights: ``int8`` or ``int4``.
+        embeddings: also the token embeddings and a head tied to them (default: they stay float).
+        scale_dtype: ``float32``, or ``float16`` (CUDA).
+    """
+
+    weights: str
+    embeddings: bool = False
+    scale_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.weights not in SCHEMES:
+            raise ValueError(f"--weights must be one of float32, {', '.join(SCHEMES)}, got {self.weights!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"quantisation scale dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+
+    @property
+    def group(self) -> int | None:
+        return GROUP if self.weights == "int4" else None
+
+    def to_dict(self) -> dict:
+        return {"weights": self.weights, "group_size": self.group, "scale_dtype": self.scale_dtype,
+                "symmetric": True, "embeddings": self.embeddings,
+                "int4_packing": "low nibble = element j, high nibble = element j+16 of each group of 32"
+                if self.weights == "int4" else None}
+
+
+@dataclass
+class Quantized:
+    """One quantised weight: codes, scales and what they came from."""
+
+    scheme: str
+    q: torch.Tensor       # int8 [N, K] or uint8 [N, K/2]
+    scale: torch.Tensor   # [N] or [N, K/32]
+    shape: tuple
+    names: list = field(default_factory=list)  # every module name of this tensor (ties)
+    role: str = "linear"  # "linear" or "embedding"
+    dtype: str = "float32"  # of the dequantised weight (the model's)
+
+
+def content_key(t: torch.Tensor) -> tuple:
+    """(dtype, shape, sha256 of the bytes): how a quantised weight is found again after export."""
+    c = t.detach().contiguous()
+    return (str(c.dtype), tuple(c.shape), hashlib.sha256(c.view(torch.uint8).numpy().tobytes()).hexdigest())
+
+
+def quantizable(shape, scheme: str) -> str | None:
+    """Why a weight of ``shape`` cannot take ``scheme`` (None when it can)."""
+    if len(shape) != 2:
+        return "not a matrix"
+    if scheme == "int4" and shape[1] % GROUP:
+        return f"input dim {shape[1]} is not a multiple of {GROUP}"
+    return None
+
+
+def quantize(w: torch.Tensor, scheme: str, scale_dtype: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)`` of a ``[N, K]`` float weight (see the module docstring for the layout)."""
+    w = w.detach().float()
+    n, k = w.shape
+    sdt = getattr(torch, scale_dtype)
+    if scheme == "int8":
+        amax = w.abs().amax(dim=1)
+        scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).to(sdt)
+        q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        return q, scale
+    if scheme == "int4":
+        if k % GROUP:
+            raise ValueError(f"int4 needs the input dim to be a multiple of {GROUP}, got {k}")
+        g = w.reshape(n, k // GROUP, GROUP)
+        amax = g.abs().amax(dim=2)
+        # 7, not 8: the codes -8..7 are symmetric only up to 7, and the extreme must round to it
+        scale = torch.where(amax > 0, amax / 7.0, torch.ones_like(amax)).to(sdt)
+        codes = (torch.round(g / scale.float()[..., None]).clamp(-8, 7) + 8).to(torch.uint8)  # [N, G, 32]
+        lo, hi = codes[..., :GROUP // 2], codes[..., GROUP // 2:]
+        q = (lo | (hi << 4)).reshape(n, k // 2)
+        return q, scale
+    raise ValueError(f"unknown scheme {scheme!r}")
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, scheme: str, dtype=torch.float32) -> torch.Tensor:
+    """The float weight ``q`` and ``scale`` stand for (what the compiled kernel computes)."""
+    s = scale.float()
+    if scheme == "int8":
+        return (q.float() * s[:, None]).to(dtype)
+    n = q.shape[0]
+    b = q.reshape(n, -1, GROUP // 2)
+    codes = torch.cat([b & 15, b >> 4], dim=2).float() - 8.0  # [N, G, 32]
+    return (codes * s[..., None]).reshape(n, -1).to(dtype)
+
+
+def _selected(module: nn.Module, config: QuantConfig) -> dict[int, tuple[nn.Parameter, list[str], str]]:
+    """The weights to quantise, each once (by identity): id -> (parameter, names, role)."""
+    out: dict[int, tuple] = {}
+    emb_ids = set()
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Embedding) and m.weight.dim() == 2:
+            emb_ids.add(id(m.weight))
+    for name, m in module.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            if pname != "weight" or p.dim() != 2 or not p.dtype.is_floating_point:
+                continue
+            is_linear = isinstance(m, nn.Linear)
+            is_emb = id(p) in emb_ids
+            if is_emb and not config.embeddings:
+                continue  # a head tied to the embedding stays float with it
+            if not (is_linear or is_emb):
+                continue
+            role = "embedding" if is_emb else "linear"
+            ent = out.setdefault(id(p), (p, [], role))
+            ent[1].append(full)
+    return out
+
+
+def quantize_module_(module: nn.Module, config: QuantConfig) -> tuple[dict, dict]:
+    """Fake-quantise ``module``'s ``nn.Linear`` weights (and embeddings by option) in place.
+
+    Returns ``(registry, skipped)``: ``{content_key of the new float weight: Quantized}`` and
+    ``{name: reason}`` for weights left in float. A parameter shared by several modules or
+    depths (a loop's block, a tied head) is quantised once.
+    """
+    registry, skipped = {}, {}
+    with torch.no_grad():
+        for p, names, role in _selected(module, config).values():
+            why = quantizable(tuple(p.shape), config.weights)
+            if why:
+                for n in names:
+                    skipped[n] = why
+                continue
+            q, s = quantize(p, config.weights, config.scale_dtype)
+            p.copy_(dequantize(q, s, config.weights, p.dtype))
+            registry[content_key(p)] = Quantized(config.weights, q, s, tuple(p.shape), names, role,
+                                                 str(p.dtype).replace("torch.", ""))
+    return registry, skipped
+
+
+def quantize_program_(program, config: QuantConfig) -> tuple[dict, dict]:
+    """:func:`quantize_module_` for a ``torch.export`` program (graph form: no module types):
+    the parameters every use of which is ``aten.linear``'s weight (or ``aten.embedding``'s table,
+    by option)."""
+    sig = program.graph_signature
+    placeholder = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    registry, skipped = {}, {}
+    linear, embedding = torch.ops.aten.linear.default, torch.ops.aten.embedding.default
+    done = {}
+    with torch.no_grad():
+        for node_name, pname in sig.inputs_to_parameters.items():
+            t = program.state_dict.get(pname)
+            node = placeholder.get(node_name)
+            if t is None or node is None or t.dim() != 2 or not t.dtype.is_floating_point:
+                continue
+            uses = [(u.target, [i for i, a in enumerate(u.args) if a is node]) for u in node.users]
+            lin = all(tg is linear and pos == [1] for tg, pos in uses)
+            emb = all(tg is embedding and pos == [0] for tg, pos in uses)
+            mixed = all((tg is linear and pos == [1]) or (tg is embedding and pos == [0]) for tg, pos in uses)
+            if not uses or not (lin or (config.embeddings and (emb or mixed))):
+                continue
+            key = id(t)
+            if key in done:
+                done[key].names.append(pname)
+                continue
+            why = quantizable(tuple(t.shape), config.weights)
+            if why:
+                skipped[pname] = why
+                continue
+            q, s = quantize(t, config.weights, config.scale_dtype)
+            t.copy_(dequantize(q, s, config.weights, t.dtype))
+            ent = Quantized(config.weights, q, s, tuple(t.shape), [pname], "linear" if lin else "embedding",
+                            str(t.dtype).replace("torch.", ""))
+            registry[content_key(t)] = ent
+            done[key] = ent
+    return registry, skipped
+
+
+@dataclass
+class QuantPlan:
+    """What the compiler needs: the config, the codes and scales by content key, and the weights
+    left in float with the reason (see :func:`quantize_module_`)."""
+
+    config: QuantConfig
+    registry: dict
+    skipped: dict
+
+    def manifest(self, report: dict, param_bytes: int) -> dict:
+        """The manifest's ``quantization``: the scheme, per tensor (codes, scales, scheme,
+        granularity, shape, bytes) and the weights kept in float with the reason."""
+        tensors = report.get("tensors", {})
+        return {**self.config.to_dict(), "tensors": tensors,
+                "float": {**self.skipped, **report.get("float", {})},
+                "bytes": {"params": param_bytes,
+                          "quantized": sum(t["bytes"] for t in tensors.values()),
+                          "quantized_float32": sum(t["float32_bytes"] for t in tensors.values())}}
+
+
+def plan_module(module: nn.Module, config: QuantConfig) -> QuantPlan:
+    registry, skipped = quantize_module_(module, config)
+    return QuantPlan(config, registry, skipped)
+
+
+def plan_program(program, config: QuantConfig) -> QuantPlan:
+    registry, skipped = quantize_program_(program, config)
+    return QuantPlan(config, registry, skipped)
