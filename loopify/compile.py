@@ -79,42 +79,14 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
         return compile_generation(model, out, target=target, arch=arch, mcpu=mcpu, schedule=schedule,
                                   validate=validate, max_context=max_context, kv_policy=kv_policy,
                                   quant=qconfig)
-    from loopify import capture
     from loopify.backends import tvm as tvm_backend
     from loopify.backends.tvm.build import CompileOptions
     from loopify.backends.tvm.targets import target_for
-    from loopify.staging import Stage
 
     model = Path(model)
     options = CompileOptions(schedule=schedule, tune=tune, trials=trials, tuning_db=tuning_db, rpc=rpc)
     tgt = target_for(target, arch=arch, mcpu=mcpu) if target in ("x86", "arm64", "cuda") else target
-    if is_converted(model):
-        from loopify.convert import load_converted
-        from loopify.nn import set_loops
-        from loopify.staging import stages_of
-
-        opts = capture_options or {}
-        module, captured, _manifest = load_converted(model, seq_len=opts.get("seq_len"), batch=opts.get("batch"))
-        refuse_routers(module, model)
-        extra = lora_manifest(module, lora_form)
-        qplan = _plan(qconfig, model, module=module)
-        stages = stages_of(module, captured)
-
-        def reference(loops: list[int]):
-            set_loops(module, loops if loops else None)
-            with torch.no_grad():
-                out_ = module(*captured.args, **captured.kwargs)
-            set_loops(module, None)
-            return out_
-    else:
-        captured = capture.load(model, **(capture_options or {}))
-        extra = {}
-        qplan = _plan(qconfig, model, program=captured.program)
-        stages = [Stage("straight", captured.program, name="model", example=tuple(captured.flat_inputs()))]
-
-        def reference(loops: list[int]):
-            return captured.run()
-
+    stages, reference, captured, extra, qplan = _forward_source(model, capture_options or {}, lora_form, qconfig)
     from loopify.artifact import read_manifest
     from loopify.io import atomic_path
 
@@ -134,6 +106,40 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
     compiled = CompiledModel(out, manifest)
     compiled.checks = checks
     return compiled
+
+
+def _forward_source(model: Path, opts: dict, lora_form: str, qconfig):
+    """What a forward artifact is built from: (stages, reference(loops) -> PyTorch outputs,
+    the capture, the manifest's extra sections, the quantisation plan). A converted model is
+    rebuilt from its own files and staged around its loops; any other model is one straight
+    stage of its capture."""
+    from loopify import capture
+    from loopify.staging import Stage
+
+    if is_converted(model):
+        from loopify.convert import load_converted
+        from loopify.nn import set_loops
+        from loopify.staging import stages_of
+
+        module, captured, _manifest = load_converted(model, seq_len=opts.get("seq_len"), batch=opts.get("batch"))
+        refuse_routers(module, model)
+        extra = lora_manifest(module, lora_form)
+        qplan = _plan(qconfig, model, module=module)
+
+        def reference(loops: list[int]):
+            set_loops(module, loops if loops else None)
+            with torch.no_grad():
+                out_ = module(*captured.args, **captured.kwargs)
+            set_loops(module, None)
+            return out_
+        return stages_of(module, captured), reference, captured, extra, qplan
+    captured = capture.load(model, **opts)
+    qplan = _plan(qconfig, model, program=captured.program)
+
+    def reference(loops: list[int]):
+        return captured.run()
+    return [Stage("straight", captured.program, name="model", example=tuple(captured.flat_inputs()))], reference, \
+        captured, {}, qplan
 
 
 def quant_config(weights: str, embeddings: bool, target: str):

@@ -205,112 +205,126 @@ def _sig(entry) -> tuple:
 def rewrite(mod, chosen: dict[int, object]):
     """``mod`` with each chosen weight of ``main`` (index -> registry entry) replaced by its codes and
     scales, threaded through every function it reaches, dequantised before each use."""
-    import tvm
-    from tvm import relax
+    return _Rewrite(mod, chosen).module()
 
-    slots, _bad, funcs = _walk(mod, True)
-    main = mod["main"]
-    n = int(main.attrs["num_input"])
-    split_roots = {slots.find(("main", n + w)): entry for w, entry in chosen.items()}
-    deq_gvs: dict = {}
-    new_mod_funcs = {}
-    deq_bb = relax.BlockBuilder()  # gives each dequantisation PrimFunc a typed GlobalVar
 
-    def tdt(t):
-        return str(t.dtype).replace("torch.", "")
+def _tdt(t) -> str:
+    return str(t.dtype).replace("torch.", "")
 
-    def deq_gv(entry):
+
+class _Rewrite:
+    """One :func:`rewrite`: which parameter of which function holds a chosen weight, the new
+    GlobalVars of the functions whose signature changes (a typed one cannot be retyped), and the
+    dequantisation / fused-matmul PrimFuncs made on the way (one BlockBuilder gives each a typed
+    GlobalVar)."""
+
+    def __init__(self, mod, chosen: dict[int, object]):
+        from tvm import relax
+
+        self.mod = mod
+        slots, _bad, self.funcs = _walk(mod, True)
+        n = int(mod["main"].attrs["num_input"])
+        roots = {slots.find(("main", n + w)): entry for w, entry in chosen.items()}
+        self.entries = {fname: {i: roots[slots.find((fname, i))] for i in range(len(f.params))
+                                if slots.find((fname, i)) in roots}
+                        for fname, f in self.funcs.items()}
+        self.gvmap = {fname: relax.GlobalVar(fname) for fname, e in self.entries.items() if e}
+        self.deq_bb = relax.BlockBuilder()
+        self.deq_gvs: dict = {}
+
+    def deq_gv(self, entry):
         key = _sig(entry)
-        if key not in deq_gvs:
+        if key not in self.deq_gvs:
             nn_, kk = entry.shape
-            f = dequant_func(entry.scheme, nn_, kk, tdt(entry.scale), entry.dtype)
-            gv = deq_bb.add_func(f, f"dequant_{entry.scheme}_{nn_}x{kk}_{tdt(entry.scale)}")
-            deq_gvs[key] = (gv, f)
-        return deq_gvs[key][0]
+            f = dequant_func(entry.scheme, nn_, kk, _tdt(entry.scale), entry.dtype)
+            self.deq_gvs[key] = self.deq_bb.add_func(f, f"dequant_{entry.scheme}_{nn_}x{kk}_{_tdt(entry.scale)}")
+        return self.deq_gvs[key]
 
-    new_types = {}
-    rebuilt = {}
-    for fname, f in funcs.items():
-        entries = {i: split_roots[slots.find((fname, i))] for i in range(len(f.params))
-                   if slots.find((fname, i)) in split_roots}
-        rebuilt[fname] = (f, entries)
-    # a function whose signature changes gets a new GlobalVar (a typed one cannot be retyped)
-    gvmap = {fname: relax.GlobalVar(fname) for fname, (_f, entries) in rebuilt.items() if entries}
+    def function(self, fname: str):
+        """The function with each weight parameter split into codes and scales (None when it
+        takes none)."""
+        from tvm import relax
 
-    for fname, (f, entries) in rebuilt.items():
-        new_params, split = [], {}
+        f, entries = self.funcs[fname], self.entries[fname]
+        if not entries:
+            return None
+        params, self.split = [], {}
         for i, p in enumerate(f.params):
             if i in entries:
                 e = entries[i]
-                vq = relax.Var(f"{p.name}_q", relax.TensorType(list(e.q.shape), tdt(e.q)))
-                vs = relax.Var(f"{p.name}_s", relax.TensorType(list(e.scale.shape), tdt(e.scale)))
-                new_params += [vq, vs]
-                split[p] = (vq, vs, e)
+                vq = relax.Var(f"{p.name}_q", relax.TensorType(list(e.q.shape), _tdt(e.q)))
+                vs = relax.Var(f"{p.name}_s", relax.TensorType(list(e.scale.shape), _tdt(e.scale)))
+                params += [vq, vs]
+                self.split[p] = (vq, vs, e)
             else:
-                new_params.append(p)
-        if not split:
-            new_mod_funcs[fname] = f
-            continue
+                params.append(p)
+        self.fused = _fusable_transposes(f, self.split)
+        return relax.Function(params, self.seq(f.body), f.ret_ty, f.is_pure, f.attrs, f.span)
 
-        def args_of(args):
-            out = []
-            for a in args:
-                if isinstance(a, relax.Var) and a in split:
-                    out += list(split[a][:2])
-                else:
-                    out.append(a)
-            return out
+    def args_of(self, args) -> list:
+        from tvm import relax
 
-        fused = _fusable_transposes(f, split)
+        out = []
+        for a in args:
+            out += list(self.split[a][:2]) if isinstance(a, relax.Var) and a in self.split else [a]
+        return out
 
-        def rb_seq(seq):
-            blocks = []
-            for block in seq.blocks:
-                dataflow = isinstance(block, relax.DataflowBlock)
-                mk = relax.DataflowVar if dataflow else relax.Var
-                bindings = []
-                for b in block.bindings:
-                    v = b.value
-                    if isinstance(v, relax.If):
-                        v = relax.If(v.cond, rb_seq(v.true_branch), rb_seq(v.false_branch))
-                        bindings.append(relax.VarBinding(b.var, v))
-                    elif isinstance(v, relax.Call) and isinstance(v.op, relax.GlobalVar) and v.op.name_hint in funcs:
-                        bindings.append(relax.VarBinding(b.var, relax.Call(gvmap.get(v.op.name_hint, v.op),
-                                                                           args_of(v.args), v.attrs, v.ty_args)))
-                    elif b.var in fused:
-                        continue  # the transpose of a weight every use of which is a fused matmul
-                    elif _is_op(v, "relax.matmul") and v.args[1] in fused:
-                        vq, vs, e = split[fused[v.args[1]]]
-                        call = deq_bb.call_te(_te_qmatmul, v.args[0], vq, vs, scheme=e.scheme, n=e.shape[0],
-                                              k=e.shape[1], out_dtype=e.dtype,
-                                              primfunc_name_hint=f"qmatmul_{e.scheme}_{e.shape[0]}x{e.shape[1]}")
-                        bindings.append(relax.VarBinding(b.var, call))
-                    elif isinstance(v, relax.Call) and len(v.args) and isinstance(v.args[0], relax.Var) and v.args[0] in split:
-                        vq, vs, e = split[v.args[0]]
-                        d = mk(f"{v.args[0].name}_dq", relax.TensorType(list(e.shape), e.dtype))
-                        call = relax.call_tir(deq_gv(e), [vq, vs], relax.TensorType(list(e.shape), e.dtype))
-                        bindings.append(relax.VarBinding(d, call))
-                        bindings.append(relax.VarBinding(b.var, relax.Call(v.op, [d] + list(v.args[1:]), v.attrs,
-                                                                           v.ty_args)))
-                    else:
-                        bindings.append(b)
-                blocks.append(type(block)(bindings))
-            return relax.SeqExpr(blocks, seq.body)
+    def seq(self, seq):
+        from tvm import relax
 
-        body = rb_seq(f.body)
-        nf = relax.Function(new_params, body, f.ret_ty, f.is_pure, f.attrs, f.span)
-        new_mod_funcs[fname] = nf
-        new_types[fname] = nf
+        blocks = []
+        for block in seq.blocks:
+            mk = relax.DataflowVar if isinstance(block, relax.DataflowBlock) else relax.Var
+            bindings = []
+            for b in block.bindings:
+                bindings += self.binding(b, mk)
+            blocks.append(type(block)(bindings))
+        return relax.SeqExpr(blocks, seq.body)
 
-    for fname, nf in new_types.items():
-        relax.expr._update_type(gvmap[fname], relax.FuncType([p.ty for p in nf.params], nf.ret_ty, nf.is_pure))
-    out = {}
-    for gv, f in mod.functions.items():
-        out[gvmap.get(gv.name_hint, gv)] = new_mod_funcs.get(gv.name_hint, f)
-    for gv, f in deq_bb.get().functions.items():  # dequantisations and fused matmuls
-        out[gv] = f
-    new = tvm.IRModule(out, attrs=mod.attrs) if mod.attrs is not None else tvm.IRModule(out)
-    return relax.transform.Normalize()(new)
+    def binding(self, b, mk) -> list:
+        """What one binding becomes: calls of rewritten functions get codes and scales, a
+        weight's transpose into a matmul becomes one fused dequant-matmul, other uses of a
+        weight read a dequantised copy."""
+        from tvm import relax
+
+        v, split = b.value, self.split
+        if isinstance(v, relax.If):
+            return [relax.VarBinding(b.var, relax.If(v.cond, self.seq(v.true_branch), self.seq(v.false_branch)))]
+        if isinstance(v, relax.Call) and isinstance(v.op, relax.GlobalVar) and v.op.name_hint in self.funcs:
+            return [relax.VarBinding(b.var, relax.Call(self.gvmap.get(v.op.name_hint, v.op), self.args_of(v.args),
+                                                       v.attrs, v.ty_args))]
+        if b.var in self.fused:
+            return []  # the transpose of a weight every use of which is a fused matmul
+        if _is_op(v, "relax.matmul") and v.args[1] in self.fused:
+            vq, vs, e = split[self.fused[v.args[1]]]
+            call = self.deq_bb.call_te(_te_qmatmul, v.args[0], vq, vs, scheme=e.scheme, n=e.shape[0], k=e.shape[1],
+                                       out_dtype=e.dtype, primfunc_name_hint=f"qmatmul_{e.scheme}_{e.shape[0]}x{e.shape[1]}")
+            return [relax.VarBinding(b.var, call)]
+        if isinstance(v, relax.Call) and len(v.args) and isinstance(v.args[0], relax.Var) and v.args[0] in split:
+            vq, vs, e = split[v.args[0]]
+            d = mk(f"{v.args[0].name}_dq", relax.TensorType(list(e.shape), e.dtype))
+            call = relax.call_tir(self.deq_gv(e), [vq, vs], relax.TensorType(list(e.shape), e.dtype))
+            return [relax.VarBinding(d, call),
+                    relax.VarBinding(b.var, relax.Call(v.op, [d] + list(v.args[1:]), v.attrs, v.ty_args))]
+        return [b]
+
+    def module(self):
+        import tvm
+        from tvm import relax
+
+        new = {fname: self.function(fname) for fname in self.funcs}
+        for fname, nf in new.items():
+            if nf is not None:
+                relax.expr._update_type(self.gvmap[fname], relax.FuncType([p.ty for p in nf.params], nf.ret_ty,
+                                                                          nf.is_pure))
+        out = {}
+        for gv, f in self.mod.functions.items():
+            nf = new.get(gv.name_hint)
+            out[self.gvmap.get(gv.name_hint, gv)] = nf if nf is not None else f
+        for gv, f in self.deq_bb.get().functions.items():  # dequantisations and fused matmuls
+            out[gv] = f
+        mod = tvm.IRModule(out, attrs=self.mod.attrs) if self.mod.attrs is not None else tvm.IRModule(out)
+        return relax.transform.Normalize()(mod)
 
 
 def _fusable_transposes(f, split: dict) -> dict:
