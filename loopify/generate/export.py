@@ -116,6 +116,7 @@ _COUNTS: dict = {}
 #: can only see as data-dependent (Idefics3's count of real images) inside cond branches
 _SHAPES: dict = {}
 _CACHE_SLOT = object()  # where the cache sits among a loop call's arguments
+_STATE_SLOT = object()  # where the hidden state sits (it is the branches' first operand)
 
 
 @contextlib.contextmanager
@@ -164,23 +165,21 @@ def _groups(rec: Recursion) -> list[list[Depth]]:
 def _cond_forward(rec: Recursion, *args, **kwargs):
     """``rec.forward`` unrolled over its maximum count, each group of depths under
     ``cond(recursion < n)`` with its KV slots as explicit operands."""
-    if rec.connector is not None:
-        raise NotImplementedError(f"loop {rec.key}: compiled generation of loops with connectors is not "
-                                  "supported yet; generate in PyTorch (the .pt2)")
-    if rec.spec.period > 1:
-        raise NotImplementedError(f"loop {rec.key}: compiled generation of a loop over groups of "
-                                  f"{rec.spec.period} layers is not supported yet; generate in PyTorch (the .pt2)")
     n = _COUNTS[rec.key]
-    where, s = rec._state(list(args), kwargs)
-    h = args[s] if where == "arg" else kwargs[s]
-    leaves, spec = pytree.tree_flatten((list(args), dict(kwargs)))
+    # a group loop (period p): depth d takes the arguments of group position d % p
+    boxes = [(list(a), dict(kw)) for a, kw in rec.phase_calls(list(args), kwargs)]
+    where, s = rec._state(*boxes[0])
+    h = (boxes[0][0] if where == "arg" else boxes[0][1])[s]
+    for a, kw in boxes:
+        (a if where == "arg" else kw)[s] = _STATE_SLOT
+    leaves, spec = pytree.tree_flatten(boxes)
     # the cache (by keyword, or positional as nanoGPT passes it): replaced by a local one in branches
-    at = next((i for i, x in enumerate(leaves) if isinstance(x, ExportKV)), None)
-    cache = leaves[at] if at is not None else None
+    caches = [x for x in leaves if isinstance(x, ExportKV)]
+    cache = caches[0] if caches else None
     if cache is not None and rec.key not in {k for k, _, _ in cache.lay.loops}:
         cache = None
-    leaves = [_CACHE_SLOT if i == at else x for i, x in enumerate(leaves)]
-    tensor_at = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x is not h]
+    leaves = [_CACHE_SLOT if isinstance(x, ExportKV) else x for x in leaves]
+    tensor_at = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
     h, *side = _pin_data_dependent_sizes(rec, [h, *[leaves[i] for i in tensor_at]])
     # branches get every tensor as an operand: none may hide in what they close over
     leaves = [None if isinstance(x, torch.Tensor) else x for x in leaves]
@@ -262,11 +261,15 @@ def _cond_groups(rec, h, side, leaves, spec, tensor_at, where, s, cache, n):
     """The groups under cond; returns the hidden state and the state after each depth (the
     output of the depth's group: a group that does not run passes its input through)."""
     after: dict[int, torch.Tensor] = {}
+    steps = rec.steps(rec.spec.max_loops)
     for group in _groups(rec):
+        conn = _connector_operands(rec, group, after, steps)
+        taps = len(group) if rec.connector is not None and group[0].step + 1 < len(steps) else 0
         if cache is None:  # a loop without a KV cache (a vision tower): the hidden state alone
-            h = torch.cond(n > group[0].recursion, _Run((rec, group, None, (), leaves, spec, tensor_at, where, s, None)),
-                           _Skip(len(side), 0), (h, *side))
-            after.update({d.depth: h for d in group})
+            run = _Run((rec, group, None, (), leaves, spec, tensor_at, where, s, None), conn, taps)
+            out = torch.cond(n > group[0].recursion, run, _Skip(len(side) + len(conn), 0, taps=taps),
+                             (h, *side, *conn))
+            h = _record_after(after, group, out, taps)
             continue
         slots = [kv.slot(cache.lay.policy, d, 0) for d in group]
         idx = sorted({cache.index_of(sk.key) for sk in slots})
@@ -278,44 +281,85 @@ def _cond_groups(rec, h, side, leaves, spec, tensor_at, where, s, cache, n):
         held = [j for j in idx if j not in reads and j in cache.new]
         # the whole past goes in (each branch reads its slots inside): a slice taken out here
         # was a new buffer of a new size at every decode step, outside any memory plan
-        ops = (h, *side, cache.past_k, cache.past_v,
+        ops = (h, *side, *conn, cache.past_k, cache.past_v,
                *[cache.new[j][0].clone() for j in reads], *[cache.new[j][1].clone() for j in reads],
                *[cache.new[j][0].clone() for j in held], *[cache.new[j][1].clone() for j in held])
         ctx = (rec, group, idx, reads, leaves, spec, tensor_at, where, s, cache)
-        skip = _Skip(len(side), len(idx), 2 * len(reads), [idx.index(j) for j in held])
-        h, nk, nv = torch.cond(n > group[0].recursion, _Run(ctx), skip, ops)
-        after.update({d.depth: h for d in group})
+        skip = _Skip(len(side) + len(conn), len(idx), 2 * len(reads), [idx.index(j) for j in held], taps)
+        out = torch.cond(n > group[0].recursion, _Run(ctx, conn, taps), skip, ops)
+        h, nk, nv = _record_after(after, group, out[:1] + out[3:], taps), out[1], out[2]
         for q, j in enumerate(idx):
             if j not in reads:
                 cache.new[j] = (nk[q], nv[q])
     return h, after
 
 
-class _Run:
-    """The true branch: the group's depths, with a cache over the group's slots."""
+def _record_after(after: dict, group, out, taps: int) -> torch.Tensor:
+    """Note the state after each depth of a group (the per-depth states a connector's taps need,
+    else the group's output for each) and return the group's output."""
+    if not taps:
+        h = out if isinstance(out, torch.Tensor) else out[0]
+        after.update({d.depth: h for d in group})
+        return h
+    h, states = out[0], out[1]
+    after.update({d.depth: states[q] for q, d in enumerate(group)})
+    return h
 
-    def __init__(self, ctx):
-        self.ctx = ctx
+
+def _connector_operands(rec, group, after: dict, steps: list[list[int]]) -> list[torch.Tensor]:
+    """What the connector reads before a group that starts recursion step i > 0: the states
+    after each depth of step i - 1 (its taps), then the modality mask where the loop has one
+    (module form: read off the model's run, :func:`loopify.nn.connectors.current_modality`)."""
+    if rec.connector is None or group[0].step == 0:
+        return []
+    step = steps[group[0].step]
+    if group[0].depth != step[0] or len(group) != len(step):
+        raise NotImplementedError(f"loop {rec.key}: compiled generation of a connector needs each recursion "
+                                  "step to run as a whole (a cycle schedule); generate in PyTorch (the .pt2)")
+    # clones: the states are views of one stacked branch output, and cond operands may not alias
+    taps = [after[d].clone() for d in steps[group[0].step - 1]]
+    if rec.modality_token is not None:
+        from loopify.nn.connectors import current_modality
+
+        mask = current_modality()
+        if mask is not None:
+            taps.append(mask)
+    return taps
+
+
+class _Run:
+    """The true branch: the group's depths, with a cache over the group's slots (and first the
+    connector, on the ``n_conn`` operands after the side inputs: see :func:`_connector_operands`)."""
+
+    def __init__(self, ctx, conn: list | None = None, taps: int = 0):
+        self.ctx, self.n_conn, self.taps = ctx, len(conn or []), taps
+        self.masked = bool(conn) and conn[-1].dtype == torch.bool  # the modality mask follows the taps
 
     def __call__(self, h, *rest):
         rec, group, idx, reads, leaves, spec, tensor_at, where, s, cache = self.ctx
+        at = len(tensor_at) + self.n_conn
         side = rest[:len(tensor_at)]
+        if self.n_conn:
+            taps = list(rest[len(tensor_at):at])
+            mask = [taps.pop()] if self.masked else [None] * (rec.modality_token is not None)
+            h = rec.connector(h, taps, group[0].step, *mask)
         if cache is None:
-            return self._blocks(h, side, None)
-        pk, pv = rest[len(tensor_at)], rest[len(tensor_at) + 1]
-        prev = rest[len(tensor_at) + 2:len(tensor_at) + 2 + 2 * len(reads)]
+            h, states = self._blocks(h, side, None)
+            return (h, torch.stack(states)) if self.taps else h
+        pk, pv = rest[at], rest[at + 1]
+        prev = rest[at + 2:at + 2 + 2 * len(reads)]
         plan = [kv.slot(cache.lay.policy, d, 0) for d in group]
         local = ExportKV(pk, pv, cache.lay, index_of=cache.index_of, plan=plan)
         for j, k_, v_ in zip(reads, prev[:len(reads)], prev[len(reads):]):
             local.new[j] = (k_, v_)
-        h = self._blocks(h, side, local)
+        h, states = self._blocks(h, side, local)
         zero = pk.new_zeros((pk.shape[1], pk.shape[2], h.shape[-2], pk.shape[4]))
         # a slot this group only reads (share-first's later recursions) returns zeros, never its
         # operand: a cond branch may not return an input (aliasing), and the caller keeps the
         # writer's entry anyway
         got = [None if j in reads else local.new.get(j) for j in idx]
         return (h, torch.stack([g[0] if g is not None else zero for g in got]),
-                torch.stack([g[1] if g is not None else zero for g in got]))
+                torch.stack([g[1] if g is not None else zero for g in got]), *([torch.stack(states)] if self.taps else []))
 
     def _blocks(self, h, side, cache):
         """The group's depths on ``h``, the block call's other arguments rebuilt from the
@@ -324,26 +368,31 @@ class _Run:
         lv = [cache if x is _CACHE_SLOT else x for x in leaves]
         for pos, t in zip(tensor_at, side):
             lv[pos] = t
-        a, kw = pytree.tree_unflatten(lv, spec)
-        box = a if where == "arg" else kw
-        box[s] = h
+        phases = pytree.tree_unflatten(lv, spec)
+        states = []
         for d in group:
+            a, kw = phases[d.depth % len(phases)]
+            box = a if where == "arg" else kw
+            box[s] = h
             out = rec.call_block(d.block, _overrides(rec, d), tuple(a), kw)
-            box[s] = out[0] if isinstance(out, tuple) else out
-        return box[s]
+            h = out[0] if isinstance(out, tuple) else out
+            states.append(h)
+        return h, states
 
 
 class _Skip:
     """The false branch: the hidden state unchanged, zero keys for the group's slots, except
     the ``held`` ones (positions in the group's slots), which keep the entries passed in after
-    the ``n_reads`` read operands."""
+    the ``n_reads`` read operands; ``taps``: the per-depth states too (all ``h``)."""
 
-    def __init__(self, n_side: int, n_slots: int, n_reads: int = 0, held: list[int] | None = None):
+    def __init__(self, n_side: int, n_slots: int, n_reads: int = 0, held: list[int] | None = None, taps: int = 0):
         self.n_side, self.n_slots, self.n_reads, self.held = n_side, n_slots, n_reads, list(held or [])
+        self.taps = taps
 
     def __call__(self, h, *rest):
+        states = [torch.stack([h] * self.taps)] if self.taps else []
         if not self.n_slots:
-            return h.clone()
+            return (h.clone(), *states) if self.taps else h.clone()
         pk = rest[self.n_side]
         shape = (pk.shape[1], pk.shape[2], h.shape[-2], pk.shape[4])
         at = self.n_side + 2 + self.n_reads
@@ -352,7 +401,7 @@ class _Skip:
         vals = {q: rest[at + n + i] for i, q in enumerate(self.held)}
         ks = [keys[q].clone() if q in keys else pk.new_zeros(shape) for q in range(self.n_slots)]
         vs = [vals[q].clone() if q in vals else pk.new_zeros(shape) for q in range(self.n_slots)]
-        return h.clone(), torch.stack(ks), torch.stack(vs)
+        return h.clone(), torch.stack(ks), torch.stack(vs), *states
 
 
 def _overrides(rec: Recursion, d: Depth) -> dict:

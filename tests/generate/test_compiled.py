@@ -275,3 +275,51 @@ def test_the_runtime_refuses_out_of_vocabulary_ids_below_the_generator(gen_artif
         dec.prefill(batch)
     batch["input_ids"] = torch.tensor([[1, vocab - 1]])
     assert np.isfinite(dec.prefill(batch).numpy()).all()
+
+
+def _connector_llama(written, out):
+    """The zoo Llama converted 2 x 2 with recursive connectors whose scale and
+    projections are moved off their neutral start (at insertion a connector adds nothing, which
+    would let an export that drops it pass)."""
+    from loopify import capture
+    from loopify.nn import recursions
+
+    cap = capture.load(written["llama"]["hf"])
+    res = conv.convert_captured(cap, conv.ConvertConfig(rank=2, connector="recursive"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for rec in recursions(res.module).values():
+            rec.connector.scale.fill_(0.5)
+            for p in rec.connector.proj.parameters():
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    conv.save(res, cap, out)
+    return out
+
+
+def _group_gemma2(tmp_path, out):
+    """A 4-layer Gemma2 (sliding-window / full attention pairs) as one loop over 2-layer groups."""
+    from tests.tiny import write_tiny
+
+    conv.convert(write_tiny("Gemma2ForCausalLM", tmp_path, layers=4), conv.ConvertConfig(rank=4), out)
+    return out
+
+
+@pytest.mark.parametrize("case", ["connectors", "group-loop"])
+def test_connectors_and_group_loops_decode_in_the_artifact(written, tmp_path, case):
+    """A loop with recursive connectors (each step's ``cond`` gets the previous step's per-depth
+    states as operands: the taps) and a loop over groups of layers (depth d takes group position
+    d % p's mask) compile for generation; compile's own validation checks prefill logits within
+    ARTIFACT_RTOL and greedy tokens at every loop count, and a second prompt decodes as eager."""
+    from loopify.compile import compile_model
+
+    pt2 = _connector_llama(written, tmp_path / "c.pt2") if case == "connectors" else \
+        _group_gemma2(tmp_path, tmp_path / "g.pt2")
+    res = compile_model(pt2, tmp_path / "a.gen", max_context=48)
+    assert res.ok and {tuple(c["loops"]) for c in res.checks} == {(1,), (2,)}, res.checks
+    eager, compiled = open_model(pt2), open_model(tmp_path / "a.gen")
+    by_loops = {}
+    for loops in (1, 2):
+        a = eager.generate([[2, 17, 30, 4, 9]], Sampling(max_new_tokens=8), loops=loops).tokens
+        assert compiled.generate([[2, 17, 30, 4, 9]], Sampling(max_new_tokens=8), loops=loops).tokens == a, loops
+        by_loops[loops] = a
+    assert by_loops[1] != by_loops[2]  # the loop count (and the connector at step 2) changes the text
