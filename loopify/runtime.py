@@ -349,16 +349,21 @@ class GenerationArtifact:
         shape = (self.gen["layout"]["slots"], 1, self.gen["kv_heads"], 0, self.gen["head_dim"])
         return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
 
-    def step(self, entry: str, ids, mask, pos, k, v, loops, types=None, pixels=None):
+    def step(self, entry: str, ids, mask, pos, k, v, loops, types=None, pixels=None, last: bool = False):
         """One call of ``entry`` on numpy (or torch) inputs and the cache ``k``, ``v``; returns
         ``(logits [B, T, V], k, v)`` with the new tokens' keys and values appended. ``types``:
-        token types of prefix-LMs (default 0); ``loops``: one count per loop."""
+        token types of prefix-LMs (default 0); ``loops``: one count per loop; ``last``: the
+        logits of the last token only (``[B, 1, V]``: an artifact with ``logit_rows`` then runs
+        its LM head on that row alone)."""
         args = [self.tensor(ids, "int64"), self.tensor(mask, "int64"), self.tensor(pos, "int64"),
                 self.tensor(k), self.tensor(v), self.tensor(loops, "int64")]
         if self.gen.get("token_types"):
             args.append(self.tensor(types if types is not None else np.zeros_like(np.asarray(ids)), "int64"))
         if pixels is not None:
             args.append(self.tensor(pixels, "float32"))
+        t = np.asarray(ids).shape[1]
+        if self.gen.get("logit_rows"):
+            args.append(self.tensor(np.arange(t - 1 if last else 0, t), "int64"))
         logits, nk, nv = (o.numpy() for o in self.run(entry, *args))
         return logits, np.concatenate([k, nk], axis=3), np.concatenate([v, nv], axis=3)
 

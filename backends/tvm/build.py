@@ -3,7 +3,7 @@
 Pipeline (each target exposes the same phases, as TVM's own backends do)::
 
     import (stages -> one Relax module, params deduplicated)      staging.build_module
-    prepare  : weight-only computations lifted out of main (CPU)  schedules.prepare_passes
+    prepare  : vector exp / sigmoid / tanh / erf (CPU)            schedules.prepare_passes
     dispatch + legalise + fuse                                    TVM's cpu_generic / cuda phases
     tune     : optional MetaSchedule on exactly this module       tuning.tune / apply_database
     schedule : DLight GPU rules (cuda) / loopify CPU rules (llvm) schedules.schedule_passes
@@ -50,6 +50,8 @@ class CompileOptions:
         num_threads: the CPU thread count the schedules and tuning assume (default: all cores).
         weights: ``float32``, or ``int8`` / ``int4`` when the module carries quantised weights
             (their dequantisation is fused into the matmuls; see :mod:`.quant`).
+        fast_math: on CPUs, exp / sigmoid / tanh / erf as vector polynomials (:mod:`.fastmath`,
+            within ~1e-6 relative); False keeps libm's (one call per element).
     """
 
     schedule: str = "loopify"
@@ -59,11 +61,12 @@ class CompileOptions:
     rpc: str | None = None
     num_threads: int | None = None
     weights: str = "float32"
+    fast_math: bool = True
 
     def to_dict(self) -> dict:
         return {"schedule": self.schedule, "tune": self.tune, "trials": self.trials,
                 "tuning_db": self.tuning_db, "rpc": self.rpc, "num_threads": self.num_threads,
-                "weights": self.weights}
+                "weights": self.weights, "fast_math": self.fast_math}
 
 
 @dataclass

@@ -26,10 +26,12 @@ from .errors import CompileError
 LIBRARIES = {"prefill": "prefill.so", "decode": "decode.so", "prefill_image": "prefill_image.so"}
 
 
-def symbol_names(ep: torch.export.ExportedProgram) -> tuple[str, str]:
-    """(T, P): the symbols of the step's token count and past length, off its placeholders."""
+def symbol_names(ep: torch.export.ExportedProgram) -> tuple[str, str, str | None]:
+    """(T, P, L): the symbols of the step's token count, past length and logit rows (None when
+    the step has no ``logit_rows``), off its placeholders."""
     shapes = {n.name: n.meta["val"].shape for n in ep.graph.nodes if n.op == "placeholder"}
-    return str(shapes["input_ids"][1]), str(shapes["past_k"][3])
+    rows = shapes.get("logit_rows")
+    return str(shapes["input_ids"][1]), str(shapes["past_k"][3]), str(rows[0]) if rows is not None else None
 
 
 def specialise(mod, binds: dict):
@@ -45,8 +47,13 @@ def specialise(mod, binds: dict):
         funcs[gv] = f
     out = tvm.IRModule(funcs)
     for gv, f in list(out.functions.items()):
-        if isinstance(f, relax.Function) and binds:
-            out = relax.transform.BindSymbolicVars(binds, gv.name_hint)(out)
+        if not isinstance(f, relax.Function):
+            continue
+        names = {str(v) for v in relax.analysis.defined_symbolic_vars(f)} | {
+            str(v) for v in relax.analysis.free_symbolic_vars(f)}
+        mine = {k: v for k, v in binds.items() if k in names}  # a branch need not see every size
+        if mine:
+            out = relax.transform.BindSymbolicVars(mine, gv.name_hint)(out)
     return out
 
 
@@ -130,7 +137,7 @@ def build_entries(exported, target: dict, options, timings: dict, quant=None):
     :class:`loopify.nn.quant.QuantPlan` (its weights stored as codes and scales)."""
     ep = exported.program
     mod, pnames = import_step(ep)
-    t_sym, p_sym = symbol_names(ep)
+    t_sym, p_sym, l_sym = symbol_names(ep)
     assumptions: list = []
     img = None
     if exported.image is not None:
@@ -149,7 +156,7 @@ def build_entries(exported, target: dict, options, timings: dict, quant=None):
     sd = ep.state_dict
     tensors = [sd[n] for n in pnames]
     qinfo, qnames = None, list(pnames)
-    entries = [("prefill", mod, {}), ("decode", mod, {t_sym: 1})] + ([("prefill_image", img, None)] if img is not None else [])
+    entries = [("prefill", mod, {}), ("decode", mod, {t_sym: 1, **({l_sym: 1} if l_sym else {})})] + ([("prefill_image", img, None)] if img is not None else [])
     out = {}
     for name, m, binds in entries:
         # prefill keeps P symbolic (it also serves a prompt after a cached one): bound to 0,
@@ -193,7 +200,7 @@ def compile_generation(exported, target="x86", out=None, *, options=None, assets
                 "kind": "generation", "params": pnames, "loops": exported.loops, "source": source or {},
                 "assumptions": assumptions,
                 "generation": {"entries": {k: LIBRARIES[k] for k in exes}, "max_context": exported.max_context,
-                               "token_types": exported.token_types,
+                               "token_types": exported.token_types, "logit_rows": exported.logit_rows,
                                "image": None if exported.image is None else {
                                    "tokens": exported.image_tokens, "pixel_shape": exported.pixel_shape,
                                    "image_token_id": (source or {}).get("image_token_id"),

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 
 def prepare_passes(target, options) -> list:
-    """Relax-level passes before legalisation."""
-    return []
+    """Relax-level passes before legalisation: on CPUs, ``exp`` / ``sigmoid`` / ``tanh`` /
+    ``erf`` as vectorisable polynomials (:mod:`.fastmath`; LLVM calls libm once per element
+    otherwise). Per-depth LoRA needs no pass here: it is merged at compile time or runs
+    factored (:mod:`loopify.nn.lora`)."""
+    if getattr(getattr(target, "kind", None), "name", None) != "llvm" or not getattr(options, "fast_math", True):
+        return []
+    from .fastmath import vector_math_pass
+
+    return [vector_math_pass()]
 
 
 def legalize_passes(target, dataflow: bool = True, fuse_transpose: bool = False) -> list:

@@ -505,7 +505,30 @@ class RowReduction(ScheduleRule):
                 sch.compute_at(b.block_rv, row, preserve_unit_loops=True)
             if b.is_injective():
                 _vectorize_inner_safe(sch, b.block_rv, lanes, rows)
+            elif rows > 0:
+                _reduce_in_lanes(sch, b.block_rv, lanes)
         return sch
+
+
+def _reduce_in_lanes(sch, block_rv, lanes: int) -> None:
+    """A row reduction (sum, max) as ``lanes`` partial results in a vector, then their sum:
+    the exponentials of a softmax's sum (and the squares of a norm) are computed a vector at a
+    time instead of one by one. A row whose length is symbolic runs its last vector under a
+    predicate. Left serial where TVM refuses the rfactor (the reduction is still right)."""
+    loops = sch.get_loops(block_rv)
+    n = _const(sch.get(loops[-1]).extent)
+    if n is not None and (n % lanes or n <= lanes):
+        return
+    try:
+        ko, ki = sch.split(loops[-1], [None, lanes])
+        rf = sch.rfactor(ki, factor_axis=len(sch.get(block_rv).writes[0].region))
+        sch.set_scope(rf, 0, "local")
+        rl = sch.get_loops(rf)
+        sch.vectorize(rl[-1])
+        init = sch.decompose_reduction(rf, rl[-2])
+        sch.vectorize(sch.get_loops(init)[-1])
+    except Exception as e:  # noqa: BLE001
+        log.debug("row reduction left serial: %s", e)
 
 
 def _vectorize_inner_safe(sch, block_rv, lanes, rows):

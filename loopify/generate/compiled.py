@@ -32,7 +32,7 @@ class TVMDecoder:
         self.k = self.v = None
 
     def _call(self, entry: str, ids, mask, pos, types=None, pixels=None, last: bool = True):
-        logits, self.k, self.v = self.art.step(entry, ids, mask, pos, self.k, self.v, self.loops, types, pixels)
+        logits, self.k, self.v = self.art.step(entry, ids, mask, pos, self.k, self.v, self.loops, types, pixels, last)
         return logits[:, -1] if last else logits
 
     def prefill(self, batch: dict, last: bool = True):

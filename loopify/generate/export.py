@@ -464,8 +464,18 @@ class Step(torch.nn.Module):
                 # by attribute: a reference kept to the tensor would be baked in as a constant)
                 rec.__dict__["_premerged"][1][depth] = entry
 
+    @property
+    def head(self):
+        """The output embedding (the LM head), which :meth:`forward`'s ``logit_rows`` restricts,
+        or None for a model that does not name one."""
+        get = getattr(self.wrapper.model, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        return head if isinstance(head, torch.nn.Module) else None
+
     def forward(self, input_ids, attention_mask, position_ids, past_k, past_v, loops, token_type_ids=None,
-                pixel_values=None):
+                pixel_values=None, logit_rows=None):
+        """``logit_rows`` ([L] int64 positions among the T new tokens): the LM head runs on those
+        rows only (a prompt's prefill needs the last one; scoring needs all)."""
         torch._check(attention_mask.shape[1] == past_k.shape[3] + input_ids.shape[1])
         cache = ExportKV(past_k, past_v, self.lay)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
@@ -473,13 +483,26 @@ class Step(torch.nn.Module):
             inputs["token_type_ids"] = token_type_ids
         if pixel_values is not None:
             inputs["pixel_values"] = pixel_values
-        with _unrolled(self.wrapper, {k: loops[j] for j, k in enumerate(self.keys)}):
+        with _unrolled(self.wrapper, {k: loops[j] for j, k in enumerate(self.keys)}), _rows(self.head, logit_rows):
             out = self.wrapper.run_model(inputs, use_cache=True, cache=cache)
         logits = out if isinstance(out, torch.Tensor) else out["logits"]
         if self.logits_last:
             logits = logits[:, -1:]
         new_k, new_v = cache.stacked(input_ids.shape[1], past_k)
         return logits, new_k, new_v
+
+
+@contextlib.contextmanager
+def _rows(head, rows):
+    """While the step runs, ``head`` reads only hidden-state rows ``rows`` (None: all)."""
+    if head is None or rows is None:
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda mod, args: (args[0].index_select(-2, rows), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def kv_users(wrapper, inputs: dict, image_token_id=None) -> tuple[list[int], set[str]]:
@@ -509,6 +532,7 @@ class Exported:
     max_context: int
     example: tuple
     token_types: bool = False                      # the steps take token_type_ids (prefix-LM models)
+    logit_rows: bool = False                       # the steps take logit_rows (the head's rows), last
     image: torch.export.ExportedProgram | None = None
     image_example: tuple | None = None
     image_tokens: int = 0
@@ -559,11 +583,14 @@ def export_step(wrapper, inputs: dict, policy: str, max_context: int, image_toke
     T, P = Dim("T", min=1, max=max_context), Dim("P", min=0, max=max_context - 1)
     ds = {"input_ids": {1: T}, "attention_mask": {1: Dim.AUTO}, "position_ids": {1: T}, "past_k": {3: P},
           "past_v": {3: P}, "loops": None, **({"token_type_ids": {1: T}} if token_types else {})}
+    if step.head is not None:  # 2 rows on the example (export would specialise 1)
+        kw["logit_rows"] = torch.arange(t - 2, t)
+        ds["logit_rows"] = {0: Dim("L", min=1, max=max_context)}
     with torch.no_grad():
         ep = torch.export.export(step, example, kw, dynamic_shapes=ds, strict=False)
         logits = step(*example, **kw)[0]
     out = Exported(ep, lay, heads, hd, int(logits.shape[-1]), loops, max_context, example + tuple(kw.values()),
-                   token_types)
+                   token_types, logit_rows="logit_rows" in kw)
     if "pixel_values" in inputs:
         _export_image_step(out, step, inputs, image_token_id, counts)
     return out
@@ -584,6 +611,9 @@ def _export_image_step(out: Exported, step: Step, inputs: dict, image_token_id, 
     T = Dim("T", min=n_img + 1, max=out.max_context)
     ds = {"input_ids": {1: T}, "attention_mask": {1: T}, "position_ids": {1: T}, "past_k": None, "past_v": None,
           "loops": None, **({"token_type_ids": {1: T}} if out.token_types else {}), "pixel_values": None}
+    if out.logit_rows:
+        kw["logit_rows"] = torch.arange(t - 2, t)
+        ds["logit_rows"] = {0: Dim("L", min=1, max=out.max_context)}
     with torch.no_grad(), record_shapes(step.wrapper):
         step(*ex, **kw)  # eager: the loops' argument shapes on the example
     with torch.no_grad():

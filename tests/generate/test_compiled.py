@@ -97,9 +97,10 @@ def test_decode_buffers_do_not_grow_with_the_past(gen_artifact):
         k0, _ = art.empty_cache()
         kv = np.zeros(k0.shape[:3] + (past,) + k0.shape[4:], "float32")
         sizes.clear()
+        rows = [art.tensor([0], "int64")] if art.gen.get("logit_rows") else []
         vm["main"](art.tensor(np.array([[3]]), "int64"), art.tensor(np.ones((1, past + 1)), "int64"),
                    art.tensor(np.array([[past]]), "int64"), art.tensor(kv), art.tensor(kv.copy()),
-                   art.tensor([2], "int64"), *art.params)
+                   art.tensor([2], "int64"), *rows, *art.params)
         seen[past] = sorted(s for s in sizes if s >= 4096)
     assert seen[5] and seen[5] == seen[9] == seen[40], seen
 
@@ -323,3 +324,22 @@ def test_connectors_and_group_loops_decode_in_the_artifact(written, tmp_path, ca
         assert compiled.generate([[2, 17, 30, 4, 9]], Sampling(max_new_tokens=8), loops=loops).tokens == a, loops
         by_loops[loops] = a
     assert by_loops[1] != by_loops[2]  # the loop count (and the connector at step 2) changes the text
+
+
+def test_prefill_runs_the_head_on_the_rows_asked_for(gen_artifact):
+    """``logit_rows``: a generating prefill asks for the last row only (the head over every
+    prompt row was 17% of SmolLM2's prefill) and gets that row's logits of a full prefill
+    (within ARTIFACT_RTOL: the same kernels, one row instead of T)."""
+    import numpy as np
+
+    from loopify import runtime
+
+    _, path, _ = gen_artifact
+    art = runtime.load(path)
+    assert art.gen["logit_rows"]
+    ids = np.array([[4, 8, 15, 16, 23, 42]])
+    args = (ids, np.ones_like(ids), np.arange(6)[None])
+    full, _, _ = art.step("prefill", *args, *art.empty_cache(), [2])
+    last, k, _ = art.step("prefill", *args, *art.empty_cache(), [2], last=True)
+    assert full.shape[1] == 6 and last.shape[1] == 1 and k.shape[3] == 6
+    assert np.abs(last[0, 0] - full[0, -1]).max() <= 1e-4 * np.abs(full[0, -1]).max()
