@@ -444,7 +444,8 @@ def example_inputs(path: Path, wrapper: ExportWrapper, arch: str, seq_len: int |
     model = wrapper.model
     config = model.config
     model_type = str(getattr(config, "model_type", ""))
-    inputs, _ = make_inputs(Path(path), model, config, model_type, _forward_params(model), seq_len, info, batch)
+    inputs, _ = make_inputs(Path(path), model, config, model_type, _forward_params(model), seq_len, info, batch,
+                            verify=False)  # built before its weights are loaded
     return {k: v for k, v in inputs.items() if k not in wrapper.flags}  # layout inputs fixed as flags
 
 
@@ -484,6 +485,8 @@ def finish_model(path: Path, arch: str, model, seq_len: int | None, requested: s
     info = {**(info or {}), "num_parameters": _num_params(model),
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "source": "transformers"}
     inputs, image_token_id = make_inputs(path, model, config, model_type, fwd_params, seq_len, info, batch, tokenizer)
+    for k in [k for k, v in inputs.items() if not isinstance(v, torch.Tensor)]:
+        flags[k] = inputs.pop(k)  # precomputed sizes (ints): constants of the program, like its shapes
     out = _eager_forward(path, arch, model, inputs, flags)
     output_names = _pick_outputs(out)
     if not output_names:
