@@ -18,6 +18,8 @@ token_type_ids        when the forward takes them: zeros, except for the prefix-
                       ``_PREFIX_LM`` (PaliGemma) where image + prompt are the prefix (0) and the
                       last third of the text is the suffix (1), as the PaliGemma processor
                       writes them.
+mm_token_type_ids     when the forward takes them (vision-language models): 1 at the image
+                      tokens, 0 elsewhere, as the processors write them.
 pixel_values          for models with a ``vision_config`` and an image token: one image of the
                       vision tower's ``image_size`` (``num_channels`` channels), values in
                       [-1, 1], fixed seed; 5-D (batch, images, C, H, W) for ``_PIXELS_5D``;
@@ -281,6 +283,8 @@ def _text_inputs(path: Path, model, config, model_type: str, fwd_params, seq_len
         inputs["input_ids"] = torch.stack(rows)
         prefix_len = len(rows[0])
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    if is_vlm and "mm_token_type_ids" in fwd_params:  # as processors make them: 1 at image tokens
+        inputs["mm_token_type_ids"] = (inputs["input_ids"] == int(image_token_id)).long()
     if "token_type_ids" in fwd_params:
         tti = torch.zeros_like(inputs["input_ids"])
         if model_type in _PREFIX_LM:

@@ -106,7 +106,10 @@ def precompute_layout(model, inputs: dict, verify: bool = True) -> dict:
 
     found = [(f"{modality}_", enc, inputs[name]) for name, modality in _GRID_INPUTS.items()
              if isinstance(inputs.get(name), torch.Tensor) and (enc := packed_encoder(model, modality)) is not None]
-    if not found or not takes_any_keyword(model):
+    if not takes_any_keyword(model):
+        found = []
+    rope = rope_positions(model, inputs)
+    if not found and rope is None:
         return {}
     register()
     if verify:
@@ -120,6 +123,8 @@ def precompute_layout(model, inputs: dict, verify: bool = True) -> dict:
         with torch.no_grad():  # the encoder's own helpers (maximum lengths as its attention reads them)
             precompute_export_inputs(enc, pre)
         out.update({prefix + k: v for k, v in pre.items() if k != "grid_thw" and v is not None})
+    if rope is not None:
+        out["position_ids"] = rope
     if not verify:
         return out
     with torch.no_grad():
@@ -130,6 +135,21 @@ def precompute_layout(model, inputs: dict, verify: bool = True) -> dict:
             enc.config._attn_implementation = impl
         raise ValueError(f"the precomputed image layout changes the model's outputs by {err:.2g} relative")
     return out
+
+
+def rope_positions(model, inputs: dict) -> torch.Tensor | None:
+    """Multimodal rotary positions (Qwen-VL's 3-D (t, h, w) positions) made by the model's own
+    ``get_rope_index`` from the token ids, modality types and grids, when the forward takes
+    ``position_ids`` and would otherwise make them itself, from the values of its inputs."""
+    fn = next((getattr(m, "get_rope_index") for m in (model, getattr(model, "model", None))
+               if hasattr(m, "get_rope_index")), None)
+    if fn is None or "position_ids" not in _params(model.forward) or "position_ids" in inputs:
+        return None
+    params = _params(fn)
+    if "mm_token_type_ids" in params and "mm_token_type_ids" not in inputs:
+        return None  # the model makes plain positions then, in the program
+    with torch.no_grad():
+        return fn(**{k: v for k, v in inputs.items() if k in params})[0]
 
 
 def _first_tensor(out) -> torch.Tensor:
