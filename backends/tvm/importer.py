@@ -263,6 +263,32 @@ def specialise_mask_counts(ep: torch.export.ExportedProgram, example) -> tuple[t
     return ep, assumptions
 
 
+def _index_with_slices(node, importer):
+    """``x[:, :, i, j]``-style advanced indexing (several index tensors beside full slices, as
+    ``F.unfold`` decomposes). TVM's converter broadcasts the slices' aranges against the index
+    tensors from the left, which is wrong for these (Mistral3's patch merger failed to import).
+    Here: the indexed axes are moved to the front, indexed jointly with ``index_tensor``
+    (broadcast index shapes first, then the other axes in order: PyTorch's result when the
+    indexed axes are apart), then the broadcast axes move to where the first indexed axis stood
+    when the indexed axes are adjacent (PyTorch's rule)."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    x = importer.env[node.args[0]]
+    indices = list(node.args[1])
+    ndim = len(x.ty.shape)
+    adv = [i for i, idx in enumerate(indices) if idx is not None]
+    rest = [i for i in range(ndim) if i not in adv]
+    moved = bb.emit(relax.op.permute_dims(x, adv + rest))
+    out = bb.emit(relax.op.index_tensor(moved, [importer.env[indices[i]] for i in adv]))
+    nb = len(node.meta["val"].shape) - len(rest)  # broadcast index dims
+    if adv == list(range(adv[0], adv[-1] + 1)) and adv[0] > 0:
+        k = adv[0]
+        order = list(range(nb, nb + k)) + list(range(nb)) + list(range(nb + k, nb + len(rest)))
+        out = bb.emit(relax.op.permute_dims(out, order))
+    return out
+
+
 def _index_tensor(node, importer):
     """``aten.index.Tensor``; a boolean mask sized by :func:`specialise_mask_counts` becomes a
     static gather of its true positions (row-major), else TVM's own converter."""
@@ -272,6 +298,9 @@ def _index_tensor(node, importer):
 
     hit = _bool_mask_index(node)
     if hit is None:
+        indices = node.args[1]
+        if any(i is None for i in indices) and sum(i is not None for i in indices) > 1:
+            return _index_with_slices(node, importer)
         return importer._index_tensor(node)
     if MASK_COUNT not in node.meta:
         raise CompileError(

@@ -62,6 +62,32 @@ def test_unfold_matches_torch(tmp_path):
     torch.testing.assert_close(got, Unfold()(x)[0], rtol=0, atol=0)
 
 
+class SliceIndex(torch.nn.Module):
+    """Several index tensors beside full slices: ``F.unfold``'s im2col gather (Mistral3's patch
+    merger), the adjacent case where PyTorch keeps the broadcast axes in place, and the apart one
+    where they come first."""
+
+    def __init__(self, kind: int):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        a = torch.tensor([[0, 1], [2, 3]]).reshape(2, 2, 1, 1)
+        b = torch.tensor([[0, 1], [1, 2]])
+        if self.kind == 0:
+            return (x[:, :, a, b],)
+        if self.kind == 1:
+            return (x[:, a[:, :, 0, 0], :, b],)
+        return (torch.nn.functional.unfold(x, kernel_size=2, stride=2),)
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2])
+def test_index_with_slices_matches_torch(tmp_path, kind):
+    x = torch.arange(1 * 5 * 4 * 4, dtype=torch.float32).reshape(1, 5, 4, 4)
+    got = _run_compiled(_export(SliceIndex(kind), x), (x,), tmp_path)[0]
+    torch.testing.assert_close(got, SliceIndex(kind)(x)[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("values", [[1.0, 2.0, 3.0], [1.0, -2.0, 3.0]])
 def test_is_all_true_matches_torch(tmp_path, values):
     x = torch.tensor(values)
