@@ -226,9 +226,12 @@ def test_gemma3_vlm_vmap_masks_flow(gemma3):
 # image_grid_thw inside the forward and splits its attention by cu_seqlens.tolist(): capture
 # computes that layout outside the program (capture.varlen) and runs the segmented attention as
 # one block-diagonal masked SDPA. A window of 48 pixels (3 merged patches) on the 4x4 merged grid
-# gives windows of 9, 3, 3 and 1 merged patches: segments of different lengths.
+# gives windows of 9, 3, 3 and 1 merged patches: segments of different lengths. Vision blocks 1
+# and 3 attend over the whole image (fullatt_block_indexes), 0 and 2 within windows: a run of 2
+# groups of 2.
 
-qwen25_vl = _fixture("Qwen2_5_VLForConditionalGeneration", vision_config__window_size=48)
+qwen25_vl = _fixture("Qwen2_5_VLForConditionalGeneration", layers=4, vision_config__window_size=48,
+                     vision_config__fullatt_block_indexes=[1, 3])
 llava_onevision = _fixture("LlavaOnevisionForConditionalGeneration")
 mistral3 = _fixture("Mistral3ForConditionalGeneration")
 swin = _fixture("SwinModel")
@@ -238,13 +241,14 @@ swin = _fixture("SwinModel")
 def test_qwen25_vl_full_model_flow(qwen25_vl):
     """The whole model, vision tower included: both stacks folded, exact, compiled."""
     _check_flow(qwen25_vl, stacks=2)
-    assert {s["stack"] for s in qwen25_vl["spans"]["spans"]} == {"model.model.language_model.layers",
-                                                                 "model.model.visual.blocks"}
+    spans = {s["stack"]: s for s in qwen25_vl["spans"]["spans"]}
+    assert set(spans) == {"model.model.language_model.layers", "model.model.visual.blocks"}
+    assert (spans["model.model.visual.blocks"]["period"], spans["model.model.visual.blocks"]["length"]) == (2, 4)
     m = qwen25_vl["spans"]["model"]
     assert {"image_cu_window_seqlens", "image_window_index", "position_ids"} <= set(m["precomputed_layout"])
     windows = [i for i in m["inputs"] if i["name"] == "image_cu_window_seqlens"][0]
     assert windows["shape"] == [5]  # 4 windows of unequal length
-    assert "validate loops=[1, 1]" in qwen25_vl["compile"]
+    assert "validate loops=[1, 1]" in qwen25_vl["compile"] and "validate loops=[2, 2]" in qwen25_vl["compile"]
 
 
 @pytest.mark.slow
