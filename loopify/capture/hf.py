@@ -512,6 +512,26 @@ def finish_model(path: Path, arch: str, model, seq_len: int | None, requested: s
     return HFModel(wrapper, inputs, output_names, arch, model_type, str(actual_impl), image_token_id, info)
 
 
+def complete_user_inputs(path: Path, model: HFModel, kwargs: dict) -> dict:
+    """Keyword inputs given by the user (``--inputs FILE``) with the layout of packed vision
+    encoders added as the dummy inputs get it (:mod:`loopify.capture.varlen`), so that a file of
+    what the processor makes (``input_ids``, ``pixel_values``, ``image_grid_thw`` ...) exports;
+    inputs that already hold a precomputed layout are left as they are."""
+    from loopify.capture import varlen
+
+    if not isinstance(model.module, ExportWrapper) or any(k.endswith("cu_seqlens") for k in kwargs):
+        return kwargs
+    try:
+        layout = varlen.precompute_layout(model.module.model, kwargs)
+    except ValueError as e:
+        raise HFLoadError(f"{path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the user's inputs do not fit the model
+        raise HFLoadError(f"{path}: the inputs file does not fit the model ({type(e).__name__}: {one_line(e)})") from None
+    for k in [k for k, v in layout.items() if not isinstance(v, torch.Tensor)]:
+        model.module.flags[k] = layout.pop(k)
+    return {**kwargs, **layout}
+
+
 def _eager_forward(path: Path, arch: str, model, inputs: dict, flags: dict):
     """One eager forward: checks the inputs (HF verifies the image-token count) and gives the
     outputs to name. Image-layout inputs (``image_sizes`` ...) move from ``inputs`` into ``flags``

@@ -62,3 +62,18 @@ def test_models_without_packed_encoders_are_left_alone():
     assert VARLEN_ATTENTION.startswith("loopify_flash")  # transformers routes names with "flash" by segments
     assert packed_encoder(build("LlavaForConditionalGeneration", layers=1), "image") is None
     assert packed_encoder(build("Qwen2_5_VLForConditionalGeneration", layers=1), "image") is not None
+
+
+def test_inputs_file_of_processor_outputs_gets_the_layout(tmp_path):
+    """--inputs with what a processor makes (no precomputed layout) exports as the dummy inputs
+    do: the layout is added outside the program; the export matches eager exactly."""
+    from loopify.capture import hf, load
+    from tests.tiny import write_tiny
+
+    d = write_tiny("Qwen2_5_VLForConditionalGeneration", tmp_path, layers=1)
+    m = hf.load_hf_dir(d)
+    plain = {k: v for k, v in m.inputs.items() if k not in m.info["precomputed_layout"]}
+    assert "image_grid_thw" in plain and "image_cu_seqlens" not in plain
+    torch.save(plain, tmp_path / "inputs.pt")
+    cap = load(d, inputs=tmp_path / "inputs.pt")
+    assert "image_cu_window_seqlens" in cap.kwargs and cap.export_check.max_abs_err == 0.0
