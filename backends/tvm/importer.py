@@ -432,6 +432,21 @@ def _sym_sum(node, importer):
     return total
 
 
+def _grid_sampler_2d(node, importer):
+    """``aten.grid_sampler_2d``: torch's grid is (N, H, W, 2), TVM's ``image.grid_sample`` reads
+    (N, 2, H, W); TVM's own converter passes torch's as it is (wrong output shape: GLM-4V's
+    position-embedding resampling failed to import)."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    args = importer.retrieve_args(node)
+    interp = {0: "bilinear", 1: "nearest", 2: "bicubic"}[args[2] if len(args) > 2 else 0]
+    pad = {0: "zeros", 1: "border", 2: "reflection"}[args[3] if len(args) > 3 else 0]
+    grid = bb.emit(relax.op.permute_dims(args[1], [0, 3, 1, 2]))
+    return bb.emit(relax.op.image.grid_sample(args[0], grid, method=interp, layout="NCHW", padding_mode=pad,
+                                              align_corners=bool(args[4]) if len(args) > 4 else False))
+
+
 def custom_convert_map() -> dict[str, Callable]:
     """Converters loopify adds to ``from_exported_program`` (keyed as the importer keys ops)."""
     return {
@@ -443,6 +458,7 @@ def custom_convert_map() -> dict[str, Callable]:
         "and_": _logical(operator.and_, "logical_and"),
         "sym_not": _logical(operator.not_, "logical_not"),
         "index.Tensor": _index_tensor,
+        "grid_sampler_2d.default": _grid_sampler_2d,
         "sym_size.int": _sym_size_int,
         "sym_sum": _sym_sum,
         "constant_pad_nd.default": _constant_pad_nd,
