@@ -361,6 +361,30 @@ def _float_unary(relax_name: str | None):
     return convert
 
 
+def _float_binary(relax_name: str, py_op):
+    """``add / sub / mul / div`` with torch's promotion when an integer tensor meets a float:
+    the integer operand is cast to the result's float dtype first. TVM's converter makes a
+    Python float operand a constant of the *tensor's* dtype, so ``w_coords + 0.5`` on int64
+    coordinates added 0 (GLM-4V's position-embedding grid was off by half a patch). Other
+    cases go to TVM's own converter."""
+
+    def convert(node, importer):
+        from tvm import relax
+
+        want = node.meta.get("val")
+        args = [importer.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args[:2]]
+        integer = [isinstance(a, relax.Expr) and "float" not in str(a.ty.dtype) for a in args]
+        if node.kwargs or want is None or not want.dtype.is_floating_point or not any(integer):
+            return importer._binary_op(getattr(relax.op, relax_name), py_op)(node)
+        bb = importer.block_builder
+        dtype = str(want.dtype).replace("torch.", "")
+        lhs, rhs = (bb.emit(relax.op.astype(a, dtype)) if isinstance(a, relax.Expr) and str(a.ty.dtype) != dtype
+                    else a if isinstance(a, relax.Expr) else relax.const(a, dtype) for a in args)
+        return bb.emit(getattr(relax.op, relax_name)(lhs, rhs))
+
+    return convert
+
+
 def _where(node, importer):
     """``where(cond, x, y)`` with torch's type promotion: both branches cast to the result's
     dtype. TVM's converter requires one dtype (Gemma3's token-type positions mix an int32
@@ -459,6 +483,9 @@ def custom_convert_map() -> dict[str, Callable]:
         "sym_not": _logical(operator.not_, "logical_not"),
         "index.Tensor": _index_tensor,
         "grid_sampler_2d.default": _grid_sampler_2d,
+        **{f"{op}.Tensor": _float_binary(name, fn) for op, name, fn in (
+            ("add", "add", operator.add), ("sub", "subtract", operator.sub), ("mul", "multiply", operator.mul),
+            ("div", "divide", operator.truediv))},
         "sym_size.int": _sym_size_int,
         "sym_sum": _sym_sum,
         "constant_pad_nd.default": _constant_pad_nd,

@@ -264,6 +264,21 @@ def test_float_ops_on_integers_promote_as_torch_does(tmp_path):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=0)
 
 
+class IntFloatArith(torch.nn.Module):
+    def forward(self, i, f):  # int64 coordinates with Python floats and float tensors: float in torch
+        return ((i + 0.5) / f * 2 - 1, i * 0.25 - 0.5, i / (i + 1))
+
+
+def test_integer_tensor_with_floats_promotes_as_torch_does(tmp_path):
+    # TVM's binary converters made 0.5 an int64 constant (0): GLM-4V's position grid moved by
+    # half a patch. Values are exact binary fractions here except the divisions: 1e-6 relative.
+    i, f = torch.arange(6).reshape(2, 3), torch.full((2, 3), 4.0)
+    got = _run_compiled(_export(IntFloatArith(), i, f), (i, f), tmp_path)
+    for g, w in zip(got, IntFloatArith()(i, f)):
+        assert g.dtype == w.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=0)
+
+
 class WhereMixed(torch.nn.Module):
     def forward(self, cond, x):  # x int32, the other branch a 0-d int64: torch's result is int32
         return (torch.where(cond, x, torch.tensor(7, dtype=torch.int64)) * 3,)
