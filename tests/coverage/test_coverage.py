@@ -232,6 +232,7 @@ def test_gemma3_vlm_vmap_masks_flow(gemma3):
 
 qwen25_vl = _fixture("Qwen2_5_VLForConditionalGeneration", layers=4, vision_config__window_size=48,
                      vision_config__fullatt_block_indexes=[1, 3])
+glm4v = _fixture("Glm4vForConditionalGeneration")
 llava_onevision = _fixture("LlavaOnevisionForConditionalGeneration")
 mistral3 = _fixture("Mistral3ForConditionalGeneration")
 swin = _fixture("SwinModel")
@@ -249,6 +250,15 @@ def test_qwen25_vl_full_model_flow(qwen25_vl):
     windows = [i for i in m["inputs"] if i["name"] == "image_cu_window_seqlens"][0]
     assert windows["shape"] == [5]  # 4 windows of unequal length
     assert "validate loops=[1, 1]" in qwen25_vl["compile"] and "validate loops=[2, 2]" in qwen25_vl["compile"]
+
+
+@pytest.mark.slow
+def test_glm4v_packed_encoder_flow(glm4v):
+    """Another packed family (GLM-4V: full-image segments, a resampled position grid): the same
+    layout change; its compile needs grid_sample's grid layout and int-float promotion."""
+    _check_flow(glm4v, stacks=2)
+    assert "image_cu_seqlens" in glm4v["spans"]["model"]["precomputed_layout"]
+    assert "validate loops=[2, 2]" in glm4v["compile"]
 
 
 @pytest.mark.slow
