@@ -69,6 +69,11 @@ def _shrink(d: dict, layers: int) -> dict:
             out[k] = v
     if "depths" in out and "hidden_size" in out:  # hierarchical (Swin): the last stage's width, derived
         out.pop("hidden_size")
+    if "depths" in out and isinstance(out.get("window_size"), int) and out.get("patch_size"):
+        # each stage halves the patch grid: the window must fit the last stage's grid (a window
+        # larger than it breaks the relative position bias, 4 vs 16 positions)
+        last = (_SIZES["image_size"] // out["patch_size"]) >> (len(out["depths"]) - 1)
+        out["window_size"] = max(1, min(out["window_size"], last))
     if "spatial_merge_size" in out and "window_size" in out:  # a window in pixels (Qwen2.5-VL), not patches
         out["window_size"] = 4 * _SIZES["patch_size"]
     return out

@@ -263,6 +263,32 @@ def specialise_mask_counts(ep: torch.export.ExportedProgram, example) -> tuple[t
     return ep, assumptions
 
 
+def _index_with_slices(node, importer):
+    """``x[:, :, i, j]``-style advanced indexing (several index tensors beside full slices, as
+    ``F.unfold`` decomposes). TVM's converter broadcasts the slices' aranges against the index
+    tensors from the left, which is wrong for these (Mistral3's patch merger failed to import).
+    Here: the indexed axes are moved to the front, indexed jointly with ``index_tensor``
+    (broadcast index shapes first, then the other axes in order: PyTorch's result when the
+    indexed axes are apart), then the broadcast axes move to where the first indexed axis stood
+    when the indexed axes are adjacent (PyTorch's rule)."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    x = importer.env[node.args[0]]
+    indices = list(node.args[1])
+    ndim = len(x.ty.shape)
+    adv = [i for i, idx in enumerate(indices) if idx is not None]
+    rest = [i for i in range(ndim) if i not in adv]
+    moved = bb.emit(relax.op.permute_dims(x, adv + rest))
+    out = bb.emit(relax.op.index_tensor(moved, [importer.env[indices[i]] for i in adv]))
+    nb = len(node.meta["val"].shape) - len(rest)  # broadcast index dims
+    if adv == list(range(adv[0], adv[-1] + 1)) and adv[0] > 0:
+        k = adv[0]
+        order = list(range(nb, nb + k)) + list(range(nb)) + list(range(nb + k, nb + len(rest)))
+        out = bb.emit(relax.op.permute_dims(out, order))
+    return out
+
+
 def _index_tensor(node, importer):
     """``aten.index.Tensor``; a boolean mask sized by :func:`specialise_mask_counts` becomes a
     static gather of its true positions (row-major), else TVM's own converter."""
@@ -272,6 +298,9 @@ def _index_tensor(node, importer):
 
     hit = _bool_mask_index(node)
     if hit is None:
+        indices = node.args[1]
+        if any(i is None for i in indices) and sum(i is not None for i in indices) > 1:
+            return _index_with_slices(node, importer)
         return importer._index_tensor(node)
     if MASK_COUNT not in node.meta:
         raise CompileError(
@@ -328,6 +357,30 @@ def _float_unary(relax_name: str | None):
         if relax_name is None:
             return bb.emit(relax.op.divide(relax.const(1.0, dtype), x))
         return bb.emit(getattr(relax.op, relax_name)(x))
+
+    return convert
+
+
+def _float_binary(relax_name: str, py_op):
+    """``add / sub / mul / div`` with torch's promotion when an integer tensor meets a float:
+    the integer operand is cast to the result's float dtype first. TVM's converter makes a
+    Python float operand a constant of the *tensor's* dtype, so ``w_coords + 0.5`` on int64
+    coordinates added 0 (GLM-4V's position-embedding grid was off by half a patch). Other
+    cases go to TVM's own converter."""
+
+    def convert(node, importer):
+        from tvm import relax
+
+        want = node.meta.get("val")
+        args = [importer.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args[:2]]
+        integer = [isinstance(a, relax.Expr) and "float" not in str(a.ty.dtype) for a in args]
+        if node.kwargs or want is None or not want.dtype.is_floating_point or not any(integer):
+            return importer._binary_op(getattr(relax.op, relax_name), py_op)(node)
+        bb = importer.block_builder
+        dtype = str(want.dtype).replace("torch.", "")
+        lhs, rhs = (bb.emit(relax.op.astype(a, dtype)) if isinstance(a, relax.Expr) and str(a.ty.dtype) != dtype
+                    else a if isinstance(a, relax.Expr) else relax.const(a, dtype) for a in args)
+        return bb.emit(getattr(relax.op, relax_name)(lhs, rhs))
 
     return convert
 
@@ -403,6 +456,21 @@ def _sym_sum(node, importer):
     return total
 
 
+def _grid_sampler_2d(node, importer):
+    """``aten.grid_sampler_2d``: torch's grid is (N, H, W, 2), TVM's ``image.grid_sample`` reads
+    (N, 2, H, W); TVM's own converter passes torch's as it is (wrong output shape: GLM-4V's
+    position-embedding resampling failed to import)."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    args = importer.retrieve_args(node)
+    interp = {0: "bilinear", 1: "nearest", 2: "bicubic"}[args[2] if len(args) > 2 else 0]
+    pad = {0: "zeros", 1: "border", 2: "reflection"}[args[3] if len(args) > 3 else 0]
+    grid = bb.emit(relax.op.permute_dims(args[1], [0, 3, 1, 2]))
+    return bb.emit(relax.op.image.grid_sample(args[0], grid, method=interp, layout="NCHW", padding_mode=pad,
+                                              align_corners=bool(args[4]) if len(args) > 4 else False))
+
+
 def custom_convert_map() -> dict[str, Callable]:
     """Converters loopify adds to ``from_exported_program`` (keyed as the importer keys ops)."""
     return {
@@ -414,6 +482,10 @@ def custom_convert_map() -> dict[str, Callable]:
         "and_": _logical(operator.and_, "logical_and"),
         "sym_not": _logical(operator.not_, "logical_not"),
         "index.Tensor": _index_tensor,
+        "grid_sampler_2d.default": _grid_sampler_2d,
+        **{f"{op}.Tensor": _float_binary(name, fn) for op, name, fn in (
+            ("add", "add", operator.add), ("sub", "subtract", operator.sub), ("mul", "multiply", operator.mul),
+            ("div", "divide", operator.truediv))},
         "sym_size.int": _sym_size_int,
         "sym_sum": _sym_sum,
         "constant_pad_nd.default": _constant_pad_nd,

@@ -444,7 +444,8 @@ def example_inputs(path: Path, wrapper: ExportWrapper, arch: str, seq_len: int |
     model = wrapper.model
     config = model.config
     model_type = str(getattr(config, "model_type", ""))
-    inputs, _ = make_inputs(Path(path), model, config, model_type, _forward_params(model), seq_len, info, batch)
+    inputs, _ = make_inputs(Path(path), model, config, model_type, _forward_params(model), seq_len, info, batch,
+                            verify=False)  # built before its weights are loaded
     return {k: v for k, v in inputs.items() if k not in wrapper.flags}  # layout inputs fixed as flags
 
 
@@ -484,6 +485,8 @@ def finish_model(path: Path, arch: str, model, seq_len: int | None, requested: s
     info = {**(info or {}), "num_parameters": _num_params(model),
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "source": "transformers"}
     inputs, image_token_id = make_inputs(path, model, config, model_type, fwd_params, seq_len, info, batch, tokenizer)
+    for k in [k for k, v in inputs.items() if not isinstance(v, torch.Tensor)]:
+        flags[k] = inputs.pop(k)  # precomputed sizes (ints): constants of the program, like its shapes
     out = _eager_forward(path, arch, model, inputs, flags)
     output_names = _pick_outputs(out)
     if not output_names:
@@ -507,6 +510,26 @@ def finish_model(path: Path, arch: str, model, seq_len: int | None, requested: s
         outs = wrapper(**inputs)
     info["output_shapes"] = {n: list(o.shape) for n, o in zip(output_names, outs)}
     return HFModel(wrapper, inputs, output_names, arch, model_type, str(actual_impl), image_token_id, info)
+
+
+def complete_user_inputs(path: Path, model: HFModel, kwargs: dict) -> dict:
+    """Keyword inputs given by the user (``--inputs FILE``) with the layout of packed vision
+    encoders added as the dummy inputs get it (:mod:`loopify.capture.varlen`), so that a file of
+    what the processor makes (``input_ids``, ``pixel_values``, ``image_grid_thw`` ...) exports;
+    inputs that already hold a precomputed layout are left as they are."""
+    from loopify.capture import varlen
+
+    if not isinstance(model.module, ExportWrapper) or any(k.endswith("cu_seqlens") for k in kwargs):
+        return kwargs
+    try:
+        layout = varlen.precompute_layout(model.module.model, kwargs)
+    except ValueError as e:
+        raise HFLoadError(f"{path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the user's inputs do not fit the model
+        raise HFLoadError(f"{path}: the inputs file does not fit the model ({type(e).__name__}: {one_line(e)})") from None
+    for k in [k for k, v in layout.items() if not isinstance(v, torch.Tensor)]:
+        model.module.flags[k] = layout.pop(k)
+    return {**kwargs, **layout}
 
 
 def _eager_forward(path: Path, arch: str, model, inputs: dict, flags: dict):

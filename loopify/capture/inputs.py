@@ -18,6 +18,8 @@ token_type_ids        when the forward takes them: zeros, except for the prefix-
                       ``_PREFIX_LM`` (PaliGemma) where image + prompt are the prefix (0) and the
                       last third of the text is the suffix (1), as the PaliGemma processor
                       writes them.
+mm_token_type_ids     when the forward takes them (vision-language models): 1 at the image
+                      tokens, 0 elsewhere, as the processors write them.
 pixel_values          for models with a ``vision_config`` and an image token: one image of the
                       vision tower's ``image_size`` (``num_channels`` channels), values in
                       [-1, 1], fixed seed; 5-D (batch, images, C, H, W) for ``_PIXELS_5D``;
@@ -37,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from loopify.capture import modalities
+from loopify.capture import modalities, varlen
 from loopify.errors import CaptureError
 
 DEFAULT_TEXT_LEN = 24
@@ -207,7 +209,7 @@ def image_token_id_of(config) -> int | None:
 
 
 def make_inputs(path: Path, model, config, model_type: str, fwd_params: list[str], seq_len: int | None,
-                info: dict, batch: int = 1, tokenizer=None) -> tuple[dict[str, torch.Tensor], int | None]:
+                info: dict, batch: int = 1, tokenizer=None, verify: bool = True) -> tuple[dict[str, torch.Tensor], int | None]:
     """Example keyword inputs for ``model`` and its image token id (None for text-only models);
     ``info`` receives what was made (modalities, lengths, image token counts ...).
 
@@ -215,7 +217,9 @@ def make_inputs(path: Path, model, config, model_type: str, fwd_params: list[str
     :mod:`loopify.capture.modalities`), never because a model is assumed to read tokens; what
     cannot be built is named in the error with ``--inputs FILE`` as the way out.
 
-    ``tokenizer``: the model's tokenizer when it has one (else one is loaded from ``path``)."""
+    ``tokenizer``: the model's tokenizer when it has one (else one is loaded from ``path``);
+    ``verify``: check precomputed layout inputs against the plain forward (off for a model whose
+    weights are not loaded yet)."""
     from loopify.capture.hf import HFLoadError
 
     image_token_id = image_token_id_of(config)
@@ -243,6 +247,13 @@ def make_inputs(path: Path, model, config, model_type: str, fwd_params: list[str
         modalities_.append("audio")
         inputs.update(audio)
     inputs.update(modalities.decoder_inputs(config, fwd_params, batch, vocab, special_ids(config)))
+    try:  # packed vision encoders: their layout computed here, not in the program
+        layout = varlen.precompute_layout(model, inputs, verify)
+    except ValueError as e:
+        raise HFLoadError(f"{path}: {e}") from None
+    if layout:
+        info["precomputed_layout"] = sorted(layout)
+        inputs.update(layout)
     info["modalities"] = modalities_
     info["batch"] = int(batch)
     lacking = modalities.missing(model, fwd_params, inputs)
@@ -272,6 +283,8 @@ def _text_inputs(path: Path, model, config, model_type: str, fwd_params, seq_len
         inputs["input_ids"] = torch.stack(rows)
         prefix_len = len(rows[0])
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    if is_vlm and "mm_token_type_ids" in fwd_params:  # as processors make them: 1 at image tokens
+        inputs["mm_token_type_ids"] = (inputs["input_ids"] == int(image_token_id)).long()
     if "token_type_ids" in fwd_params:
         tti = torch.zeros_like(inputs["input_ids"])
         if model_type in _PREFIX_LM:

@@ -212,6 +212,11 @@ def _load_hf(path: Path, kind: str, user_inputs, seq_len, attn_implementation, b
     except hf.HFLoadError as e:
         raise CaptureError(str(e)) from None
     args, kwargs = user_inputs if user_inputs is not None else ((), dict(model.inputs))
+    if user_inputs is not None and not args:
+        try:
+            kwargs = hf.complete_user_inputs(path, model, kwargs)
+        except hf.HFLoadError as e:
+            raise CaptureError(str(e)) from None
     program = export_module(model.module, args, kwargs, source=path)
     info = {"architecture": model.architecture, "model_type": model.model_type,
             "attn_implementation": model.attn_implementation, "output_names": list(model.output_names),

@@ -9,10 +9,11 @@ input                    rule
 pixel_values             one image per row of the (vision) config's ``image_size`` and
                          ``num_channels``, values in [-1, 1], fixed seed (vision-only models,
                          dual encoders such as CLIP, and vision-language models).
-image_sizes,             describe an image's layout (tiles, patch grid), which only the
-image_grid_thw           family's image processor knows how to make: the pixels then come from
-                         that processor, its settings (size, patch size, merge size, tile
-                         pinpoints) taken from the config, or from the directory's own
+image_sizes,             describe an image's layout (tiles, patch grid, images per sample),
+image_grid_thw,          which only the family's image processor knows how to make: the
+batch_num_images         pixels then come from that processor, its settings (size, patch
+                         size, merge size, tile pinpoints) taken from the config, or from
+                         the directory's own
                          ``preprocessor_config.json`` -- when that processor makes them (LLaVA's
                          forward names ``image_sizes``, its processor makes none: plain pixels).
 input_features           log-mel features ``(batch, num_mel_bins, frames)``; frames are twice
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 
 #: Inputs that describe an image's layout: only the family's image processor makes them.
-IMAGE_LAYOUT_INPUTS = ("image_sizes", "image_grid_thw")
+IMAGE_LAYOUT_INPUTS = ("image_sizes", "image_grid_thw", "batch_num_images")
 #: Inputs a model reads as data; the other forward parameters are options or alternatives.
 DATA_INPUTS = ("input_ids", "pixel_values", "input_features", "input_values", "decoder_input_ids",
                *IMAGE_LAYOUT_INPUTS)

@@ -219,3 +219,63 @@ def test_gemma3_vlm_vmap_masks_flow(gemma3):
     _check_flow(gemma3, stacks=2)
     assert {s["stack"] for s in gemma3["spans"]["spans"]} == {"model.model.language_model.layers",
                                                               "model.model.vision_tower.encoder.layers"}
+
+
+# -- packed vision encoders and more image-layout inputs ---------------------------------------
+# Qwen2.5-VL derives its patch positions, windows and segment bounds (cu_seqlens) from
+# image_grid_thw inside the forward and splits its attention by cu_seqlens.tolist(): capture
+# computes that layout outside the program (capture.varlen) and runs the segmented attention as
+# one block-diagonal masked SDPA. A window of 48 pixels (3 merged patches) on the 4x4 merged grid
+# gives windows of 9, 3, 3 and 1 merged patches: segments of different lengths. Vision blocks 1
+# and 3 attend over the whole image (fullatt_block_indexes), 0 and 2 within windows: a run of 2
+# groups of 2.
+
+qwen25_vl = _fixture("Qwen2_5_VLForConditionalGeneration", layers=4, vision_config__window_size=48,
+                     vision_config__fullatt_block_indexes=[1, 3])
+glm4v = _fixture("Glm4vForConditionalGeneration")
+llava_onevision = _fixture("LlavaOnevisionForConditionalGeneration")
+mistral3 = _fixture("Mistral3ForConditionalGeneration")
+swin = _fixture("SwinModel")
+
+
+@pytest.mark.slow
+def test_qwen25_vl_full_model_flow(qwen25_vl):
+    """The whole model, vision tower included: both stacks folded, exact, compiled."""
+    _check_flow(qwen25_vl, stacks=2)
+    spans = {s["stack"]: s for s in qwen25_vl["spans"]["spans"]}
+    assert set(spans) == {"model.model.language_model.layers", "model.model.visual.blocks"}
+    assert (spans["model.model.visual.blocks"]["period"], spans["model.model.visual.blocks"]["length"]) == (2, 4)
+    m = qwen25_vl["spans"]["model"]
+    assert {"image_cu_window_seqlens", "image_window_index", "position_ids"} <= set(m["precomputed_layout"])
+    windows = [i for i in m["inputs"] if i["name"] == "image_cu_window_seqlens"][0]
+    assert windows["shape"] == [5]  # 4 windows of unequal length
+    assert "validate loops=[1, 1]" in qwen25_vl["compile"] and "validate loops=[2, 2]" in qwen25_vl["compile"]
+
+
+@pytest.mark.slow
+def test_glm4v_packed_encoder_flow(glm4v):
+    """Another packed family (GLM-4V: full-image segments, a resampled position grid): the same
+    layout change; its compile needs grid_sample's grid layout and int-float promotion."""
+    _check_flow(glm4v, stacks=2)
+    assert "image_cu_seqlens" in glm4v["spans"]["model"]["precomputed_layout"]
+    assert "validate loops=[2, 2]" in glm4v["compile"]
+
+
+@pytest.mark.slow
+def test_llava_onevision_batch_num_images_flow(llava_onevision):
+    """batch_num_images (like image_sizes) is a constant of the program."""
+    _check_flow(llava_onevision, stacks=2)
+
+
+@pytest.mark.slow
+def test_mistral3_patch_merger_compiles(mistral3):
+    """The patch merger's F.unfold gathers x[:, :, i, j]: imported with PyTorch's axis order."""
+    _check_flow(mistral3, stacks=2)
+
+
+@pytest.mark.slow
+def test_swin_last_stage_flow(swin):
+    """Stage 2's blocks (no shift: the window covers its 2x2 grid) fold; stage 1 alternates
+    plain and shifted windows, so its two blocks are not interchangeable."""
+    _check_flow(swin)
+    assert [s["stack"] for s in swin["spans"]["spans"]] == ["model.encoder.layers.1.blocks"]

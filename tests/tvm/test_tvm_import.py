@@ -62,6 +62,52 @@ def test_unfold_matches_torch(tmp_path):
     torch.testing.assert_close(got, Unfold()(x)[0], rtol=0, atol=0)
 
 
+class SliceIndex(torch.nn.Module):
+    """Several index tensors beside full slices: ``F.unfold``'s im2col gather (Mistral3's patch
+    merger), the adjacent case where PyTorch keeps the broadcast axes in place, and the apart one
+    where they come first."""
+
+    def __init__(self, kind: int):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        a = torch.tensor([[0, 1], [2, 3]]).reshape(2, 2, 1, 1)
+        b = torch.tensor([[0, 1], [1, 2]])
+        if self.kind == 0:
+            return (x[:, :, a, b],)
+        if self.kind == 1:
+            return (x[:, a[:, :, 0, 0], :, b],)
+        return (torch.nn.functional.unfold(x, kernel_size=2, stride=2),)
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2])
+def test_index_with_slices_matches_torch(tmp_path, kind):
+    x = torch.arange(1 * 5 * 4 * 4, dtype=torch.float32).reshape(1, 5, 4, 4)
+    got = _run_compiled(_export(SliceIndex(kind), x), (x,), tmp_path)[0]
+    torch.testing.assert_close(got, SliceIndex(kind)(x)[0], rtol=0, atol=0)
+
+
+class GridSample(torch.nn.Module):
+    def __init__(self, mode: str, padding: str, align: bool):
+        super().__init__()
+        self.opts = dict(mode=mode, padding_mode=padding, align_corners=align)
+
+    def forward(self, x, grid):
+        return (torch.nn.functional.grid_sample(x, grid, **self.opts),)
+
+
+@pytest.mark.parametrize("opts", [("bicubic", "border", False), ("bilinear", "zeros", False),
+                                  ("nearest", "zeros", True)])
+def test_grid_sample_takes_torchs_grid_layout(tmp_path, opts):
+    """torch's grid is (N, H, W, 2), TVM's (N, 2, H, W). Interpolation weights reorder float32
+    sums: 1e-5 absolute on values ~1 (measured up to 9.5e-7), points outside [-1, 1] included."""
+    torch.manual_seed(0)
+    x, grid = torch.randn(1, 3, 5, 4), torch.rand(1, 6, 2, 2) * 2.4 - 1.2
+    got = _run_compiled(_export(GridSample(*opts), x, grid), (x, grid), tmp_path)[0]
+    torch.testing.assert_close(got, GridSample(*opts)(x, grid)[0], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("values", [[1.0, 2.0, 3.0], [1.0, -2.0, 3.0]])
 def test_is_all_true_matches_torch(tmp_path, values):
     x = torch.tensor(values)
@@ -215,6 +261,21 @@ def test_float_ops_on_integers_promote_as_torch_does(tmp_path):
     ep = _export(IntReciprocal(), m)
     got = _run_compiled(ep, (m,), tmp_path)
     for g, w in zip(got, IntReciprocal()(m)):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=0)
+
+
+class IntFloatArith(torch.nn.Module):
+    def forward(self, i, f):  # int64 coordinates with Python floats and float tensors: float in torch
+        return ((i + 0.5) / f * 2 - 1, i * 0.25 - 0.5, i / (i + 1))
+
+
+def test_integer_tensor_with_floats_promotes_as_torch_does(tmp_path):
+    # TVM's binary converters made 0.5 an int64 constant (0): GLM-4V's position grid moved by
+    # half a patch. Values are exact binary fractions here except the divisions: 1e-6 relative.
+    i, f = torch.arange(6).reshape(2, 3), torch.full((2, 3), 4.0)
+    got = _run_compiled(_export(IntFloatArith(), i, f), (i, f), tmp_path)
+    for g, w in zip(got, IntFloatArith()(i, f)):
+        assert g.dtype == w.dtype == torch.float32
         torch.testing.assert_close(g, w, rtol=1e-6, atol=0)
 
 
