@@ -26,8 +26,12 @@ def zoo_dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def planned(zoo_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("plan") / "plan.json"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(pl, "STAGE2", 2)  # a smaller search: seconds, not a minute
+    request_finalizer = mp.undo
     r = CliRunner().invoke(cli, ["plan", str(zoo_dirs["llama"]), "--budget", "params=0.7", "--tokenizer", "bytes",
                                  "--tokens", "96", "--json", str(out)])
+    request_finalizer()
     assert r.exit_code == 0, r.output
     return out, json.loads(out.read_text()), r.output
 
