@@ -67,6 +67,7 @@ def cli(ctx, debug, verbose):
       generate  generate text with a KV cache (original, converted or compiled), loops per request
       eval      fidelity on a text file at every loop count: perplexity and next-token agreement, or
                 sentence cosine and similarity rank correlation (encoders)
+      plan      search conversion plans under a parameter or latency budget, without training
     MODEL is a torch.export archive (.pt2/.pt), a Hugging Face directory, a GGUF file, or (with
     --trust-pickle) a pickled nn.Module.
     """
@@ -213,12 +214,15 @@ def inspect(model, inputs, trust_pickle, allow_export_mismatch, seq_len, batch, 
 @click.option("--capacity", metavar="C0,C1,...", default=None,
               help="Expert router: fraction of the tokens kept at each recursion step (default (N-r)/N).")
 @click.option("--pipeline", "pipeline_spec", metavar="SPEC", help="Full pipeline spec (overrides the plan options).")
+@click.option("--plan", "plan_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="A `loopify plan` JSON: convert with the pipeline spec of its chosen point (or --point N).")
+@click.option("--point", type=int, default=None, help="With --plan: the point to take (default: the chosen one).")
 @click.option("--dry-run", is_flag=True, help="Plan, convert and verify; write nothing.")
 @capture_options
 @pipeline_options
 def convert(model, out, blocks, loops, sharing, init, rank, connector, mode, repeat, stacks, norms, subsample,
-            image_token_id, router, capacity, pipeline_spec, dry_run, inputs, trust_pickle, allow_export_mismatch,
-            seq_len, batch, print_after, dump_ir, timing, skip):
+            image_token_id, router, capacity, pipeline_spec, plan_file, point, dry_run, inputs, trust_pickle,
+            allow_export_mismatch, seq_len, batch, print_after, dump_ir, timing, skip):
     """Fold MODEL's spans of interchangeable layers into recursive loops and write OUT.pt2.
 
     With no options: every run is halved (K = L/2 blocks x 2 loops), cycle sharing, average
@@ -228,6 +232,16 @@ def convert(model, out, blocks, loops, sharing, init, rank, connector, mode, rep
     """
     from loopify import convert as conv
 
+    if point is not None and plan_file is None:
+        raise LoopifyError("--point needs --plan PLAN.json")
+    if plan_file is not None:
+        from loopify.plan import point_spec
+
+        if pipeline_spec:
+            raise LoopifyError("give --plan or --pipeline, not both")
+        pipeline_spec, chosen = point_spec(plan_file, model, point)
+        click.echo(f"plan {plan_file}: point {point if point is not None else 'chosen'} (params "
+                   f"{chosen['params_ratio']:.1%}, run it at --loops {chosen['loops']})", err=True)
     config = conv.ConvertConfig(blocks=blocks or 0, loops=loops or 0, sharing=sharing, init=init,
                                 rank=_rank_option(rank), connector=connector or "none", mode=mode, repeat=repeat,
                                 stacks=tuple(stacks), norms=norms, subsample=subsample,
@@ -681,6 +695,49 @@ def generate_cmd(model, prompts, prompt_ids, image, chat, max_new_tokens, loops_
 
         write_json(json_out, {"model": str(model), "kind": g.kind, "loops": loops, "kv_policy": kv_policy,
                               "sampling": s.__dict__, **res.to_dict()})
+
+
+@cli.command("plan")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--budget", required=True, metavar="params=R|latency=R",
+              help="Parameters or estimated latency (FLOPs) at most R times the original's.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Calibration text (one text per line or JSON lines; default: the train side of the real text "
+                   "on this machine, see `python -m loopify.texts`).")
+@click.option("--tokens", type=click.IntRange(min=16), default=512, show_default=True,
+              help="Calibration tokens each candidate is measured on.")
+@click.option("--metric", default=None, help="Fidelity to rank by: kl (default), top1_agreement, top5_overlap, "
+                                             "perplexity (causal LMs); cosine (default), spearman (encoders).")
+@click.option("--tokenizer", default="auto", show_default=True, help="auto (the model's own), bytes, or a tokenizer directory.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the plan as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write the Pareto fronts (PNG).")
+def plan_cmd(model, budget, data, tokens, metric, tokenizer, threads, json_out, plot):
+    """Search MODEL's conversion plans under a budget without training: which layers to fold (the
+    run may be cut where its first or last layers matter most), blocks, sharing, init, per-depth
+    vectors and per-matrix LoRA ranks from the SVD energy. Each candidate is converted in eager
+    PyTorch and measured on the calibration tokens; prints the Pareto front (fidelity against
+    parameters and against FLOPs) and the best point within the budget, which `loopify convert
+    MODEL --plan PLAN.json` converts."""
+    import torch
+
+    from loopify import plan as pl
+
+    _check_outputs(json_out, plot)
+    b = pl.Budget.parse(budget)
+    if threads:
+        torch.set_num_threads(threads)
+    click.echo(f"plan: model={model} budget={b} data={data or 'real text on this machine (train side)'} "
+               f"tokens={tokens} metric={metric or 'default'}", err=True)
+    rep = pl.plan(model, b, data=data, tokens=tokens, metric=metric, tokenizer_choice=tokenizer,
+                  progress=lambda msg: click.echo(msg, err=True))
+    click.echo(pl.format_table(rep))
+    if json_out:
+        pl.write(rep, json_out)
+        click.echo(f"wrote {json_out}", err=True)
+    if plot:
+        pl.plot(rep, plot)
+        click.echo(f"wrote {plot}", err=True)
 
 
 @cli.command("eval")

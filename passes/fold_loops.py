@@ -28,6 +28,7 @@ parameters can stay per depth (``norms=per-depth``), stored as [L, ...] tensors.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -70,6 +71,8 @@ class FoldLoops(Pass):
         repeat: deepen mode: default loop count R.
         stacks: only runs in these stacks (``:``-separated module paths); empty: all.
         subsample: when K does not divide L, keep an evenly spaced K*floor(L/K) layers.
+        keep_first / keep_last: cut the run: its first / last layers stay unique, outside the
+            loop (a layer of high block influence, as SmolLM2's layer 0); the loop folds the rest.
     """
 
     name: ClassVar[str] = "fold-loops"
@@ -83,6 +86,8 @@ class FoldLoops(Pass):
     repeat: int = 2
     stacks: tuple[str, ...] = ()
     subsample: bool = False
+    keep_first: int = 0
+    keep_last: int = 0
 
     def __post_init__(self):
         if self.blocks < 0 or self.loops < 0:
@@ -91,13 +96,15 @@ class FoldLoops(Pass):
             raise ValueError("give blocks or loops, not both")
         if self.repeat < 1:
             raise ValueError("repeat must be >= 1")
+        if self.keep_first < 0 or self.keep_last < 0:
+            raise ValueError("keep_first and keep_last must be >= 0")
         if self.mode == "deepen" and (self.blocks or self.loops or self.sharing != "cycle"):
             raise ValueError("deepen mode keeps every layer's weights: blocks, loops and sharing do not apply (use repeat)")
 
     def run(self, state: State) -> PassResult:
         require(self, state)  # the spans analysis is never empty once find-spans ran
         found = state.analyses["spans"].spans
-        spans = [s for s in found if not self.stacks or s.stack in self.stacks]
+        spans = [self._cut(s) for s in found if not self.stacks or s.stack in self.stacks]
         if self.stacks:
             known = {s.stack for s in found}
             missing = [s for s in self.stacks if s not in known]
@@ -119,6 +126,21 @@ class FoldLoops(Pass):
         return PassResult(state.replace(module=module), True, {"loops": reports})
 
     # ------------------------------------------------------------------------------------------
+
+    def _cut(self, span):
+        """The span without its ``keep_first`` first and ``keep_last`` last layers (whole groups)."""
+        if not (self.keep_first or self.keep_last):
+            return span
+        p, a, b = span.period, self.keep_first, span.length - self.keep_last
+        if a % p or self.keep_last % p:
+            raise ValueError(f"{span.stack}: a run of groups of {p} layers is cut by whole groups: keep_first and "
+                             f"keep_last must be multiples of {p}")
+        if b - a < 2 * p:
+            raise ValueError(f"{span.stack}[{span.start}:{span.start + span.length}]: keeping {a} first and "
+                             f"{self.keep_last} last layers leaves {max(b - a, 0)} to fold (at least {2 * p} needed)")
+        sim = {k: v[a:b] if isinstance(v, list) and len(v) == span.length else v for k, v in span.similarity.items()}
+        return dataclasses.replace(span, start=span.start + a, length=b - a, layers=list(span.layers[a:b]),
+                                   similarity=sim)
 
     def _plan(self, length: int, period: int = 1) -> tuple[int, list[int]]:
         """(K, kept layer offsets) for a run of ``length`` layers (``period``: in groups of p)."""

@@ -37,6 +37,10 @@ class Relax(Pass):
         rank: LoRA rank r, or ``full`` (reproduces the original model). 0 adds nothing.
         alpha: LoRA alpha; the scale is alpha / r (0: scale 1). Compensated in the init.
         vectors: keep every depth's own biases and norm scales (always on at rank=full).
+        ranks: per-matrix ranks that override ``rank``, as ``name@r`` entries (``:``-separated);
+            ``name`` is a matrix's parameter name in the block or a dotted part of it
+            (``self_attn.q_proj@16:mlp@8``); the first entry that matches wins; r = 0 leaves the
+            matrix without LoRA. ``loopify plan`` chooses them from the SVD energy.
     """
 
     name: ClassVar[str] = "relax"
@@ -44,17 +48,24 @@ class Relax(Pass):
     rank: int | Literal["full"] = 8
     alpha: float = 0.0
     vectors: bool = True
+    ranks: tuple[str, ...] = ()
+    #: how the factors of one matrix at one depth are made (``loopify plan`` swaps in a cached one)
+    factors: ClassVar = staticmethod(lora.svd_factors)
 
     def __post_init__(self):
         if self.rank != "full" and self.rank < 0:
             raise ValueError("rank must be >= 0 or 'full'")
+        for entry in self.ranks:
+            name, _, r = entry.rpartition("@")
+            if not name or not r.isdigit():
+                raise ValueError(f"ranks entry {entry!r}: give name@rank, e.g. self_attn.q_proj@16")
         if self.alpha < 0:
             raise ValueError("alpha must be >= 0")
 
     def run(self, state: State) -> PassResult:
         if not require(self, state):
             return PassResult(state, False, {"note": "fold-loops made no loop: nothing to relax"})
-        if self.rank == 0 and not self.vectors:
+        if self.rank == 0 and not self.vectors and not self.ranks:
             return PassResult(state, False, {"rank": 0, "note": "rank 0: nothing to relax"})
         done = self._already(state.module)
         if done:
@@ -82,32 +93,44 @@ class Relax(Pass):
         for r in relaxed:
             names = lora.matrix_params(r.blocks[0])
             blocks = dict(r.blocks[0].named_parameters())
-            want = {n: self._rank(blocks[n].shape) for n in names} if self.rank != 0 else {}
+            want = {n: self._rank(blocks[n].shape, n) for n in names if self._rank(blocks[n].shape, n)}
             have = {unkey(k): int(a.shape[1]) for k, a in r.lora_A.items()}
             if have != want:
                 raise ValueError(f"{r.key} is already relaxed at another rank ({sorted(set(have.values()))}); "
                                  "convert again from the original")
         return len(relaxed) == len(loops)
 
-    def _rank(self, shape) -> int:
+    def _rank(self, shape, name: str = "") -> int:
         full = lora.full_rank(shape)
-        return full if self.rank == "full" else min(int(self.rank), full)
+        return full if self._asked(name) == "full" else min(int(self._asked(name)), full)
+
+    def _asked(self, name: str) -> int | str:
+        """The rank asked for matrix ``name``: its ``ranks`` entry, else ``rank``."""
+        dotted = f".{name}."
+        for entry in self.ranks:
+            part, _, r = entry.rpartition("@")
+            if f".{part}." in dotted:
+                return int(r)
+        return self.rank
 
     def _relax(self, path: str, rec: Recursion, original: dict) -> dict:
         spec = rec.spec
         sharing = rec.sharing()
         names = lora.matrix_params(rec.blocks[0])
         errors, ranks, added, clamped = [], {}, 0, []
-        for name in (names if self.rank != 0 else []):
+        for name in names:
             shared = [dict(b.named_parameters())[name].detach() for b in rec.blocks]
             out_f, in_f = shared[0].shape
-            r = ranks[name] = self._rank(shared[0].shape)
-            if self.rank != "full" and int(self.rank) > r:
+            r = self._rank(shared[0].shape, name)
+            if r == 0:
+                continue
+            ranks[name] = r
+            if self._asked(name) != "full" and int(self._asked(name)) > r:
                 clamped.append(name)
             scale = (self.alpha / r) if self.alpha else 1.0
             A, B = torch.zeros(spec.layers, r, in_f), torch.zeros(spec.layers, out_f, r)
             for depth in range(spec.layers):
-                f = lora.svd_factors(original[f"{spec.depth_paths[depth]}.{name}"], shared[sharing[depth]], r, scale)
+                f = self.factors(original[f"{spec.depth_paths[depth]}.{name}"], shared[sharing[depth]], r, scale)
                 A[depth], B[depth] = f.A, f.B
                 errors.append({"depth": depth, "param": name, "recon_error": f.recon_error,
                                "dropped_energy": f.dropped_energy})
