@@ -381,12 +381,31 @@ class MatmulLike(ScheduleRule):
         rl = sch.get_loops(rf)
         r_b, (r_io, r_ii, r_jo, r_ji, r_ko, r_kv) = rl[:nb], rl[nb:nb + 6]
         sch.reorder(r_jo, r_io, r_ko, r_ii, r_ji, r_kv)
+        blocks = self._row_blocks(sch, r_io, mi, K)
+        if blocks is not None:
+            # rows in blocks that stay in L2 while the B panels pass (A streamed from memory once
+            # per block, not once per panel: at 512 rows of K = 1536 it was per panel)
+            r_io0, r_io = sch.split(r_io, [None, blocks])
+            sch.reorder(r_io0, r_jo)
+            r_jo = sch.fuse(r_io0, r_jo)
         outer = sch.fuse(*r_b, r_jo) if r_b else r_jo
         sch.parallel(outer)
         sch.vectorize(r_kv)
         sch.unroll(r_ji)
         sch.unroll(r_ii)
         return _sum_lanes(sch, mm, rf, r_ko, r_io)
+
+    @staticmethod
+    def _row_blocks(sch, io, mi: int, k: int, l2_bytes: int = 256 * 1024):
+        """Row tiles per L2 block of A (None: A fits, no blocking)."""
+        per_tile = mi * k * 4
+        tiles = max(1, l2_bytes // per_tile)
+        n = _const(sch.get(io).extent)
+        if n is not None:
+            if n <= tiles:
+                return None
+            return _largest_divisor(n, [t for t in range(tiles, 0, -1)]) or None
+        return tiles
 
     # -- M > 1, NN ------------------------------------------------------------------------------
     def _outer(self, sch, mm, lanes):
