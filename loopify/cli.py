@@ -588,7 +588,8 @@ def _bench_generate(original, converted, artifacts, backends, loops, threads, ro
 @click.option("--loss", type=click.Choice(["mrl", "last"]), default="mrl", show_default=True,
               help="mrl: every depth supervised, a depth worse than the previous weighted by beta; last: final depth only.")
 @click.option("--beta", type=float, default=2.0, show_default=True, help="MRL weight of a depth worse than the previous one (>= 1).")
-@click.option("--train", "groups", default="base,lora,connector,router", show_default=True, help="Parameter groups to train.")
+@click.option("--train", "groups", default="base,lora,connector,router,spiral", show_default=True,
+              help="Parameter groups to train (spiral: the gates of multi-resolution loops).")
 @click.option("--router", type=click.Choice(["none", "expert", "token"]), default="none", show_default=True,
               help="Add a Mixture-of-Recursions router to every loop and train it (router losses beside distillation).")
 @click.option("--capacity", metavar="C0,C1,...", default=None,

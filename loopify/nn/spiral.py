@@ -3,11 +3,11 @@
 A loop with a *resolution schedule* ``(r_0, ..., r_{N-1})`` (coarse to fine, e.g. 4, 2, 1) runs
 its recursion step i on the sequence pooled by factor r_i; r_i = 1 steps are the ordinary loop.
 
-**Pooling**: mean over groups of r consecutive tokens. Groups never cross a *segment*
-boundary, a segment being a run of tokens of one modality (image vs text positions of a VLM,
-read from the loop's modality mask) and one validity (padding vs real tokens): each segment is
-cut into groups of r from its own start, its last group may be partial (the mean of what it
-holds). A group's mean is taken over its real tokens.
+**Pooling**: mean over groups of r consecutive tokens (the last group of a row may be partial:
+the mean of what it holds), taken over the group's real tokens (padding is left out; a group of
+padding only is never a key and gives no update). Groups never cross a modality boundary: for a
+VLM (the loop's modality mask: image positions) each run of image or text tokens is cut into
+groups of r from its own start, so no group mixes image and text tokens.
 
 **Coarse step**: the step's blocks run on the pooled sequence ``x`` ([B, G, D]), through the
 routers' machinery for running a block on a shorter sequence (:func:`loopify.nn.routing._call_unit`;
@@ -31,9 +31,11 @@ own group's update.
 so every count ends at full resolution and count 1 is the ordinary one-step loop; a deepened loop
 run past the schedule's length adds full-resolution steps at the end.
 
-Not supported yet (refused in one line): KV caches (generation), and the exported program of a
-converted model runs each coarse step over S groups (most of them empty: the group count is
-data-dependent), which computes the same outputs at full-resolution cost.
+Shapes: without image positions a coarse step has ceil(S / r) groups, static, so an exported
+program saves the compute too. With image positions the group count depends on where the
+image is; an exported program (torch.export) then runs each coarse step over S group slots
+(the unused ones empty and masked), which computes the same outputs at full-resolution cost.
+Not supported yet (refused in one line): KV caches (generation) and TVM compilation.
 """
 
 from __future__ import annotations
@@ -117,21 +119,22 @@ class Pooling:
     def __init__(self, factor: int, valid_tok: torch.Tensor, image: torch.Tensor | None, dense: bool):
         batch, seq = valid_tok.shape
         dev = valid_tok.device
-        key = valid_tok.long() * 2 + (image.long() if image is not None and image.shape == valid_tok.shape else 0)
         pos = torch.arange(seq, device=dev).expand(batch, seq)
-        seg_start = torch.ones(batch, seq, dtype=torch.bool, device=dev)
-        seg_start[:, 1:] = key[:, 1:] != key[:, :-1]
-        first = torch.cummax(torch.where(seg_start, pos, torch.zeros_like(pos)), dim=1).values
-        new_group = seg_start | ((pos - first) % factor == 0)
-        self.gid = torch.cumsum(new_group.long(), dim=1) - 1
-        self.groups = seq if dense else int(self.gid.max()) + 1  # dense: a static count (tracing)
+        if image is None or image.shape != valid_tok.shape:  # one segment: a static group count
+            self.gid = pos // factor
+            self.groups = -(-seq // factor)
+        else:
+            seg_start = torch.ones(batch, seq, dtype=torch.bool, device=dev)
+            seg_start[:, 1:] = image[:, 1:] != image[:, :-1]
+            first = torch.cummax(torch.where(seg_start, pos, torch.zeros_like(pos)), dim=1).values
+            self.gid = torch.cumsum((seg_start | ((pos - first) % factor == 0)).long(), dim=1) - 1
+            self.groups = seq if dense else int(self.gid.max()) + 1  # dense: a static count (tracing)
         onehot = self.gid.unsqueeze(1) == torch.arange(self.groups, device=dev).view(1, -1, 1)  # [B, G, S]
         real = onehot & valid_tok.unsqueeze(1)
         count_real = real.sum(-1, keepdim=True)
         use = torch.where(count_real > 0, real, onehot).float()
         self.weights = use / use.sum(-1, keepdim=True).clamp(min=1)
         self.onehot = onehot
-        self.exists = onehot.any(-1)
         self.valid = count_real.squeeze(-1) > 0
         self.start = torch.where(onehot, pos.unsqueeze(1), seq).amin(-1).clamp(max=seq - 1)
         self.batch, self.seq, self.dense = batch, seq, dense
