@@ -145,6 +145,20 @@ def test_convert_verifies_the_lossless_spiral_plan_and_loads_it_back(llama, tmp_
         set_loops(module, k)
         set_loops(res.module, k)
         assert torch.equal(_out(cap, module), _out(llama, res.module))
+    _compile_and_generate_refuse(tmp_path / "s.pt2", tmp_path)
+
+
+def _compile_and_generate_refuse(pt2, tmp_path):
+    """TVM compilation and KV-cache generation of a multi-resolution loop are not built: one line each."""
+    from loopify.compile import compile_model
+    from loopify.errors import LoopifyError
+    from loopify.generate import open_model
+
+    with pytest.raises(LoopifyError, match="multi-resolution schedule; such loops run in PyTorch only"):
+        compile_model(pt2, tmp_path / "art")
+    with pytest.raises(LoopifyError, match="generation with it .* is not supported yet"):
+        open_model(pt2)
+    assert not (tmp_path / "art").exists()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,6 +247,14 @@ def test_bad_schedules_are_refused_in_one_line(llama):
         parse("find-spans,fold-loops,multi-resolution")
 
 
+def test_the_pass_is_idempotent_and_refuses_the_graph_form(llama, tiny_capture):
+    res = run_pipeline(parse(f"find-spans{{similarity=false}},{DEEP},multi-resolution{{schedule=4:2:1}}"),
+                       State(llama, llama.editable()))
+    assert not res.records[-1].modified and res.records[-1].report["note"] == "already scheduled"
+    with pytest.raises(PipelineError, match="needs the module form"):
+        _run(tiny_capture, "fold-loops{blocks=1},multi-resolution{schedule=2:1:1:1:1}")
+
+
 def test_the_pipeline_spec_prints_back():
     spec = "find-spans,fold-loops{mode=deepen,repeat=3},multi-resolution{schedule=4:2:1,causal=true}"
     assert str(parse(spec)) == spec
@@ -252,3 +274,27 @@ def test_smollm2_neutral_insertion_is_lossless_and_coarse_steps_stay_causal():
     module = _run(cap, DEEP)
     assert _rel(cap.run()[0], _out(cap, module)) <= RTOL
     _later_token_never_moves_earlier_outputs(cap, _gates(module, std=0.05), [5, 13, 20])
+
+
+def test_bench_reports_flops_per_token_of_each_resolution(llama, tmp_path):
+    """``loopify bench`` on a deepened 4:2:1 loop: count k runs the last k entries, so going
+    from 1 to 2 loops adds a factor-2 step and from 2 to 3 a factor-4 step. Their matrix
+    products are S/2 and S/4 tokens long (attention's scores S^2/4 and S^2/16): the step added at
+    factor 2 costs about twice the one at factor 4 (1.6-2.6: pooling and the head's work aside)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from loopify.cli import cli
+
+    res = conv.convert_captured(llama, conv.ConvertConfig(mode="deepen", repeat=3, schedule=(4, 2, 1)))
+    conv.save(res, llama, tmp_path / "d.pt2")
+    r = CliRunner().invoke(cli, ["bench", str(llama.source), str(tmp_path / "d.pt2"), "--backends", "eager", "--loops",
+                                 "1,2,3", "--rounds", "1", "--per-round", "1", "--warmup", "0",
+                                 "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    assert "MFLOP/unit" in r.output
+    rows = {x["loops"]: x for x in json.loads((tmp_path / "b.json").read_text())["results"]}
+    f = {k: rows[k]["flops_per_unit"] for k in (None, 1, 2, 3)}
+    assert f[1] == pytest.approx(f[None], rel=1e-6)  # one full-resolution pass: the original's work
+    assert 1.6 < (f[2] - f[1]) / (f[3] - f[2]) < 2.6
