@@ -207,12 +207,8 @@ def _coarse_args(values, names: list[str], pooling: Pooling, causal: bool, dtype
 
     if isinstance(values, dict):
         return {k: one(k, v) for k, v in values.items()}
-    return [one(i, v) if one_name(names, i) != "attention_mask" or v is not None else pooling.mask(v, causal, dtype)
-            for i, v in enumerate(values)]
-
-
-def one_name(names: list[str], i: int) -> str:
-    return names[i] if i < len(names) else ""
+    # positional arguments: by the block's parameter name (BERT passes its mask second), the state by index
+    return [v if i == skip else one(names[i] if i < len(names) else i, v) for i, v in enumerate(values)]
 
 
 def block_parameters(block: nn.Module) -> list[str]:
