@@ -157,6 +157,7 @@ def _build(cfg: Config, spec: BenchSpec):
     flat = cap.flat_inputs()
     tokens = _tokens(cap)
     args, kwargs = cap.args, cap.kwargs
+    flops = count_flops(program, args, kwargs)
     if cfg.model == "converted":  # drop the eager loop module
         import gc
 
@@ -169,7 +170,7 @@ def _build(cfg: Config, spec: BenchSpec):
         def call():
             with torch.no_grad():
                 return fn(*args, **kwargs)
-        return call, params, disk, tokens
+        return call, params, disk, tokens, flops
     # tvm
     from loopify import runtime
 
@@ -182,7 +183,20 @@ def _build(cfg: Config, spec: BenchSpec):
 
     def call():
         return art(*flat, loops=loops)
-    return call, params, disk, tokens
+    return call, params, disk, tokens, flops
+
+
+def count_flops(program, args, kwargs) -> int:
+    """FLOPs of one call of the exported program (torch's FlopCounterMode: matrix products,
+    convolutions and attention, which dominate a transformer; elementwise ops are not counted).
+    The same count for every backend: it is the program's work, not a backend's."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        program.module()(*args, **kwargs)
+    return int(counter.get_total_flops())
 
 
 def _tokens(cap) -> tuple[int, str]:
@@ -222,12 +236,12 @@ def _worker(conn, cfg: Config, spec: BenchSpec):
         if cfg.backend == "tvm":
             import tvm.runtime  # noqa: F401
         base = _rss_mb()
-        call, params, disk, (units, unit) = _build(cfg, spec)
+        call, params, disk, (units, unit), flops = _build(cfg, spec)
         for _ in range(spec.warmup):
             call()
         _release_freed()
         _reset_peak()
-        conn.send({"ready": True, "params": params, "disk": disk, "units": units, "unit": unit})
+        conn.send({"ready": True, "params": params, "disk": disk, "units": units, "unit": unit, "flops": flops})
         while True:
             msg = conn.recv()
             if msg == "stop":
@@ -346,6 +360,7 @@ def _run(spec: BenchSpec, progress, man: dict, max_loops: int, notes: list[str])
             results.append({
                 "model": c.model, "backend": c.backend, "loops": c.loops,
                 "throughput": hello["units"] / (med / 1e3), "unit": hello["unit"], "units_per_call": hello["units"],
+                "flops_per_unit": hello["flops"] / max(hello["units"], 1),
                 "latency_ms": {"median": med, "p90": ts[min(len(ts) - 1, math.ceil(0.9 * len(ts)) - 1)],
                                "min": ts[0], "max": ts[-1], "n": len(ts)},
                 "peak_mb": peaks[c], "params": hello["params"], "bytes_on_disk": hello["disk"],
@@ -393,22 +408,24 @@ def ratios(results: list[dict]) -> list[dict]:
 def format_table(report: dict) -> str:
     lines = [f"machine: {report['machine'].get('cpu')} ({report['machine'].get('cores')} cores), "
              f"threads {report['machine']['threads']}, torch {report['machine'].get('torch')}"]
-    rows = [("model", "backend", "loops", "throughput", "median ms", "p90 ms", "min-max ms", "peak MB", "params",
-             "cosine", "x thr", "x lat")]
+    rows = [("model", "backend", "loops", "throughput", "median ms", "p90 ms", "min-max ms", "MFLOP/unit", "peak MB",
+             "params", "cosine", "x thr", "x lat")]
     rat = {(r["backend"], r["loops"]): r for r in report["ratios"]}
     for r in report["results"]:
         q = rat.get((r["backend"], r["loops"])) if r["model"] == "converted" else None
         lat = r["latency_ms"]
         rows.append((r["model"], r["backend"], "-" if r["loops"] is None else str(r["loops"]),
                      f"{r['throughput']:,.0f} {r['unit']}", f"{lat['median']:.2f}", f"{lat['p90']:.2f}",
-                     f"{lat['min']:.2f}-{lat['max']:.2f}", f"{r['peak_mb']:.0f}", f"{r['params']:,}",
+                     f"{lat['min']:.2f}-{lat['max']:.2f}", f"{r.get('flops_per_unit', 0) / 1e6:,.2f}",
+                     f"{r['peak_mb']:.0f}", f"{r['params']:,}",
                      f"{r['fidelity']['cosine']:.4f}", f"{q['throughput']:.2f}" if q else "", f"{q['latency']:.2f}" if q else ""))
     widths = [max(len(x[i]) for x in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in rows]
     lines.insert(2, "  ".join("-" * w for w in widths))
     for n in report.get("notes", []):
         lines.append(f"note: {n}")
-    lines.append("x thr / x lat: converted / original, same backend (throughput >1 and latency <1 are better)")
+    lines.append("x thr / x lat: converted / original, same backend (throughput >1 and latency <1 are better); "
+                 "MFLOP/unit: matrix products and attention of one call per token (or image), FlopCounterMode")
     return "\n".join(lines)
 
 

@@ -213,6 +213,9 @@ def inspect(model, inputs, trust_pickle, allow_export_mismatch, seq_len, batch, 
               help="Mixture-of-Recursions router on every loop (neutral until trained; Hugging Face sources).")
 @click.option("--capacity", metavar="C0,C1,...", default=None,
               help="Expert router: fraction of the tokens kept at each recursion step (default (N-r)/N).")
+@click.option("--schedule", metavar="R0,R1,...", default=None,
+              help="Multi-resolution loops (SpiralFormer): pooling factor of each recursion step, coarse to fine "
+                   "(e.g. 4,2,1; gates start at zero; Hugging Face sources).")
 @click.option("--pipeline", "pipeline_spec", metavar="SPEC", help="Full pipeline spec (overrides the plan options).")
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False, path_type=Path),
               help="A `loopify plan` JSON: convert with the pipeline spec of its chosen point (or --point N).")
@@ -221,8 +224,8 @@ def inspect(model, inputs, trust_pickle, allow_export_mismatch, seq_len, batch, 
 @capture_options
 @pipeline_options
 def convert(model, out, blocks, loops, sharing, init, rank, connector, mode, repeat, stacks, norms, subsample,
-            image_token_id, router, capacity, pipeline_spec, plan_file, point, dry_run, inputs, trust_pickle,
-            allow_export_mismatch, seq_len, batch, print_after, dump_ir, timing, skip):
+            image_token_id, router, capacity, schedule, pipeline_spec, plan_file, point, dry_run, inputs,
+            trust_pickle, allow_export_mismatch, seq_len, batch, print_after, dump_ir, timing, skip):
     """Fold MODEL's spans of interchangeable layers into recursive loops and write OUT.pt2.
 
     With no options: every run is halved (K = L/2 blocks x 2 loops), cycle sharing, average
@@ -246,7 +249,8 @@ def convert(model, out, blocks, loops, sharing, init, rank, connector, mode, rep
                                 rank=_rank_option(rank), connector=connector or "none", mode=mode, repeat=repeat,
                                 stacks=tuple(stacks), norms=norms, subsample=subsample,
                                 image_token_id=image_token_id, router=router,
-                                capacity=_capacity_option(capacity), pipeline=pipeline_spec)
+                                capacity=_capacity_option(capacity), schedule=_schedule_option(schedule),
+                                pipeline=pipeline_spec)
     pipeline = config.to_pipeline()
     click.echo(f"plan: {pipeline}", err=True)
     from tqdm import tqdm
@@ -296,6 +300,15 @@ def _capacity_option(text: str | None) -> tuple[float, ...]:
         return tuple(float(c) for c in text.replace(":", ",").split(",") if c.strip())
     except ValueError:
         raise LoopifyError(f"--capacity {text!r}: give fractions separated by commas, e.g. 1,0.5") from None
+
+
+def _schedule_option(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(c) for c in text.replace(":", ",").split(",") if c.strip())
+    except ValueError:
+        raise LoopifyError(f"--schedule {text!r}: give integer pooling factors separated by commas, e.g. 4,2,1") from None
 
 
 def _check_outputs(*paths) -> None:
@@ -589,7 +602,8 @@ def _bench_generate(original, converted, artifacts, backends, loops, threads, ro
 @click.option("--loss", type=click.Choice(["mrl", "last"]), default="mrl", show_default=True,
               help="mrl: every depth supervised, a depth worse than the previous weighted by beta; last: final depth only.")
 @click.option("--beta", type=float, default=2.0, show_default=True, help="MRL weight of a depth worse than the previous one (>= 1).")
-@click.option("--train", "groups", default="base,lora,connector,router", show_default=True, help="Parameter groups to train.")
+@click.option("--train", "groups", default="base,lora,connector,router,spiral", show_default=True,
+              help="Parameter groups to train (spiral: the gates of multi-resolution loops).")
 @click.option("--router", type=click.Choice(["none", "expert", "token"]), default="none", show_default=True,
               help="Add a Mixture-of-Recursions router to every loop and train it (router losses beside distillation).")
 @click.option("--capacity", metavar="C0,C1,...", default=None,

@@ -174,14 +174,19 @@ def _plan(config, model, module=None, program=None):
 
 
 def refuse_routers(module, model) -> None:
-    """Routed loops (the route pass) run in PyTorch only: TVM compilation of per-token depth is
-    not built yet."""
+    """Routed loops (the route pass) and multi-resolution loops (the multi-resolution pass) run
+    in PyTorch only: TVM compilation of per-token depth and of per-step resolutions is not built
+    yet."""
     from loopify.nn import recursions
 
     routed = [p for p, r in recursions(module).items() if r.router is not None]
     if routed:
         raise LoopifyError(f"{model}: {routed[0]} has a Mixture-of-Recursions router; routed loops run in PyTorch "
                            "only for now (generate, eval, bench --backends eager), not in a TVM artifact")
+    spiral = [p for p, r in recursions(module).items() if r.spiral is not None]
+    if spiral:  # a loop stage is one body for every step; a coarse step has other shapes (S / r tokens)
+        raise LoopifyError(f"{model}: {spiral[0]} has a multi-resolution schedule; such loops run in PyTorch only "
+                           "for now (eval, train, bench --backends eager), not in a TVM artifact")
 
 
 def lora_manifest(module, lora_form: str) -> dict:

@@ -61,6 +61,8 @@ class ConvertConfig:
         router: none, expert or token: a Mixture-of-Recursions router on every loop (neutral at
             insertion; module form only).
         capacity: expert router: fraction of the tokens kept per recursion step (empty: (N-r)/N).
+        schedule: multi-resolution loops: pooling factor of each recursion step, coarse to fine
+            (empty: none; see the multi-resolution pass). In deepen mode no connector is added.
         pipeline: a full pipeline spec; when given, the options above are not used.
     """
 
@@ -79,6 +81,7 @@ class ConvertConfig:
     image_token_id: int = -1
     router: Literal["none", "expert", "token"] = "none"
     capacity: tuple[float, ...] = ()
+    schedule: tuple[int, ...] = ()
     pipeline: str | None = None
 
     def __post_init__(self):
@@ -96,6 +99,7 @@ class ConvertConfig:
         d = dataclasses.asdict(self)
         d["stacks"] = list(self.stacks)
         d["capacity"] = list(self.capacity)
+        d["schedule"] = list(self.schedule)
         return d
 
     @classmethod
@@ -128,7 +132,7 @@ class ConvertConfig:
         if self.rank != 0:
             parts.append(f"relax{{rank={self.rank}}}")
         connector = self.connector
-        if connector == "none" and self.mode == "deepen":
+        if connector == "none" and self.mode == "deepen" and not self.schedule:
             connector = "recursive"  # RecursiveVLM: deepening goes with connectors
         if connector != "none":
             opts = [f"kind={connector}"]
@@ -138,6 +142,11 @@ class ConvertConfig:
         if self.router != "none":
             opts = [f"kind={self.router}"] + ([f"capacity={':'.join(map(str, self.capacity))}"] if self.capacity else [])
             parts.append("route{" + ",".join(opts) + "}")
+        if self.schedule:
+            opts = [f"schedule={':'.join(map(str, self.schedule))}"]
+            if self.image_token_id >= 0:
+                opts.append(f"image_token_id={self.image_token_id}")
+            parts.append("multi-resolution{" + ",".join(opts) + "}")
         try:
             return parse(",".join(parts))
         except LoopifyError as e:
@@ -147,6 +156,8 @@ class ConvertConfig:
         """Whether the plan reproduces the original exactly by construction."""
         if self.pipeline:
             return False
+        if self.schedule:  # gates at zero: the full-resolution steps alone (see loopify.nn.spiral)
+            return self.mode == "deepen" and self.schedule.count(1) == 1
         if self.mode == "deepen":
             return self.repeat == 1
         return self.rank == "full" and not self.subsample
@@ -214,7 +225,8 @@ def convert_captured(captured, config: ConvertConfig, *, progress=None, **runner
         out = module(*captured.args, **captured.kwargs)
     plan = {r.name: r.report for r in result.records}
     lossless = config.lossless() or bool(plan.get("relax", {}).get("lossless") and not config.subsample
-                                          and config.mode == "compress" and not config.pipeline)
+                                          and config.mode == "compress" and not config.pipeline
+                                          and not config.schedule)
     report = verify(ref, out, captured.info.get("output_names"))
     report["lossless_plan"] = lossless
     report["ok"] = (report["rel_err"] <= LOSSLESS_RTOL) if lossless else True
@@ -232,7 +244,9 @@ def convert_captured(captured, config: ConvertConfig, *, progress=None, **runner
         "verify": report,
         "loops": [{"module": p, "stack": r.spec.stack, "min": 0 if r.deepen else 1, "max": None if r.deepen else r.spec.max_loops,
                    "default": r.spec.max_loops, "mode": r.spec.mode,
-                   **({"router": r.router.kind} if r.router is not None else {})} for p, r in loops.items()],
+                   **({"router": r.router.kind} if r.router is not None else {}),
+                   **({"schedule": list(r.spiral.spec.schedule)} if r.spiral is not None else {})}
+                  for p, r in loops.items()],
         "skeletons": {p: r.skeleton() for p, r in loops.items()},
         "wrapper": {"modality_token": getattr(module, "modality_token", None)},
         "inputs": _describe(captured),
@@ -260,6 +274,8 @@ def _plan_summary(plan: dict, loops) -> dict:
         out["connectors"] = plan["insert-connectors"]
     if "route" in plan:
         out["router"] = plan["route"]
+    if "multi-resolution" in plan:
+        out["spiral"] = plan["multi-resolution"]
     return out
 
 
@@ -402,6 +418,10 @@ def format_summary(m: dict) -> str:
             cap = ", capacity " + ":".join(f"{c:g}" for c in l["capacity"]) if l["kind"] == "expert" else ""
             lines.append(f"router {l['kind']} on {l['loop']}: {l['steps']} steps{cap}, {l['params']:,} params "
                          "(neutral: every token takes every step until trained)")
+    for l in (m["plan"].get("spiral") or {}).get("loops", []):
+        lines.append(f"multi-resolution on {l['loop']}: schedule {':'.join(map(str, l['schedule']))}, "
+                     f"{'causal (coarse updates shifted by one group)' if l['causal'] else 'not causal'}, "
+                     f"{l['modality']}, {l['params']:,} gate params (zero: coarse steps add nothing until trained)")
     v = m["verify"]
     kl = f", KL {v['kl']:.3g}" if v.get("kl") is not None else ""
     status = ("OK (lossless plan within 1e-5 relative)" if v["ok"] else "FAILED") if v["lossless_plan"] else "lossy plan"

@@ -15,6 +15,7 @@ REGISTRY: dict[str, str] = {
     "relax": "loopify.passes.relax:Relax",
     "insert-connectors": "loopify.passes.insert_connectors:InsertConnectors",
     "route": "loopify.passes.route:Route",
+    "multi-resolution": "loopify.passes.multi_resolution:MultiResolution",
 }
 
 

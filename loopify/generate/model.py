@@ -171,6 +171,11 @@ def _open_converted(path: Path) -> Generator:
     from loopify.convert import load_converted
 
     module, inputs, manifest = load_converted(path)
+    from loopify.nn.spiral import spirals
+
+    if spirals(module):
+        raise GenerateError(f"{path}: {next(iter(spirals(module)))} has a multi-resolution schedule; generation "
+                            "with it (decoding against a KV cache) is not supported yet (eval and train run it)")
     if manifest.get("architecture", {}).get("kind") != "hf":
         raise GenerateError(f"{path}: generation needs a converted Hugging Face model (this one came from an export "
                             "archive: a fixed-shape graph without a KV cache)")

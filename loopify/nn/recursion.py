@@ -130,6 +130,8 @@ class Recursion(nn.Module):
         self.modality_token: int | None = None
         #: Mixture-of-Recursions router (:mod:`loopify.nn.routing`), set by the route pass
         self.router: nn.Module | None = None
+        #: multi-resolution schedule (:mod:`loopify.nn.spiral`), set by the multi-resolution pass
+        self.spiral: nn.Module | None = None
 
     def __getattr__(self, name: str):
         try:
@@ -359,6 +361,14 @@ class Recursion(nn.Module):
                 self._capture_end(capture, calls, {}, final)
             self.layer_tail = tuple(t is not None for t in out[1:]) if isinstance(out, tuple) else None
             return (final, *out[1:]) if isinstance(out, tuple) else final
+        if self.spiral is not None:
+            from loopify.nn import spiral
+
+            out, final = spiral.run(self, args, kwargs, where, s, extras[0] if extras else None)
+            if capture is not None:
+                self._capture_end(capture, len(self.depth_schedule()), {}, final)
+            self.layer_tail = tuple(t is not None for t in out[1:]) if isinstance(out, tuple) else None
+            return (final, *out[1:]) if isinstance(out, tuple) else final
         taps_prev: list[torch.Tensor] | None = None
         out = None
         index = 0
@@ -424,7 +434,8 @@ class Recursion(nn.Module):
                              "scale": self.lora_scales.get(unkey(k), 1.0)} for k in self.lora_A.keys()},
                 "connector": None if self.connector is None else self.connector.config(),
                 "n_extra": self.n_extra, "modality_token": self.modality_token,
-                "router": None if self.router is None else self.router.spec.to_dict()}
+                "router": None if self.router is None else self.router.spec.to_dict(),
+                "spiral": None if self.spiral is None else self.spiral.spec.to_dict()}
 
     @classmethod
     def from_skeleton(cls, blocks: Sequence[nn.Module], skel: dict) -> "Recursion":
@@ -448,6 +459,10 @@ class Recursion(nn.Module):
             from loopify.nn.routing import Router, RouterSpec
 
             rec.router = Router(RouterSpec.from_dict(skel["router"]))
+        if skel.get("spiral") is not None:
+            from loopify.nn.spiral import Spiral, SpiralSpec
+
+            rec.spiral = Spiral(SpiralSpec.from_dict(skel["spiral"]))
         return rec
 
 

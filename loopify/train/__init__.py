@@ -23,7 +23,8 @@ depth comes close to the teacher's:
   depth only (the usual distillation of Relaxed Recursive Transformers, arXiv 2410.20672).
 * **What trains** (``train``): ``base`` (the loops' shared block weights), ``lora`` (the per-depth
   LoRA matrices and the per-depth vectors of the relaxation: biases and norm scales kept per
-  depth), ``connector`` (the connectors between recursion steps). Everything else (embeddings,
+  depth), ``connector`` (the connectors between recursion steps), ``router`` (Mixture-of-Recursions
+  routers), ``spiral`` (the gates of multi-resolution loops). Everything else (embeddings,
   heads, layers outside the loops) stays frozen.
 * **Data**: a text file (one text per line) or JSON lines (``.jsonl``/``.json``/``.ndjson``: a
   string, or ``{"text": ..., "image": PATH}``; image paths are relative to the data file), each

@@ -14,7 +14,7 @@ from loopify.errors import LoopifyError
 TRAIN_CONFIG_VERSION = 1
 CHECKPOINT_FORMAT = "loopify-train-checkpoint"
 CHECKPOINT_VERSION = 1
-GROUPS = ("base", "lora", "connector", "router")
+GROUPS = ("base", "lora", "connector", "router", "spiral")
 LOSSES = ("mrl", "last")
 OBJECTIVES = ("auto", "kl", "cosine", "mse", "ce")
 SCHEDULES = ("cosine", "constant")
@@ -55,7 +55,8 @@ class TrainConfig:
         batch: examples per step per process (gradient accumulation; the model runs batch 1).
         loss: ``mrl`` (every depth, worse-than-previous units weighted by beta) or ``last``.
         beta: the MRL weight of a unit whose loss rose from the previous depth (>= 1).
-        train: parameter groups to train: base, lora, connector.
+        train: parameter groups to train: base, lora, connector, router, spiral (the gates of
+            multi-resolution loops).
         objective: ``auto`` (KL for logits, cosine for hidden states), ``kl``, ``cosine``, ``mse``, or
             ``ce`` (next-token cross-entropy on the data: no teacher needed).
         schedule: ``cosine`` (to 10% of lr at the last step) or ``constant``, after ``warmup`` steps.

@@ -66,7 +66,7 @@ def _first(out) -> torch.Tensor:
 
 
 def parameter_groups(module: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """``{group: [(name, parameter)]}`` for base, lora, connector and router, in ``named_parameters`` order."""
+    """``{group: [(name, parameter)]}`` for base, lora, connector, router and spiral, in ``named_parameters`` order."""
     from loopify.nn import recursions
 
     ids: dict[int, str] = {}
@@ -82,6 +82,9 @@ def parameter_groups(module: nn.Module) -> dict[str, list[tuple[str, nn.Paramete
         if r.router is not None:
             for p in r.router.parameters():
                 ids[id(p)] = "router"
+        if r.spiral is not None:
+            for p in r.spiral.parameters():
+                ids[id(p)] = "spiral"
     out: dict[str, list] = {g: [] for g in GROUPS}
     for name, p in module.named_parameters():
         g = ids.get(id(p))

@@ -324,7 +324,8 @@ def test_encoder_with_its_own_tokenizer(tmp_path, data):
     conv.save(res, cap, src)
     r = tr.train(_cfg(src, data, tmp_path / "m.pt2", steps=2, tokenizer="auto", lr=2e-4))
     rep = r.report
-    assert rep["objective"] == "cosine" and rep["trainable"] == {"base": 5323392, "lora": 0, "connector": 0, "router": 0}
+    assert rep["objective"] == "cosine" and rep["trainable"] == {"base": 5323392, "lora": 0, "connector": 0, "router": 0,
+                                                                "spiral": 0}
     # the converted model carries its own tokenizer (its assets), not a path to the original's
     assert rep["data"]["tokenizer"] == str(src.with_suffix(".assets")) and rep["data"]["seq_len"] == 30
     for k in ("1", "2"):

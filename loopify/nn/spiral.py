@@ -1,0 +1,273 @@
+"""Multi-resolution recursion (SpiralFormer, arXiv 2602.11698): loop steps on a pooled sequence.
+
+A loop with a *resolution schedule* ``(r_0, ..., r_{N-1})`` (coarse to fine, e.g. 4, 2, 1) runs
+its recursion step i on the sequence pooled by factor r_i; r_i = 1 steps are the ordinary loop.
+
+**Pooling**: mean over groups of r consecutive tokens (the last group of a row may be partial:
+the mean of what it holds), taken over the group's real tokens (padding is left out; a group of
+padding only is never a key and gives no update). Groups never cross a modality boundary: for a
+VLM (the loop's modality mask: image positions) each run of image or text tokens is cut into
+groups of r from its own start, so no group mixes image and text tokens.
+
+**Coarse step**: the step's blocks run on the pooled sequence ``x`` ([B, G, D]), through the
+routers' machinery for running a block on a shorter sequence (:func:`loopify.nn.routing._call_unit`;
+the arguments that run along the sequence are gathered with
+:func:`loopify.nn.routing._gather_tokens`). A group's position is its *first* token's position
+(``position_ids``, and the rotary tables gathered there): a real position of the model, which a
+mean would not be for rotary tables. The model's 4-D attention mask is pooled consistently:
+group q may attend to group k when some token of q may attend to some token of k (a causal mask
+stays causal over groups, padding groups are never keys); a group with no key at all attends to
+itself. The update ``y - x`` is *unpooled* by repeat (every token of a group gets its group's
+update) and added to the full-resolution state with a per-coarse-step gate ``g_i`` ([D]) that
+starts at zero: ``h + g_i * unpool(y - x)`` is exactly ``h`` at insertion, so a lossless plan
+still verifies.
+
+**Causality** (``causal``): for a causal model a group may only inform positions after it ends:
+the unpooled update is shifted by one group (a token of group j gets group j - 1's update, the
+first group gets none), so no token sees a later one. Non-causal models (encoders) take their
+own group's update.
+
+**Loop counts**: at run-time count k <= N the loop runs the *last* k entries of the schedule,
+so every count ends at full resolution and count 1 is the ordinary one-step loop; a deepened loop
+run past the schedule's length adds full-resolution steps at the end.
+
+Shapes: without image positions a coarse step has ceil(S / r) groups, static, so an exported
+program saves the compute too. With image positions the group count depends on where the
+image is; an exported program (torch.export) then runs each coarse step over S group slots
+(the unused ones empty and masked), which computes the same outputs at full-resolution cost.
+Not supported yet (refused in one line): KV caches (generation) and TVM compilation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SpiralSpec:
+    """A loop's resolution schedule (JSON-able, stored in its skeleton).
+
+    Attributes:
+        schedule: pooling factor of each recursion step, coarse to fine (1: full resolution).
+        dim: hidden size (the gates' width).
+        causal: shift coarse updates by one group (causal models).
+    """
+
+    schedule: tuple[int, ...]
+    dim: int
+    causal: bool
+
+    def __post_init__(self):
+        if not self.schedule:
+            raise ValueError("a resolution schedule needs one pooling factor per recursion step")
+        if any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in self.schedule):
+            raise ValueError(f"pooling factors must be integers >= 1, got {':'.join(map(str, self.schedule))}")
+        if all(r == 1 for r in self.schedule):
+            raise ValueError("the schedule has no coarse step (every factor is 1): nothing to do")
+
+    @property
+    def coarse(self) -> list[int]:
+        """Schedule positions with a factor > 1 (each has a gate)."""
+        return [i for i, r in enumerate(self.schedule) if r > 1]
+
+    def factors(self, steps: int) -> list[tuple[int, int]]:
+        """(schedule position, factor) of each of ``steps`` recursion steps: the last ``steps``
+        entries, then full-resolution steps past the schedule's length (position -1)."""
+        n = len(self.schedule)
+        if steps <= n:
+            return [(i, self.schedule[i]) for i in range(n - steps, n)]
+        return [(i, r) for i, r in enumerate(self.schedule)] + [(-1, 1)] * (steps - n)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["schedule"] = list(self.schedule)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpiralSpec":
+        return cls(tuple(int(r) for r in d["schedule"]), int(d["dim"]), bool(d["causal"]))
+
+
+class Spiral(nn.Module):
+    """A loop's resolution schedule and its gates: ``gate[j]`` ([D], zero at insertion) scales
+    the update of the j-th coarse schedule position."""
+
+    def __init__(self, spec: SpiralSpec):
+        super().__init__()
+        self.spec = spec
+        self.gate = nn.Parameter(torch.zeros(len(spec.coarse), spec.dim))
+
+    def gate_at(self, position: int) -> torch.Tensor:
+        return self.gate[self.spec.coarse.index(position)]
+
+    def extra_repr(self) -> str:
+        return f"schedule={':'.join(map(str, self.spec.schedule))}, causal={self.spec.causal}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Pooling
+
+
+class Pooling:
+    """The groups of one factor on one batch: ``gid`` [B, S] (each token's group), ``weights``
+    [B, G, S] (the mean over each group's real tokens), ``start`` [B, G] (each group's first
+    token), ``valid`` [B, G] (groups holding a real token)."""
+
+    def __init__(self, factor: int, valid_tok: torch.Tensor, image: torch.Tensor | None, dense: bool):
+        batch, seq = valid_tok.shape
+        dev = valid_tok.device
+        pos = torch.arange(seq, device=dev).expand(batch, seq)
+        if image is None or image.shape != valid_tok.shape:  # one segment: a static group count
+            self.gid = pos // factor
+            self.groups = -(-seq // factor)
+        else:
+            seg_start = torch.ones(batch, seq, dtype=torch.bool, device=dev)
+            seg_start[:, 1:] = image[:, 1:] != image[:, :-1]
+            first = torch.cummax(torch.where(seg_start, pos, torch.zeros_like(pos)), dim=1).values
+            self.gid = torch.cumsum((seg_start | ((pos - first) % factor == 0)).long(), dim=1) - 1
+            self.groups = seq if dense else int(self.gid.max()) + 1  # dense: a static count (tracing)
+        onehot = self.gid.unsqueeze(1) == torch.arange(self.groups, device=dev).view(1, -1, 1)  # [B, G, S]
+        real = onehot & valid_tok.unsqueeze(1)
+        count_real = real.sum(-1, keepdim=True)
+        use = torch.where(count_real > 0, real, onehot).float()
+        self.weights = use / use.sum(-1, keepdim=True).clamp(min=1)
+        self.onehot = onehot
+        self.valid = count_real.squeeze(-1) > 0
+        self.start = torch.where(onehot, pos.unsqueeze(1), seq).amin(-1).clamp(max=seq - 1)
+        self.batch, self.seq, self.dense = batch, seq, dense
+
+    def pool(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, S, D] -> [B, G, D] group means."""
+        return torch.matmul(self.weights.to(h.dtype), h.expand(self.batch, *h.shape[1:]))
+
+    def unpool(self, u: torch.Tensor, shift: bool) -> torch.Tensor:
+        """[B, G, D] -> [B, S, D]: each token its group's update (``shift``: the previous group's,
+        none for the first group); groups without a real token give none."""
+        u = torch.where(self.valid.unsqueeze(-1), u, torch.zeros_like(u))
+        if shift:
+            u = torch.cat([torch.zeros_like(u[:, :1]), u[:, :-1]], dim=1)
+        return u.gather(1, self.gid.unsqueeze(-1).expand(-1, -1, u.shape[-1]))
+
+    def mask(self, m: torch.Tensor | None, causal: bool, dtype) -> torch.Tensor | None:
+        """The model's 4-D mask [B|1, 1, S, S] pooled to [B, 1, G, G] (see the module doc), in its
+        own form (bool, or additive). Without a mask (the model relies on the attention's own
+        causal flag) it stays None unless some group is empty or padding: then an additive mask
+        over the real groups (causal over groups for a causal model)."""
+        if m is None:
+            if not self.dense and bool(self.valid.all()):
+                return None
+            g = torch.arange(self.groups, device=self.gid.device)
+            allowed = self.valid.unsqueeze(1).expand(-1, self.groups, -1)
+            if causal:
+                allowed = allowed & (g.view(1, 1, -1) <= g.view(1, -1, 1))
+            return _form(self._diagonal(allowed), dtype, additive=True)
+        ok = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+        ok = ok[:, 0].expand(self.batch, -1, -1).float()  # [B, S, S]
+        one = self.onehot.float()
+        allowed = torch.matmul(torch.matmul(one, ok), one.transpose(1, 2)) > 0  # [B, G, G]
+        return _form(self._diagonal(allowed), m.dtype, additive=m.dtype != torch.bool)
+
+    def _diagonal(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A group row with no key attends to itself (no all-masked softmax rows)."""
+        eye = torch.eye(self.groups, dtype=torch.bool, device=allowed.device).unsqueeze(0)
+        return allowed | (eye & ~allowed.any(-1, keepdim=True))
+
+
+def _form(allowed: torch.Tensor, dtype, additive: bool) -> torch.Tensor:
+    if not additive:
+        return allowed.unsqueeze(1)
+    from loopify.nn.routing import _additive
+
+    return _additive(allowed, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Execution
+
+
+def _coarse_args(values, names: list[str], pooling: Pooling, causal: bool, dtype, skip=None):
+    """The block's call arguments at the coarse resolution: the attention mask (4-D, [.., S, S],
+    or the argument named ``attention_mask``) pooled, sequence tensors gathered at each group's
+    first token, the rest as they are. ``names``: the block's parameter names (for positional
+    arguments)."""
+    from loopify.nn.routing import _gather_tokens
+
+    seq = pooling.seq
+
+    def one(k, v):
+        if k == skip:
+            return v
+        is_mask = isinstance(v, torch.Tensor) and v.dim() == 4 and tuple(v.shape[-2:]) == (seq, seq)
+        if is_mask or (k == "attention_mask" and v is None):
+            return pooling.mask(v, causal, dtype)
+        return _gather_tokens(v, pooling.start, pooling.batch, seq)
+
+    if isinstance(values, dict):
+        return {k: one(k, v) for k, v in values.items()}
+    # positional arguments: by the block's parameter name (BERT passes its mask second), the state by index
+    return [v if i == skip else one(names[i] if i < len(names) else i, v) for i, v in enumerate(values)]
+
+
+def block_parameters(block: nn.Module) -> list[str]:
+    """The names of a block's forward parameters, in order."""
+    import inspect
+
+    try:
+        return list(inspect.signature(block.forward).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def run(rec, args: list, kwargs: dict, where: str, s, image: torch.Tensor | None):
+    """The multi-resolution forward of ``rec`` (called by :meth:`Recursion.forward`): returns the
+    last block output and the new hidden state."""
+    from loopify.nn.recursion import _tracing
+    from loopify.nn.routing import Unit, _cache_of, _call_unit, _token_valid
+
+    spiral: Spiral = rec.spiral
+    if _cache_of(kwargs) is not None:
+        raise ValueError(f"loop {rec.key}: a multi-resolution loop does not decode with a KV cache yet")
+    box = args if where == "arg" else kwargs
+    h = box[s]
+    batch, seq = h.shape[0], h.shape[1]
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        mask = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4), None)
+    valid_tok = _token_valid(mask, batch, seq, 0, h.device)
+    steps = rec.steps()
+    names = block_parameters(rec.blocks[0])
+    poolings: dict[int, Pooling] = {}
+    runs = [0] * len(rec.blocks)
+    out, index = None, 0
+    for i, ((position, factor), step) in enumerate(zip(spiral.spec.factors(len(steps)), steps)):
+        unit = Unit(list(step), list(range(index, index + len(step))), i)
+        index += len(step)
+        if factor == 1:
+            out, h, _ = _call_unit(rec, unit, h, args, where, s, kwargs, None, runs)
+            continue
+        if factor not in poolings:
+            poolings[factor] = Pooling(factor, valid_tok, image, dense=_tracing())
+        pool = poolings[factor]
+        x = pool.pool(h)
+        c_args = _coarse_args(args, names, pool, spiral.spec.causal, h.dtype, skip=s if where == "arg" else None)
+        c_kwargs = _coarse_args(kwargs, names, pool, spiral.spec.causal, h.dtype, skip=s if where == "kw" else None)
+        out, y, _ = _call_unit(rec, unit, x, c_args, where, s, c_kwargs, None, runs)
+        h = h + spiral.gate_at(position).to(h.dtype) * pool.unpool(y - x, spiral.spec.causal)
+    box[s] = h
+    return out, h
+
+
+def spirals(module: nn.Module) -> dict[str, Spiral]:
+    """Every resolution schedule of a module's loops, by loop path."""
+    from loopify.nn.recursion import recursions
+
+    return {p: r.spiral for p, r in recursions(module).items() if r.spiral is not None}
+
+
+def coarse_flops_fraction(schedule: tuple[int, ...], steps: int) -> float:
+    """The loop's block FLOPs at ``steps`` steps relative to full-resolution steps (token-wise
+    work scales with 1/r; attention's S^2 part with 1/r^2, ignored here: an upper bound)."""
+    return sum(1 / r for _, r in SpiralSpec(schedule, 1, False).factors(steps)) / steps
