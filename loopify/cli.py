@@ -293,22 +293,23 @@ def convert(model, out, blocks, loops, sharing, init, rank, connector, mode, rep
                f"{m['bytes']['converted_file']:,} bytes) and {Path(out).with_suffix('.json')}")
 
 
-def _capacity_option(text: str | None) -> tuple[float, ...]:
+def _numbers(option: str, text: str | None, kind, example: str) -> tuple:
+    """A comma- (or colon-) separated list option as numbers of ``kind``; None or empty: ()."""
     if not text:
         return ()
     try:
-        return tuple(float(c) for c in text.replace(":", ",").split(",") if c.strip())
+        return tuple(kind(c) for c in text.replace(":", ",").split(",") if c.strip())
     except ValueError:
-        raise LoopifyError(f"--capacity {text!r}: give fractions separated by commas, e.g. 1,0.5") from None
+        what = "fractions" if kind is float else "integer pooling factors"
+        raise LoopifyError(f"{option} {text!r}: give {what} separated by commas, e.g. {example}") from None
+
+
+def _capacity_option(text: str | None) -> tuple[float, ...]:
+    return _numbers("--capacity", text, float, "1,0.5")
 
 
 def _schedule_option(text: str | None) -> tuple[int, ...]:
-    if not text:
-        return ()
-    try:
-        return tuple(int(c) for c in text.replace(":", ",").split(",") if c.strip())
-    except ValueError:
-        raise LoopifyError(f"--schedule {text!r}: give integer pooling factors separated by commas, e.g. 4,2,1") from None
+    return _numbers("--schedule", text, int, "4,2,1")
 
 
 def _check_outputs(*paths) -> None:
