@@ -397,15 +397,14 @@ class MatmulLike(ScheduleRule):
 
     @staticmethod
     def _row_blocks(sch, io, mi: int, k: int, l2_bytes: int = 256 * 1024):
-        """Row tiles per L2 block of A (None: A fits, no blocking)."""
-        per_tile = mi * k * 4
-        tiles = max(1, l2_bytes // per_tile)
+        """Row tiles per L2 block of A (None: A fits, no blocking). A static count takes a
+        divisor of at least half the block (no tail); else, as a symbolic count, the last block
+        runs under a predicate (a divisor of 1 would stream every weight panel per row tile)."""
+        tiles = max(1, l2_bytes // (mi * k * 4))
         n = _const(sch.get(io).extent)
-        if n is not None:
-            if n <= tiles:
-                return None
-            return _largest_divisor(n, [t for t in range(tiles, 0, -1)]) or None
-        return tiles
+        if n is not None and n <= tiles:
+            return None
+        return (_largest_divisor(n, range(tiles, (tiles + 1) // 2 - 1, -1)) if n is not None else None) or tiles
 
     # -- M > 1, NN ------------------------------------------------------------------------------
     def _outer(self, sch, mm, lanes):
