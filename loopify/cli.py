@@ -179,12 +179,8 @@ def inspect(model, inputs, trust_pickle, allow_export_mismatch, seq_len, batch, 
     if analysis is None:
         raise LoopifyError("find-spans was skipped: nothing to report")
     click.echo(inspection.format_table(analysis))
-    if json_out is not None:
-        inspection.write_json(json_out, cap, analysis)
-        click.echo(f"wrote {json_out}", err=True)
-    if plot is not None:
-        inspection.plot(plot, analysis)
-        click.echo(f"wrote {plot}", err=True)
+    _write(json_out, lambda p: inspection.write_json(p, cap, analysis))
+    _write(plot, lambda p: inspection.plot(p, analysis))
 
 
 @cli.command()
@@ -434,12 +430,8 @@ def run_cmd(model, loops_s, inputs, out_file, save_inputs, threads):
     for i, o in enumerate(outs):
         click.echo(f"output {i}: {tuple(o.shape)} {str(o.dtype).replace('torch.', '')} "
                    f"mean {o.float().mean().item():.6g} max|.| {o.float().abs().max().item():.6g}")
-    if out_file:
-        execute.save_tensors(out_file, tuple(outs))
-        click.echo(f"wrote {out_file}", err=True)
-    if save_inputs:
-        execute.save_tensors(save_inputs, tuple(used))
-        click.echo(f"wrote {save_inputs}", err=True)
+    _write(out_file, lambda p: execute.save_tensors(p, tuple(outs)))
+    _write(save_inputs, lambda p: execute.save_tensors(p, tuple(used)))
 
 
 @cli.command("bench")
@@ -506,12 +498,15 @@ def bench_cmd(original, converted, artifacts, backends, loops_s, threads, seq, b
     finally:
         bar.close()
     click.echo(bench.format_table(report))
-    if json_out:
-        bench.write_json(report, json_out)
-        click.echo(f"wrote {json_out}", err=True)
-    if plot:
-        bench.plot(report, plot)
-        click.echo(f"wrote {plot}", err=True)
+    _write(json_out, lambda p: bench.write_json(report, p))
+    _write(plot, lambda p: bench.plot(report, p))
+
+
+def _write(path, write) -> None:
+    """Write an optional output file (``write(path)``; nothing when not asked for) and say so."""
+    if path:
+        write(path)
+        click.echo(f"wrote {path}", err=True)
 
 
 def _progress(desc: str):
@@ -579,14 +574,10 @@ def _bench_generate(original, converted, artifacts, backends, loops, threads, ro
     for r in report.get("kv_policies", []):
         click.echo(f"kv policy loops={r['loops']} {r['kv_policy']:<12} {r['kv_bytes_per_token']:>10,.0f} bytes/token  "
                    f"next-token agreement with per-depth {r['agreement_with_per_depth']:.3f}")
-    if json_out:
-        from loopify.io import write_json
+    from loopify.io import write_json
 
-        write_json(json_out, report)
-        click.echo(f"wrote {json_out}", err=True)
-    if plot:
-        bg.plot(report, plot)
-        click.echo(f"wrote {plot}", err=True)
+    _write(json_out, lambda p: write_json(p, report))
+    _write(plot, lambda p: bg.plot(report, p))
 
 
 @cli.command("train")
@@ -747,12 +738,8 @@ def plan_cmd(model, budget, data, tokens, metric, tokenizer, threads, json_out, 
     rep = pl.plan(model, b, data=data, tokens=tokens, metric=metric, tokenizer_choice=tokenizer,
                   progress=lambda msg: click.echo(msg, err=True))
     click.echo(pl.format_table(rep))
-    if json_out:
-        pl.write(rep, json_out)
-        click.echo(f"wrote {json_out}", err=True)
-    if plot:
-        pl.plot(rep, plot)
-        click.echo(f"wrote {plot}", err=True)
+    _write(json_out, lambda p: pl.write(rep, p))
+    _write(plot, lambda p: pl.plot(rep, p))
 
 
 @cli.command("eval")
@@ -790,9 +777,7 @@ def eval_cmd(model, data, loops, reference, tokenizer, seq_len, limit, threads, 
     rep = evaluate(model, data, loops=list(loops) or None, reference=reference, tokenizer_choice=tokenizer,
                    seq_len=seq_len, limit=limit, progress=sys.stderr.isatty(), weights=weights)
     click.echo(format_report(rep))
-    if json_out:
-        write_json(json_out, rep)
-        click.echo(f"wrote {json_out}", err=True)
+    _write(json_out, lambda p: write_json(p, rep))
 
 
 def _ids_option(value: str) -> list[int]:

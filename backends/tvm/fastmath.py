@@ -67,7 +67,4 @@ def vector_math_pass():
 
 
 def _float32(expr) -> bool:
-    ty = getattr(expr, "ty", None)  # TVM 0.27: a relax.TensorType (struct_info before)
-    if ty is None:
-        ty = getattr(expr, "struct_info", None)
-    return getattr(ty, "dtype", None) == "float32"
+    return getattr(expr.ty, "dtype", None) == "float32"  # TVM 0.27: a relax.TensorType

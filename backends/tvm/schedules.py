@@ -8,7 +8,7 @@ def prepare_passes(target, options) -> list:
     ``erf`` as vectorisable polynomials (:mod:`.fastmath`; LLVM calls libm once per element
     otherwise). Per-depth LoRA needs no pass here: it is merged at compile time or runs
     factored (:mod:`loopify.nn.lora`)."""
-    if getattr(getattr(target, "kind", None), "name", None) != "llvm" or not getattr(options, "fast_math", True):
+    if target.kind.name != "llvm" or not options.fast_math:
         return []
     from .fastmath import vector_math_pass
 

@@ -431,12 +431,11 @@ def _worth_premerging(weight: torch.Tensor, A: torch.Tensor) -> bool:
 class Step(torch.nn.Module):
     """The decode step (see the module docstring) of a wrapped model (an ExportWrapper)."""
 
-    def __init__(self, wrapper, lay: Layout, logits_last: bool = False):
+    def __init__(self, wrapper, lay: Layout):
         super().__init__()
         self.wrapper = wrapper
         self.lay = lay
         self.keys = [r.key for r in recursions(wrapper).values()]  # one count per loop, KV or not
-        self.logits_last = logits_last
         self.merged = torch.nn.ParameterDict()
         self.premerge()
 
@@ -486,8 +485,6 @@ class Step(torch.nn.Module):
         with _unrolled(self.wrapper, {k: loops[j] for j, k in enumerate(self.keys)}), _rows(self.head, logit_rows):
             out = self.wrapper.run_model(inputs, use_cache=True, cache=cache)
         logits = out if isinstance(out, torch.Tensor) else out["logits"]
-        if self.logits_last:
-            logits = logits[:, -1:]
         new_k, new_v = cache.stacked(input_ids.shape[1], past_k)
         return logits, new_k, new_v
 
@@ -583,9 +580,8 @@ def export_step(wrapper, inputs: dict, policy: str, max_context: int, image_toke
     T, P = Dim("T", min=1, max=max_context), Dim("P", min=0, max=max_context - 1)
     ds = {"input_ids": {1: T}, "attention_mask": {1: Dim.AUTO}, "position_ids": {1: T}, "past_k": {3: P},
           "past_v": {3: P}, "loops": None, **({"token_type_ids": {1: T}} if token_types else {})}
-    if step.head is not None:  # 2 rows on the example (export would specialise 1)
-        kw["logit_rows"] = torch.arange(t - 2, t)
-        ds["logit_rows"] = {0: Dim("L", min=1, max=max_context)}
+    if step.head is not None:
+        _with_logit_rows(kw, ds, t, max_context)
     with torch.no_grad():
         ep = torch.export.export(step, example, kw, dynamic_shapes=ds, strict=False)
         logits = step(*example, **kw)[0]
@@ -594,6 +590,15 @@ def export_step(wrapper, inputs: dict, policy: str, max_context: int, image_toke
     if "pixel_values" in inputs:
         _export_image_step(out, step, inputs, image_token_id, counts)
     return out
+
+
+def _with_logit_rows(kw: dict, ds: dict, t: int, max_context: int) -> None:
+    """Add the ``logit_rows`` input (L symbolic; 2 rows on the example of ``t`` tokens: export
+    would specialise 1) to a step's example keywords and dynamic shapes."""
+    from torch.export import Dim
+
+    kw["logit_rows"] = torch.arange(t - 2, t)
+    ds["logit_rows"] = {0: Dim("L", min=1, max=max_context)}
 
 
 def _export_image_step(out: Exported, step: Step, inputs: dict, image_token_id, counts) -> None:
@@ -612,8 +617,7 @@ def _export_image_step(out: Exported, step: Step, inputs: dict, image_token_id, 
     ds = {"input_ids": {1: T}, "attention_mask": {1: T}, "position_ids": {1: T}, "past_k": None, "past_v": None,
           "loops": None, **({"token_type_ids": {1: T}} if out.token_types else {}), "pixel_values": None}
     if out.logit_rows:
-        kw["logit_rows"] = torch.arange(t - 2, t)
-        ds["logit_rows"] = {0: Dim("L", min=1, max=out.max_context)}
+        _with_logit_rows(kw, ds, t, out.max_context)
     with torch.no_grad(), record_shapes(step.wrapper):
         step(*ex, **kw)  # eager: the loops' argument shapes on the example
     with torch.no_grad():
