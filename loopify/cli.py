@@ -603,6 +603,11 @@ def _bench_generate(original, converted, artifacts, backends, loops, threads, ro
 @click.option("--router-aux", type=float, default=0.1, show_default=True,
               help="Weight of the router's auxiliary loss (expert: BCE to the top-k choice; token: balancing).")
 @click.option("--router-z", type=float, default=1e-3, show_default=True, help="Weight of the router z-loss.")
+@click.option("--capacity-warmup", type=int, default=0, show_default=True,
+              help="Expert router: steps over which the top-k capacity falls from 1 to --capacity (MoR's warm-up).")
+@click.option("--balance", type=click.Choice(["loss", "bias"]), default="loss", show_default=True,
+              help="Token router: the balancing loss, or MoR's loss-free balancing bias.")
+@click.option("--bias-rate", type=float, default=1e-3, show_default=True, help="Loss-free bias update per step.")
 @click.option("--objective", type=click.Choice(["auto", "kl", "cosine", "mse", "ce"]), default="auto", show_default=True,
               help="auto: KL on logits, cosine on pooled embeddings for encoders; ce: next-token cross-entropy on the data (no teacher).")
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None, help="Held-out data (default: part of --data).")

@@ -145,8 +145,30 @@ class Router(nn.Module):
             self.net[-1].weight.zero_()
             self.net[-1].bias.zero_()
         self.register_buffer("threshold", torch.full((spec.steps,), float("-inf")))
+        # token-choice, MoR's loss-free balancing: a bias added to the logits for the choice only
+        # (not to the update scale), moved by training towards equal loads (zero: no effect)
+        self.register_buffer("balance_bias", torch.zeros(spec.steps))
         self.last_depth: torch.Tensor | None = None
         self.record: list[dict] = []
+        self.balance = "loss"  # token-choice in training: "loss" (balancing loss) or "bias" (loss-free)
+        self.warm = 1.0  # expert top-k: capacity warm-up, 0 keeps every token, 1 the capacity
+        self.load: torch.Tensor | None = None  # token-choice: depth counts since the last bias update
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # models written before the loss-free bias existed have none: zero is exactly their behaviour
+        state_dict.setdefault(prefix + "balance_bias", torch.zeros_like(self.balance_bias))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def capacity_at(self, r: int) -> float:
+        """Top-k capacity of step r under the warm-up: 1 - warm * (1 - capacity[r])."""
+        return 1.0 - self.warm * (1.0 - self.spec.capacity[min(r, self.spec.steps - 1)])
+
+    def update_bias(self, load: torch.Tensor, rate: float) -> None:
+        """Loss-free balancing step (DeepSeek-V3, as MoR's token-choice uses it): every depth whose
+        share of the tokens is under the mean gets ``+rate``, over it ``-rate``."""
+        with torch.no_grad():
+            frac = load.float() / load.sum().clamp(min=1)
+            self.balance_bias += rate * torch.sign(frac.mean() - frac)
 
     @property
     def kind(self) -> str:
@@ -175,9 +197,13 @@ class Router(nn.Module):
     def token_depths(self, h: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-choice: ([B, S] depth in 1..steps, [B, S] scale) from the state entering the loop."""
         z = self.logits(h)[..., :steps]
-        flipped = z.flip(-1)  # argmax of the flipped logits: ties go to the deepest depth
+        flipped = (z + self.balance_bias[:steps].to(z.dtype)).flip(-1)  # argmax of the flipped logits: ties go to the deepest depth
         choice = steps - 1 - flipped.argmax(-1)
         zsel = z.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+        if self.load is not None and steps == self.spec.steps and torch.is_grad_enabled():
+            # training forwards at the full count (evaluation runs without grad; a shallower run
+            # forces every token to its last step, which is no choice of the router)
+            self.load += torch.bincount(choice.reshape(-1).detach(), minlength=self.spec.steps)[:self.spec.steps]
         self._note({"step": 0, "logits": z, "choice": choice})
         return choice + 1, self.scale(zsel)
 
@@ -189,7 +215,7 @@ class Router(nn.Module):
         z = self.logits(h)[..., min(r, self.spec.steps - 1)]
         if self.select == "topk":
             real = torch.ones_like(active) if real is None else real
-            k = (self.spec.capacity[min(r, self.spec.steps - 1)] * real.sum(-1).float()).ceil().long()  # [B]
+            k = (self.capacity_at(r) * real.sum(-1).float()).ceil().long()  # [B]
             order = z.masked_fill(~(active & real), float("-inf")).argsort(dim=-1, descending=True, stable=True)
             rank = torch.empty_like(order).scatter_(-1, order, torch.arange(z.shape[-1], device=z.device).expand_as(order))
             keep = (rank < k.unsqueeze(-1)) & active & real
@@ -492,7 +518,10 @@ def router_losses(router: Router) -> dict[str, torch.Tensor]:
         n = z.shape[-1]
         frac = torch.bincount(rec[0]["choice"].reshape(-1), minlength=n).float() / z.shape[0]
         prob = torch.softmax(z, -1).mean(0)
-        return {"aux": n * (frac.detach() * prob).sum(), "z": torch.logsumexp(z, -1).pow(2).mean()}
+        zl = torch.logsumexp(z, -1).pow(2).mean()
+        if router.balance == "bias":  # loss-free balancing: the bias does it, no auxiliary loss
+            return {"z": zl}
+        return {"aux": n * (frac.detach() * prob).sum(), "z": zl}
     aux, zl, count = 0.0, 0.0, 0
     for r in rec:
         m = r["eligible"]

@@ -80,6 +80,12 @@ class TrainConfig:
         router_aux: weight of the router's auxiliary loss (expert: BCE against the top-k
             decision; token: balancing).
         router_z: weight of the router z-loss.
+        capacity_warmup: expert router: steps over which the top-k capacity falls linearly from
+            1 (every token takes every step) to ``capacity`` (0: the capacity from the start).
+        balance: token router: ``loss`` (the balancing loss, weight ``router_aux``) or ``bias``
+            (MoR's loss-free balancing: a per-depth bias on the choice logits, moved by
+            ``bias_rate`` per step towards equal loads; no auxiliary loss).
+        bias_rate: update of the loss-free bias per step.
     """
 
     converted: str = ""
@@ -114,6 +120,9 @@ class TrainConfig:
     capacity: tuple[float, ...] = ()
     router_aux: float = 0.1
     router_z: float = 1e-3
+    capacity_warmup: int = 0
+    balance: Literal["loss", "bias"] = "loss"
+    bias_rate: float = 1e-3
 
     def __post_init__(self):
         if self.version != TRAIN_CONFIG_VERSION:
@@ -151,7 +160,13 @@ class TrainConfig:
         object.__setattr__(self, "capacity", tuple(float(c) for c in self.capacity))
         if self.capacity and self.router != "expert":
             raise TrainError("capacity applies to --router expert")
-        for name in ("weight_decay", "grad_clip", "max_seconds", "router_aux", "router_z"):
+        _int_at_least("capacity_warmup", self.capacity_warmup, 0)
+        if self.capacity_warmup and self.router != "expert":
+            raise TrainError("capacity_warmup applies to --router expert")
+        _choice("balance", self.balance, ("loss", "bias"))
+        if self.balance != "loss" and self.router != "token":
+            raise TrainError("balance applies to --router token")
+        for name in ("weight_decay", "grad_clip", "max_seconds", "router_aux", "router_z", "bias_rate"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise TrainError(f"{name} must be a number >= 0, not {v!r}")

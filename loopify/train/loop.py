@@ -144,7 +144,7 @@ class Run:
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": self.config.to_dict(),
                 "converted_sha256": self.converted_sha, "data_sha256": self.data_sha, "world": self.dist.world,
                 "step": at, "pos": self.pos, "params": {n: p.detach().clone() for n, p in self.trainable},
-                "optimizer": self.opt.state_dict(), "rng": torch.get_rng_state(),
+                "optimizer": self.opt.state_dict(), "rng": torch.get_rng_state(), "router_bias": _router_buffers(self),
                 "history": self.history, "evals": self.evals,
                 "seconds": self.seconds_before + (time.perf_counter() - self.t_loop)})
             self.emit({"event": "checkpoint", "step": at, "path": str(self.ckpt_path)})
@@ -283,7 +283,38 @@ def _add_routers(config: TrainConfig, student: nn.Module, inputs) -> nn.Module:
     for r in routers(student).values():
         if r.kind == "expert":
             r.select = "topk"
+        elif config.balance == "bias":
+            r.balance, r.load = "bias", torch.zeros(r.spec.steps, dtype=torch.long)
     return student
+
+
+def _router_warmup(run: Run) -> None:
+    """Expert routers: the capacity warm-up at this step (1 - step / capacity_warmup of the way
+    from keeping every token to the capacity)."""
+    from loopify.nn.routing import routers
+
+    w = run.config.capacity_warmup
+    for r in routers(run.student).values():
+        if r.kind == "expert":
+            r.warm = min(1.0, run.step / w) if w else 1.0
+
+
+def _router_bias_step(run: Run) -> None:
+    """Token routers with loss-free balancing: one bias update from this step's loads (summed over
+    the processes, so every process keeps the same bias)."""
+    from loopify.nn.routing import routers
+
+    for r in routers(run.student).values():
+        if r.load is not None:
+            load = torch.tensor(run.dist.reduce([float(v) for v in r.load]))
+            r.update_bias(load, run.config.bias_rate)
+            r.load.zero_()
+
+
+def _router_buffers(run: Run) -> dict[str, torch.Tensor]:
+    from loopify.nn.routing import routers
+
+    return {p: r.balance_bias.detach().clone() for p, r in routers(run.student).items() if r.load is not None}
 
 
 def _restore(run: Run, state: dict) -> None:
@@ -294,6 +325,10 @@ def _restore(run: Run, state: dict) -> None:
         for n, p in run.trainable:
             p.copy_(state["params"][n])
     run.opt.load_state_dict(state["optimizer"])
+    from loopify.nn.routing import routers
+
+    for p, b in state.get("router_bias", {}).items():
+        routers(run.student)[p].balance_bias.copy_(b)
     torch.set_rng_state(state["rng"])
     run.step, run.pos = int(state["step"]), int(state["pos"])
     run.history, run.evals = list(state["history"]), list(state["evals"])
@@ -375,11 +410,13 @@ def _steps(run: Run) -> tuple[str | None, str]:
                     stopped = "time limit"
                     break
                 lr = _lr_at(config, run.step)
+                _router_warmup(run)
                 sums, worse = _one_step(run, lr)
                 if config.grad_clip:
                     torch.nn.utils.clip_grad_norm_([p for _, p in run.trainable], config.grad_clip)
                 updating = True
                 run.opt.step()
+                _router_bias_step(run)
                 run.step += 1
                 run.pos += config.batch * dist.world
                 updating = False
@@ -449,6 +486,8 @@ def _finish_routers(run: Run) -> dict | None:
     rs = routers(run.student)
     if not rs:
         return None
+    for r in rs.values():
+        r.warm, r.load = 1.0, None  # calibrated and saved at the full capacity; no more bias updates
     thresholds = calibrate_on(run.student, run.train_ex[:8])
     depths: dict[str, list] = {p: [] for p in rs}
     set_depth(run.student, None)
@@ -463,7 +502,9 @@ def _finish_routers(run: Run) -> dict | None:
         return None if ts is None else [t if math.isfinite(t) else None for t in ts]
 
     return {"loops": {p: {"kind": r.kind, "capacity": list(r.spec.capacity), "select": r.select,
-                          "thresholds": finite(thresholds.get(p)), "depth": depth_stats(torch.cat(depths[p]), r.spec.steps)}
+                          "thresholds": finite(thresholds.get(p)), "depth": depth_stats(torch.cat(depths[p]), r.spec.steps),
+                          **({"capacity_warmup": run.config.capacity_warmup} if r.kind == "expert" else
+                             {"balance": r.balance, "bias": [float(b) for b in r.balance_bias]})}
                       for p, r in rs.items()}}
 
 
@@ -482,6 +523,7 @@ def _record_routers(manifest: dict, run: Run) -> None:
     manifest.setdefault("plan", {})["router"] = {"kind": manifest["config"]["router"], "loops": [
         {"loop": p, "kind": r.router.kind, "steps": r.router.spec.steps, "capacity": list(r.router.spec.capacity),
          "activation": r.router.spec.activation, "hidden": r.router.spec.hidden,
+         **({"balance": r.router.balance} if r.router.kind == "token" else {}),
          "params": sum(q.numel() for q in r.router.parameters()), "trained": True}
         for p, r in loops.items() if r.router is not None]}
 

@@ -69,6 +69,8 @@ def format_report(report: dict) -> str:
             th = r.get("thresholds")
             lines.append(f"router {r['kind']} on {loop}: " + (f"capacity {':'.join(f'{c:g}' for c in r['capacity'])}, "
                          f"calibrated thresholds {', '.join('none (all pass)' if t is None else f'{t:.3g}' for t in th)}"
-                                            if th else "token-choice"))
+                                            if th else "token-choice" + (
+                             f", loss-free bias {', '.join(f'{b:+.3g}' for b in r['bias'])}"
+                             if r.get("balance") == "bias" else "")))
         lines.append(format_depths({loop: r["depth"] for loop, r in rs.items()}) + " on the held-out examples")
     return "\n".join(lines)

@@ -52,7 +52,7 @@ def test_token_balancing_loss_is_one_when_balanced_and_larger_when_not():
 def test_train_with_a_router_trains_calibrates_and_writes_it(plain_llama, data, work, kind):  # noqa: F811
     out = work / f"routed-{kind}.pt2"
     res = tr.train(_cfg(plain_llama, data, out, router=kind, steps=3,
-                        **({"capacity": (1.0, 0.5)} if kind == "expert" else {})))
+                        **({"capacity": (1.0, 0.5), "capacity_warmup": 2} if kind == "expert" else {})))
     rep = res.report["router"]["loops"]["model.model.layers.0"]
     assert rep["kind"] == kind and rep["select"] == "threshold"
     module, inputs, manifest = conv.load_converted(out)
@@ -79,3 +79,55 @@ def test_router_options_are_checked(plain_llama, data, work):  # noqa: F811
         _cfg(plain_llama, data, work / "x.pt2", router="both")
     with pytest.raises(tr.TrainError, match="one value per recursion step"):
         tr.train(_cfg(plain_llama, data, work / "x.pt2", router="expert", capacity=(1.0, 0.5, 0.25)))
+
+
+def test_capacity_warmup_keeps_every_token_at_its_start_and_the_capacity_at_its_end():
+    r = Router(RouterSpec("expert", 2, 4, capacity=(1.0, 0.25)))
+    r.select = "topk"
+    h = torch.randn(1, 8, 4)
+    active = torch.ones(1, 8, dtype=torch.bool)
+    counts = []
+    for warm in (0.0, 0.5, 1.0):
+        r.warm = warm
+        keep, _ = r.expert_step(h, 1, active)
+        counts.append(int(keep.sum()))
+    assert counts == [8, 5, 2]  # ceil(8 * (1 - w * 0.75)): 8, ceil(5.0), ceil(2.0)
+
+
+def test_loss_free_bias_moves_the_choice_towards_equal_loads_and_adds_no_aux_loss():
+    r = Router(RouterSpec("token", 2, 4, capacity=(1.0, 1.0)))
+    r.update_bias(torch.tensor([6, 2]), rate=0.5)  # depth 1 over-loaded: its bias falls, depth 2's rises
+    assert r.balance_bias.tolist() == [-0.5, 0.5]
+    with torch.no_grad():  # logits prefer depth 1 by 0.6 for every token ...
+        r.net[-1].bias.copy_(torch.tensor([0.6, 0.0]))
+    depth, scale = r.token_depths(torch.zeros(1, 3, 4), 2)
+    assert depth.tolist() == [[2, 2, 2]]  # ... the bias (+1 for depth 2) turns the choice
+    assert torch.allclose(scale, r.scale(torch.zeros(1, 3)))  # the update scale ignores the bias
+    r.balance = "bias"
+    assert set(router_losses(r)) == {"z"}
+    fresh = Router(RouterSpec("token", 2, 4, capacity=(1.0, 1.0)))
+    state = {k: v for k, v in r.state_dict().items() if k != "balance_bias"}
+    fresh.load_state_dict(state)  # a model written before the bias existed loads with a zero bias
+    assert fresh.balance_bias.tolist() == [0.0, 0.0]
+
+
+def test_train_token_router_with_loss_free_bias_writes_the_bias(plain_llama, data, work):  # noqa: F811
+    out = work / "routed-bias.pt2"
+    res = tr.train(_cfg(plain_llama, data, out, router="token", steps=3, balance="bias", bias_rate=0.01))
+    rep = res.report["router"]["loops"]["model.model.layers.0"]
+    assert rep["balance"] == "bias" and len(rep["bias"]) == 2
+    # 3 updates of +-0.01 each, opposite signs for the two depths (or 0 on an exact tie)
+    assert all(abs(b) <= 0.03 + 1e-6 for b in rep["bias"]) and any(b != 0 for b in rep["bias"])
+    module, inputs, manifest = conv.load_converted(out)
+    (rec,) = recursions(module).values()
+    assert rec.router.balance_bias.tolist() == pytest.approx(rep["bias"])
+    assert manifest["plan"]["router"]["loops"][0]["balance"] == "bias"
+
+
+def test_router_warmup_and_balance_options_are_checked(plain_llama, data, work):  # noqa: F811
+    with pytest.raises(tr.TrainError, match="capacity_warmup applies to --router expert"):
+        _cfg(plain_llama, data, work / "x.pt2", router="token", capacity_warmup=5)
+    with pytest.raises(tr.TrainError, match="balance applies to --router token"):
+        _cfg(plain_llama, data, work / "x.pt2", router="expert", balance="bias")
+    with pytest.raises(tr.TrainError, match="balance must be one of"):
+        _cfg(plain_llama, data, work / "x.pt2", router="token", balance="free")
