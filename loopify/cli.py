@@ -590,7 +590,12 @@ def _bench_generate(original, converted, artifacts, backends, loops, threads, ro
 @click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--lr", type=float, default=1e-4, show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Examples per step per process (gradient accumulation).")
+              help="Examples per step per process.")
+@click.option("--batched/--one-at-a-time", default=True, show_default=True,
+              help="Run a step's examples as one batch trimmed to its longest text (Hugging Face models, text only); "
+                   "else one at a time at the captured length.")
+@click.option("--seq-len", type=click.IntRange(min=0), default=0,
+              help="Tokens per text example (0: the captured length; longer needs a batched run).")
 @click.option("--loss", type=click.Choice(["mrl", "last"]), default="mrl", show_default=True,
               help="mrl: every depth supervised, a depth worse than the previous weighted by beta; last: final depth only.")
 @click.option("--beta", type=float, default=2.0, show_default=True, help="MRL weight of a depth worse than the previous one (>= 1).")

@@ -184,6 +184,28 @@ def split_documents(docs: list[tuple[str, list[str]]] | None = None):
     return train, [d for d in held if d[1]]
 
 
+def document_sentences(min_words: int = 6, max_words: int = 40) -> tuple[list[str], list[str]]:
+    """``(train, held_out)`` sentences of the documents of :func:`split_documents` (held out by
+    document, so no held-out sentence's document is trained on), each deduplicated in order, and
+    no held-out sentence that also occurs on the train side."""
+    train_docs, held_docs = split_documents()
+
+    def sents(docs):
+        seen, out = set(), []
+        for _, paras in docs:
+            for para in paras:
+                for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", para):
+                    s = s.strip()
+                    if min_words <= len(s.split()) <= max_words and re.search(r"[a-z]{3}", s) and s not in seen:
+                        seen.add(s)
+                        out.append(s)
+        return out
+
+    train = sents(train_docs)
+    known = set(train)
+    return train, [s for s in sents(held_docs) if s not in known]
+
+
 def write_corpus(out_dir: str | Path) -> dict:
     """Write ``train.txt`` and ``heldout.txt`` (one paragraph per line: the data format of
     ``loopify train`` and ``loopify eval``) and ``split.json`` (which document went where)."""

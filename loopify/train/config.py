@@ -52,14 +52,19 @@ class TrainConfig:
         holdout: fraction of ``data`` held out for evaluation when ``eval_data`` is not given (0: none).
         steps: optimizer steps (in total, counting those before a resume).
         lr: peak learning rate (AdamW).
-        batch: examples per step per process (gradient accumulation; the model runs batch 1).
+        batch: examples per step per process.
+        batched: run a step's examples as one padded batch, trimmed to its longest text, where the
+            model allows it (a Hugging Face source in module form, text only, no routers or
+            multi-resolution loops); else one example at a time (gradient accumulation).
+        seq_len: tokens per text example (0: the captured length); a longer one needs a batched run.
         loss: ``mrl`` (every depth, worse-than-previous units weighted by beta) or ``last``.
         beta: the MRL weight of a unit whose loss rose from the previous depth (>= 1).
         train: parameter groups to train: base, lora, connector, router, spiral (the gates of
             multi-resolution loops).
         objective: ``auto`` (KL for logits, cosine for hidden states), ``kl``, ``cosine``, ``mse``, or
             ``ce`` (next-token cross-entropy on the data: no teacher needed).
-        schedule: ``cosine`` (to 10% of lr at the last step) or ``constant``, after ``warmup`` steps.
+        schedule: ``cosine`` (to 10% of lr at the last step, or at ``max_seconds`` where that comes
+            first) or ``constant``, after ``warmup`` steps.
         warmup: linear warm-up steps.
         weight_decay: AdamW weight decay.
         grad_clip: max gradient norm (0: no clipping).
@@ -98,6 +103,8 @@ class TrainConfig:
     steps: int = 100
     lr: float = 1e-4
     batch: int = 8
+    batched: bool = True
+    seq_len: int = 0
     loss: Literal["mrl", "last"] = "mrl"
     beta: float = 2.0
     train: tuple[str, ...] = GROUPS
@@ -147,7 +154,7 @@ class TrainConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _int_at_least("steps", self.steps, 1)
         _int_at_least("batch", self.batch, 1)
-        for name in ("warmup", "checkpoint_every", "eval_every", "eval_size", "seed", "threads"):
+        for name in ("warmup", "checkpoint_every", "eval_every", "eval_size", "seed", "threads", "seq_len"):
             _int_at_least(name, getattr(self, name), 0)
         _int_at_least("log_every", self.log_every, 1)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):

@@ -93,7 +93,7 @@ class ByteTokenizer:
 class Encoder:
     """Turns records into keyword inputs with the captured program's static shapes."""
 
-    def __init__(self, captured, source: Path, tokenizer: str):
+    def __init__(self, captured, source: Path, tokenizer: str, seq_len: int = 0):
         self.template = {k: v for k, v in captured.kwargs.items()}
         if captured.args:
             raise TrainError(f"{captured.source}: the model takes positional inputs; text training data need a model "
@@ -101,6 +101,10 @@ class Encoder:
         if "input_ids" not in self.template:
             raise TrainError(f"{captured.source}: the model takes no input_ids; training data are texts")
         self.seq = int(self.template["input_ids"].shape[-1])
+        if seq_len and seq_len != self.seq:  # every [1, S] input at the new length (module form only: the caller checks)
+            self.template = {k: (torch.zeros((1, seq_len), dtype=v.dtype) if tuple(v.shape) == (1, self.seq) else v)
+                             for k, v in self.template.items()}
+            self.seq = int(seq_len)
         self.image_token_id = captured.info.get("image_token_id")
         ids = self.template["input_ids"][0]
         self.image_slots = (ids == self.image_token_id) if self.image_token_id is not None else torch.zeros_like(ids, dtype=torch.bool)
@@ -210,6 +214,21 @@ class Encoder:
             self.notes.append(note)
             self.image_note_done = True
         return px
+
+
+def stack_examples(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One batch of text examples: their inputs stacked, and the columns that are padding in every
+    row (outside the first and last position any attention mask keeps) cut off, so that a batch
+    of short texts runs at its longest text's length. Right- or left-padded alike."""
+    out = {k: torch.cat([e[k] for e in examples], 0) for k in examples[0]}
+    m = out.get("attention_mask")
+    if m is None or m.dim() != 2:
+        return out
+    keep = m.to(torch.bool).any(0).nonzero().flatten()
+    if not len(keep):
+        return out
+    lo, hi, s = int(keep[0]), int(keep[-1]) + 1, m.shape[1]
+    return {k: v[:, lo:hi] if v.dim() == 2 and v.shape[1] == s else v for k, v in out.items()}
 
 
 def _padded(ids: list[int], n: int, pad: int, dtype) -> torch.Tensor:

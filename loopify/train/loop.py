@@ -17,7 +17,7 @@ from torch import nn
 from loopify.io import sha256_file
 from loopify.train.checkpoint import StopFlag, check_resumable, load_checkpoint, save_checkpoint
 from loopify.train.config import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, GROUPS, TrainConfig, TrainError, TrainInterrupted
-from loopify.train.data import Encoder, example_indices, read_records, split_holdout
+from loopify.train.data import Encoder, example_indices, read_records, split_holdout, stack_examples
 from loopify.train.distributed import Dist, dist_setup
 from loopify.train.evaluate import evaluate
 from loopify.train.losses import Objective, last_loss, mrl_loss, resolve_objective
@@ -32,14 +32,18 @@ class TrainResult:
     module: nn.Module
 
 
-def _lr_at(config: TrainConfig, step: int) -> float:
-    """Learning rate for optimizer step ``step`` (0-based)."""
+def _lr_at(config: TrainConfig, step: int, seconds: float = 0.0) -> float:
+    """Learning rate for optimizer step ``step`` (0-based) after ``seconds`` of training: the
+    cosine decays over the steps, or over ``max_seconds`` where that runs out first (a time-limited
+    run with many steps still ends at 10% of the peak)."""
     if config.warmup and step < config.warmup:
         return config.lr * (step + 1) / config.warmup
     if config.schedule == "constant":
         return config.lr
     span = max(1, config.steps - config.warmup)
     t = min(1.0, (step - config.warmup) / span)
+    if config.max_seconds:
+        t = max(t, min(1.0, seconds / config.max_seconds))
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
@@ -111,6 +115,7 @@ class Run:
     eval_tgt: list = field(default_factory=list)
     model: nn.Module | None = None
     t_loop: float = 0.0
+    batched: bool = False          # a step's examples run as one batch (see TrainConfig.batched)
 
     def emit(self, event: dict) -> None:
         if self.progress is not None:
@@ -125,8 +130,8 @@ class Run:
 
     @property
     def _teacher_module(self):
-        if not hasattr(self, "_tm"):
-            self._tm = self.teacher.module()
+        if not hasattr(self, "_tm"):  # a batched run's inputs have other shapes than the program's: the eager model
+            self._tm = self.teacher.eager if self.batched else self.teacher.module()
         return self._tm
 
     def do_eval(self, at: int):
@@ -240,6 +245,12 @@ def _setup(config: TrainConfig, progress, dist: Dist) -> Run:
     teacher = _load_teacher(config, inputs, manifest, objective)
     tok_dir = Path(inputs.info.get("assets_dir") or config.converted)
     encoder = Encoder(inputs, tok_dir, config.tokenizer)
+    why_not = _not_batchable(student, manifest, teacher, encoder)
+    if config.seq_len and config.seq_len != encoder.seq:
+        if why_not:
+            raise TrainError(f"{config.converted}: --seq-len {config.seq_len}: the model runs only at its captured "
+                             f"length {encoder.seq} ({why_not})")
+        encoder = Encoder(inputs, tok_dir, config.tokenizer, seq_len=config.seq_len)
     train_ex, eval_ex, train_recs = _examples(config, encoder)
     groups, trainable = _trainable(config, student)
     opt = torch.optim.AdamW([p for _, p in trainable], lr=config.lr, weight_decay=config.weight_decay)
@@ -249,6 +260,7 @@ def _setup(config: TrainConfig, progress, dist: Dist) -> Run:
               trainable, groups, opt, depths, depths if config.loss == "mrl" else [n], ckpt_path, converted_sha,
               data_sha)
     run.train_recs = train_recs  # type: ignore[attr-defined]
+    run.batched = config.batched and why_not is None
     run.eval_tgt = [run.target(ex) for ex in eval_ex] if dist.main else []  # the teacher does not change
     torch.manual_seed(config.seed)
     if state is not None:
@@ -260,6 +272,22 @@ def _setup(config: TrainConfig, progress, dist: Dist) -> Run:
 
         run.model = DDP(runner, find_unused_parameters=True, broadcast_buffers=False)
     return run
+
+
+def _not_batchable(student: nn.Module, manifest: dict, teacher, encoder: Encoder) -> str | None:
+    """Why the student cannot run a step's examples as one batch of any length (None: it can)."""
+    from loopify.capture.captured import MODULE_FORM_FORMATS
+    from loopify.nn import recursions
+
+    if manifest.get("source", {}).get("format") not in MODULE_FORM_FORMATS:
+        return "a graph-form model has the captured program's static shapes"
+    if encoder.vlm:
+        return "image tokens sit at fixed positions"
+    if any(r.router is not None or r.spiral is not None for r in recursions(student).values()):
+        return "routers and multi-resolution loops train one example at a time"
+    if teacher is not None and teacher.eager is None:
+        return "the teacher has no eager model"
+    return None
 
 
 def _add_routers(config: TrainConfig, student: nn.Module, inputs) -> nn.Module:
@@ -354,26 +382,54 @@ def _one_step(run: Run, lr: float) -> tuple[list[float], list[float]]:
     run.opt.zero_grad(set_to_none=True)
     sums = [0.0] * (len(run.run_depths) + 1)
     worse = [0.0] * len(run.run_depths)
+    if run.batched:
+        return _batched_step(run, idx, sums, worse)
     for j, i in enumerate(idx):
         ex = run.train_ex[i]
         sync = contextlib.nullcontext() if (not dist.on or j == len(idx) - 1) else run.model.no_sync()
         with sync:
             tgt = run.target(ex)
             outs = run.model(ex, run.run_depths)
-            mask = ex.get("attention_mask")
-            units = [run.objective.units(tgt, o, mask) for o in outs]
-            if config.loss == "mrl":
-                loss, info = mrl_loss(units, config.beta)
-                for d, w in enumerate(info["worse"]):
-                    worse[d] += w
-            else:
-                loss, info = last_loss(units)
-            for rl in _runner(run).router_losses:  # Mixture-of-Recursions router losses, every depth
-                loss = loss + config.router_aux * rl.get("aux", 0.0) + config.router_z * rl.get("z", 0.0)
+            loss, info = _losses(run, tgt, outs, ex.get("attention_mask"))
+            for d, w in enumerate(info.get("worse", [])):
+                worse[d] += w
             (loss / len(idx)).backward()
         sums[0] += float(loss.detach())
         for d, v in enumerate(info["depths"]):
             sums[d + 1] += v
+    return sums, worse
+
+
+def _losses(run: Run, tgt, outs, mask) -> tuple[torch.Tensor, dict]:
+    """The step's loss on one forward (the objective's units at every depth, MRL or last, and the
+    routers' losses) and its per-depth information."""
+    config = run.config
+    units = [run.objective.units(tgt, o, mask) for o in outs]
+    loss, info = mrl_loss(units, config.beta) if config.loss == "mrl" else last_loss(units)
+    for rl in _runner(run).router_losses:  # Mixture-of-Recursions router losses, every depth
+        loss = loss + config.router_aux * rl.get("aux", 0.0) + config.router_z * rl.get("z", 0.0)
+    return loss, info
+
+
+def _batched_step(run: Run, idx: list[int], sums: list[float], worse: list[float]):
+    """One forward and backward of the step's examples as one batch; the loss is computed per
+    example, as one at a time, so a batched step differs from one of single examples only by
+    float re-association (and DDP's mean over processes stays the same mean)."""
+    batch = stack_examples([run.train_ex[i] for i in idx])
+    tgt = run.target(batch)
+    outs = run.model(batch, run.run_depths)
+    mask = batch.get("attention_mask")
+    total = 0.0
+    for b in range(len(idx)):  # per example, as one at a time: the step's loss is the mean of the examples' losses
+        one = slice(b, b + 1)
+        loss, info = _losses(run, tgt[one], [o[one] for o in outs], mask[one] if mask is not None else None)
+        total = total + loss
+        sums[0] += float(loss.detach())
+        for d, v in enumerate(info["depths"]):
+            sums[d + 1] += v
+        for d, w in enumerate(info.get("worse", [])):
+            worse[d] += w
+    (total / len(idx)).backward()
     return sums, worse
 
 
@@ -409,7 +465,7 @@ def _steps(run: Run) -> tuple[str | None, str]:
                 if stop[1]:
                     stopped = "time limit"
                     break
-                lr = _lr_at(config, run.step)
+                lr = _lr_at(config, run.step, run.seconds_before + time.perf_counter() - run.t_loop)
                 _router_warmup(run)
                 sums, worse = _one_step(run, lr)
                 if config.grad_clip:
@@ -540,7 +596,7 @@ def _report(run: Run, stopped: str, seconds: float, last) -> dict:
         "trainable": {g: sum(p.numel() for _, p in run.groups[g]) if g in config.train else 0 for g in GROUPS},
         "data": {"path": str(Path(config.data).resolve()), "sha256": run.data_sha, "train_examples": len(run.train_ex),
                  "eval_examples": len(run.eval_ex), "eval_data": config.eval_data, "tokenizer": enc.tokenizer_desc,
-                 "seq_len": enc.seq, "images": sum(r.image is not None for r in run.train_recs), "notes": enc.notes},
+                 "seq_len": enc.seq, "batched": run.batched, "images": sum(r.image is not None for r in run.train_recs), "notes": enc.notes},
         "before": next((e for e in run.evals if e["step"] == 0), None), "after": last, "evals": run.evals,
         "history": run.history, "verify_before": run.manifest.get("verify"),
         "router": getattr(run, "routed", None),

@@ -23,6 +23,7 @@ from loopify.examples import zoo
 from loopify import capture, texts
 from loopify import convert as conv
 from loopify import train as tr
+from loopify.train.data import stack_examples
 
 # ----------------------------------------------------------------------------------------------
 # fixtures
@@ -207,6 +208,50 @@ def test_train_tiny_llama_end_to_end(llama, data, tmp_path):
     orig, _, _ = conv.load_converted(llama)
     moved = {n for n, p in module.named_parameters() if not torch.equal(p, dict(orig.named_parameters())[n])}
     assert moved and moved <= set(_trainable(module))
+
+
+def test_the_cosine_schedule_ends_at_the_time_limit_when_that_comes_first():
+    from loopify.train.loop import _lr_at
+
+    c = tr.TrainConfig(converted="m.pt2", data="d.txt", out="o.pt2", steps=1000, lr=1.0, max_seconds=100)
+    assert _lr_at(c, 10, 0.0) == pytest.approx(1.0, abs=1e-3)      # early on: the peak
+    assert _lr_at(c, 10, 50.0) == pytest.approx(0.55)               # half the time: half way down the cosine
+    assert _lr_at(c, 10, 100.0) == pytest.approx(0.1)               # the time is up: 10% of the peak
+    assert _lr_at(c, 1000, 1.0) == pytest.approx(0.1)               # the steps run out first
+    no_limit = tr.TrainConfig(converted="m.pt2", data="d.txt", out="o.pt2", steps=1000, lr=1.0)
+    assert _lr_at(no_limit, 500, 1e6) == pytest.approx(0.55)       # without a limit the time does not count
+
+
+def test_stack_examples_cuts_the_columns_that_are_padding_in_every_row():
+    right = {"input_ids": torch.tensor([[5, 6, 7, 0, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0, 0, 0]])}
+    shorter = {"input_ids": torch.tensor([[8, 9, 0, 0, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 0, 0, 0, 0]])}
+    b = stack_examples([right, shorter])
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]] and b["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    left = {"input_ids": torch.tensor([[0, 0, 4, 5]]), "attention_mask": torch.tensor([[0, 0, 1, 1]])}
+    assert stack_examples([left])["input_ids"].tolist() == [[4, 5]]   # left padding is cut from the left
+    # a batch with no mask (or all padding) is stacked as it is
+    assert stack_examples([{"input_ids": torch.tensor([[1, 2]])}] * 2)["input_ids"].shape == (2, 2)
+
+
+def test_a_batched_step_trains_like_examples_one_at_a_time(llama, data, tmp_path):
+    """The batched forward (one padded batch, trimmed) computes the per-example losses of the
+    one-at-a-time path: the same weights after 3 steps up to float re-association (batched
+    matmuls sum in another order; 1e-5 relative covers Adam's normalised steps of lr 1e-3)."""
+    a = tr.train(_cfg(llama, data, tmp_path / "a.pt2", steps=3, batched=True))
+    b = tr.train(_cfg(llama, data, tmp_path / "b.pt2", steps=3, batched=False))
+    assert a.report["data"]["batched"] and not b.report["data"]["batched"]
+    for k in ("1", "2"):
+        assert a.report["history"][0]["depths"][k] == pytest.approx(b.report["history"][0]["depths"][k], rel=1e-5)
+    wa, wb = _trainable(a.module), _trainable(b.module)
+    for n in wa:
+        torch.testing.assert_close(wa[n], wb[n], rtol=1e-5, atol=1e-6)
+
+
+def test_a_longer_seq_len_needs_a_model_that_runs_at_any_length(llama, llava, data, tmp_path):
+    r = tr.train(_cfg(llama, data, tmp_path / "l.pt2", steps=1, seq_len=48))
+    assert r.report["data"]["seq_len"] == 48 and r.report["data"]["batched"]
+    with pytest.raises(tr.TrainError, match="runs only at its captured length .*image tokens sit at fixed positions"):
+        tr.train(_cfg(llava, data, tmp_path / "v.pt2", steps=1, seq_len=48))
 
 
 def test_train_groups_and_last_loss(llama, data, tmp_path):
