@@ -364,9 +364,10 @@ def _loops_option(value):
 @click.option("--lora-form", type=click.Choice(["auto", "merged", "factored"]), default="auto", show_default=True,
               help="Per-depth LoRA: each depth's merged matrix precomputed, or factored x@W.T + s*(x@A.T)@B.T; "
                    "auto: per matrix, factored while the factors add at most 5% to its matmul.")
-@click.option("--weights", type=click.Choice(["float32", "int8", "int4"]), default="float32", show_default=True,
-              help="Linear weights stored as int8 (per output channel) or int4 (groups of 32; two per byte), "
-                   "dequantised inside the matmul kernels; shared loop weights once for all depths.")
+@click.option("--weights", type=click.Choice(["float32", "int8", "int4", "int4asym"]), default="float32", show_default=True,
+              help="Linear weights stored as int8 (per output channel), int4 (groups of 32, one scale; two per byte) "
+                   "or int4asym (groups of 32, a scale and a minimum: llama.cpp Q4_1), dequantised inside the matmul "
+                   "kernels; shared loop weights once for all depths.")
 @click.option("--quantize-embeddings", is_flag=True,
               help="With --weights: also the token embeddings and a head tied to them (default: float).")
 @capture_options
@@ -613,8 +614,10 @@ def _bench_generate(original, converted, artifacts, backends, loops, threads, ro
 @click.option("--balance", type=click.Choice(["loss", "bias"]), default="loss", show_default=True,
               help="Token router: the balancing loss, or MoR's loss-free balancing bias.")
 @click.option("--bias-rate", type=float, default=1e-3, show_default=True, help="Loss-free bias update per step.")
-@click.option("--objective", type=click.Choice(["auto", "kl", "cosine", "mse", "ce"]), default="auto", show_default=True,
-              help="auto: KL on logits, cosine on pooled embeddings for encoders; ce: next-token cross-entropy on the data (no teacher).")
+@click.option("--objective", type=click.Choice(["auto", "kl", "cosine", "mse", "token-cosine", "ce"]), default="auto",
+              show_default=True,
+              help="auto: KL on logits, cosine on pooled embeddings for encoders; token-cosine: every token's hidden "
+                   "state; ce: next-token cross-entropy on the data (no teacher).")
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None, help="Held-out data (default: part of --data).")
 @click.option("--holdout", type=float, default=0.1, show_default=True)
 @click.option("--eval-every", type=int, default=0, show_default=True, help="0: before and after only.")
@@ -768,7 +771,7 @@ def plan_cmd(model, budget, data, tokens, metric, tokenizer, threads, json_out, 
               help="At most this many windows (default 16) or sentences (default 64), evenly spaced over the file.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
-@click.option("--weights", type=click.Choice(["int8", "int4"]), default=None,
+@click.option("--weights", type=click.Choice(["int8", "int4", "int4asym"]), default=None,
               help="Measure MODEL (original or converted) with its linear weights quantised as `compile --weights` does.")
 def eval_cmd(model, data, loops, reference, tokenizer, seq_len, limit, threads, json_out, weights):
     """Fidelity of MODEL (an original, a converted .pt2 or a generation artifact) on the texts of

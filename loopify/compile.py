@@ -63,7 +63,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
     ``lora_form``: how per-depth LoRA runs (``auto``, ``merged``, ``factored``; see
     :data:`loopify.nn.lora.FORMS`), recorded per matrix in the manifest's ``lora``.
 
-    ``weights``: ``float32``, ``int8`` (per output channel) or ``int4`` (groups of 32): the
+    ``weights``: ``float32``, ``int8`` (per output channel), ``int4`` or ``int4asym`` (groups of 32): the
     linear weights are stored quantised and dequantised inside the matmul kernels
     (:mod:`loopify.nn.quant`); ``quantize_embeddings`` also the embeddings and a tied head. The
     artifact is validated against the PyTorch model with the same dequantised weights.
@@ -149,7 +149,7 @@ def quant_config(weights: str, embeddings: bool, target: str):
 
     if weights in (None, "float32"):
         if embeddings:
-            raise LoopifyError("--quantize-embeddings needs --weights int8 or int4")
+            raise LoopifyError("--quantize-embeddings needs --weights int8, int4 or int4asym")
         return None
     try:
         return QuantConfig(weights, embeddings=embeddings, scale_dtype="float16" if target == "cuda" else "float32")

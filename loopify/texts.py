@@ -206,19 +206,26 @@ def document_sentences(min_words: int = 6, max_words: int = 40) -> tuple[list[st
     return train, [s for s in sents(held_docs) if s not in known]
 
 
-def write_corpus(out_dir: str | Path) -> dict:
-    """Write ``train.txt`` and ``heldout.txt`` (one paragraph per line: the data format of
-    ``loopify train`` and ``loopify eval``) and ``split.json`` (which document went where)."""
+def write_corpus(out_dir: str | Path, sentences: bool = False) -> dict:
+    """Write ``train.txt`` and ``heldout.txt`` (one paragraph per line, or one sentence per line
+    with ``sentences``: the data format of ``loopify train`` and ``loopify eval``) and
+    ``split.json`` (which document went where)."""
     import json
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train, held = split_documents()
-    summary = {"rule": f"held out when sha256(document family name, version suffix dropped) mod {HELD_OUT_EVERY} == 0", "files": {}}
+    summary = {"rule": f"held out when sha256(document family name, version suffix dropped) mod {HELD_OUT_EVERY} == 0",
+               "unit": "sentence" if sentences else "paragraph", "files": {}}
+    if sentences:
+        lines_of = dict(zip(("train.txt", "heldout.txt"), document_sentences()))
+    else:
+        lines_of = {"train.txt": [p for _, paras in train for p in paras],
+                    "heldout.txt": [p for _, paras in held for p in paras]}
     for fname, docs in (("train.txt", train), ("heldout.txt", held)):
-        lines = [p for _, paras in docs for p in paras]
+        lines = lines_of[fname]
         (out_dir / fname).write_text("\n".join(lines) + "\n")
-        summary["files"][fname] = {"documents": [n for n, _ in docs], "paragraphs": len(lines),
+        summary["files"][fname] = {"documents": [n for n, _ in docs], "lines": len(lines),
                                    "words": sum(len(p.split()) for p in lines)}
     (out_dir / "split.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
@@ -229,9 +236,11 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(prog="python -m loopify.texts", description=write_corpus.__doc__)
     ap.add_argument("out_dir")
-    s = write_corpus(ap.parse_args(argv).out_dir)
+    ap.add_argument("--sentences", action="store_true", help="one sentence per line (default: one paragraph)")
+    args = ap.parse_args(argv)
+    s = write_corpus(args.out_dir, sentences=args.sentences)
     for name, f in s["files"].items():
-        print(f"{name}: {len(f['documents'])} documents, {f['paragraphs']} paragraphs, {f['words']} words")
+        print(f"{name}: {len(f['documents'])} documents, {f['lines']} {s['unit']}s, {f['words']} words")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ def dequant_func(scheme: str, n: int, k: int, scale_dtype: str = "float32", out_
     if scheme == "int8":
         q = te.placeholder((n, k), "int8", name="q")
         s = te.placeholder((n,), scale_dtype, name="scale")
+    elif scheme == "int4asym":  # (scale, min) per group
+        q = te.placeholder((n, k // 2), "uint8", name="q")
+        s = te.placeholder((n, k // GROUP, 2), scale_dtype, name="scale")
     else:
         q = te.placeholder((n, k // 2), "uint8", name="q")
         s = te.placeholder((n, k // GROUP), scale_dtype, name="scale")
@@ -55,6 +58,9 @@ def _te_dequant(q, s, scheme: str, n: int, k: int, out_dtype: str):
         byte = q[i, (j // GROUP) * half + j % half]
         shift = ((j % GROUP) // half * 4).astype("uint8")
         code = tirx.bitwise_and(tirx.shift_right(byte, shift), tirx.const(15, "uint8")).astype(out_dtype)
+        if scheme == "int4asym":
+            g = j // GROUP
+            return code * s[i, g, 0].astype(out_dtype) + s[i, g, 1].astype(out_dtype)
         return (code - tirx.const(8, out_dtype)) * s[i, j // GROUP].astype(out_dtype)
 
     return te.compute((n, k), value, name="dequant")
@@ -387,15 +393,16 @@ def quantize_weights(mod, tensors: list, names: list[str], registry: dict, allow
         return mod, list(names), list(tensors), report
     mod = rewrite(mod, chosen)
     new_names, new_tensors = [], []
-    tag = {"int8": "q8", "int4": "q4"}
+    tag = {"int8": "q8", "int4": "q4", "int4asym": "q4a"}
     for w, (name, t) in enumerate(zip(names, tensors)):
         if w in chosen:
             e = chosen[w]
             qn, sn = f"{name}.{tag[e.scheme]}", f"{name}.scale"
             new_names += [qn, sn]
             new_tensors += [e.q.contiguous(), e.scale.contiguous()]
-            report["tensors"][name] = {"scheme": e.scheme, "group_size": GROUP if e.scheme == "int4" else None,
-                                       "granularity": "group" if e.scheme == "int4" else "output channel",
+            int4 = e.scheme in ("int4", "int4asym")
+            report["tensors"][name] = {"scheme": e.scheme, "group_size": GROUP if int4 else None,
+                                       "granularity": "group" if int4 else "output channel",
                                        "shape": list(e.shape), "codes": qn, "scales": sn, "role": e.role,
                                        "scale_dtype": str(e.scale.dtype).replace("torch.", ""),
                                        "modules": list(e.names),

@@ -11,6 +11,11 @@ A weight ``W [N, K]`` (``nn.Linear``: N outputs, K inputs) is stored as
   nibble (llama.cpp's Q4_0 order), so a vector of 16 consecutive inputs reads 16 consecutive
   bytes with one shift, instead of a gather.
 
+* ``int4asym``: the same codes and packing, and ``scale [N, K / 32, 2]`` holding a scale and a
+  minimum per group: ``W ~ code * scale + min`` (llama.cpp Q4_1's scheme: a group whose values
+  are not centred on zero uses all 16 codes; 6 bits per weight with float32 scales). A weight
+  that is already Q4_1 (the dequantised SmolLM2 GGUF) is reproduced to float rounding.
+
 Scales are float32 (float16 on CUDA, ``scale_dtype``). *Loop-aware*: a shared block's weight is
 one parameter for every depth, so it is quantised once; per-depth LoRA factors are not
 ``nn.Linear`` weights and stay float; embeddings (and a head tied to them) only with
@@ -30,8 +35,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int4", "int4asym")
 GROUP = 32  # int4 group size along the input dimension
+INT4 = ("int4", "int4asym")
 SCALE_DTYPES = ("float32", "float16")
 
 
@@ -57,13 +63,15 @@ class QuantConfig:
 
     @property
     def group(self) -> int | None:
-        return GROUP if self.weights == "int4" else None
+        return GROUP if self.weights in INT4 else None
 
     def to_dict(self) -> dict:
         return {"weights": self.weights, "group_size": self.group, "scale_dtype": self.scale_dtype,
-                "symmetric": True, "embeddings": self.embeddings,
+                "symmetric": self.weights != "int4asym", "embeddings": self.embeddings,
                 "int4_packing": "low nibble = element j, high nibble = element j+16 of each group of 32"
-                if self.weights == "int4" else None}
+                if self.weights in INT4 else None,
+                **({"int4_value": "code * scale + min (scale [N, K/32, 2] = (scale, min))"}
+                   if self.weights == "int4asym" else {})}
 
 
 @dataclass
@@ -89,7 +97,7 @@ def quantizable(shape, scheme: str) -> str | None:
     """Why a weight of ``shape`` cannot take ``scheme`` (None when it can)."""
     if len(shape) != 2:
         return "not a matrix"
-    if scheme == "int4" and shape[1] % GROUP:
+    if scheme in INT4 and shape[1] % GROUP:
         return f"input dim {shape[1]} is not a multiple of {GROUP}"
     return None
 
@@ -112,10 +120,25 @@ def quantize(w: torch.Tensor, scheme: str, scale_dtype: str = "float32") -> tupl
         # 7, not 8: the codes -8..7 are symmetric only up to 7, and the extreme must round to it
         scale = torch.where(amax > 0, amax / 7.0, torch.ones_like(amax)).to(sdt)
         codes = (torch.round(g / scale.float()[..., None]).clamp(-8, 7) + 8).to(torch.uint8)  # [N, G, 32]
-        lo, hi = codes[..., :GROUP // 2], codes[..., GROUP // 2:]
-        q = (lo | (hi << 4)).reshape(n, k // 2)
-        return q, scale
+        return _pack(codes, n, k), scale
+    if scheme == "int4asym":
+        if k % GROUP:
+            raise ValueError(f"int4 needs the input dim to be a multiple of {GROUP}, got {k}")
+        g = w.reshape(n, k // GROUP, GROUP)
+        lo, hi = g.amin(dim=2), g.amax(dim=2)
+        scale = torch.where(hi > lo, (hi - lo) / 15.0, torch.ones_like(hi))
+        sm = torch.stack([scale, lo], dim=2).to(sdt)                       # [N, G, 2]: (scale, min)
+        s_, m_ = sm[..., 0].float(), sm[..., 1].float()                    # round with the stored values
+        codes = torch.round((g - m_[..., None]) / s_[..., None]).clamp(0, 15).to(torch.uint8)
+        return _pack(codes, n, k), sm
     raise ValueError(f"unknown scheme {scheme!r}")
+
+
+def _pack(codes: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """4-bit codes ``[N, G, 32]`` -> bytes ``[N, K/2]``: element j of a group in the low nibble of
+    byte j, element j+16 in its high nibble."""
+    lo, hi = codes[..., :GROUP // 2], codes[..., GROUP // 2:]
+    return (lo | (hi << 4)).reshape(n, k // 2)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, scheme: str, dtype=torch.float32) -> torch.Tensor:
@@ -125,8 +148,10 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, scheme: str, dtype=torch.fl
         return (q.float() * s[:, None]).to(dtype)
     n = q.shape[0]
     b = q.reshape(n, -1, GROUP // 2)
-    codes = torch.cat([b & 15, b >> 4], dim=2).float() - 8.0  # [N, G, 32]
-    return (codes * s[..., None]).reshape(n, -1).to(dtype)
+    codes = torch.cat([b & 15, b >> 4], dim=2).float()  # [N, G, 32]
+    if scheme == "int4asym":
+        return (codes * s[..., 0:1] + s[..., 1:2]).reshape(n, -1).to(dtype)
+    return ((codes - 8.0) * s[..., None]).reshape(n, -1).to(dtype)
 
 
 def _selected(module: nn.Module, config: QuantConfig) -> dict[int, tuple[nn.Parameter, list[str], str]]:

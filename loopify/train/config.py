@@ -16,7 +16,7 @@ CHECKPOINT_FORMAT = "loopify-train-checkpoint"
 CHECKPOINT_VERSION = 1
 GROUPS = ("base", "lora", "connector", "router", "spiral")
 LOSSES = ("mrl", "last")
-OBJECTIVES = ("auto", "kl", "cosine", "mse", "ce")
+OBJECTIVES = ("auto", "kl", "cosine", "mse", "token-cosine", "ce")
 SCHEDULES = ("cosine", "constant")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 #: Fields that may differ between an interrupted run and its ``--resume``: they do not change the
@@ -108,7 +108,7 @@ class TrainConfig:
     loss: Literal["mrl", "last"] = "mrl"
     beta: float = 2.0
     train: tuple[str, ...] = GROUPS
-    objective: Literal["auto", "kl", "cosine", "mse", "ce"] = "auto"
+    objective: Literal["auto", "kl", "cosine", "mse", "token-cosine", "ce"] = "auto"
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup: int = 0
     weight_decay: float = 0.0

@@ -50,6 +50,14 @@ def pooled_loss(teacher_hidden: torch.Tensor, student_hidden: torch.Tensor, mask
     raise ValueError(f"unknown pooled loss {kind!r}")
 
 
+def token_cosine(teacher_hidden: torch.Tensor, student_hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-token ``1 - cos`` between the teacher's and the student's hidden states: ``[B, S, D] ->
+    [n]`` over the positions the mask keeps. Every token's state is supervised, not only their
+    mean, so an encoder learns from S vectors per text instead of one."""
+    d = 1 - torch.nn.functional.cosine_similarity(teacher_hidden.float(), student_hidden.float(), dim=-1)
+    return d.reshape(-1) if mask is None else d[mask.to(torch.bool).expand_as(d)]
+
+
 def mrl_weights(depth_losses: Sequence[torch.Tensor], beta: float) -> list[torch.Tensor]:
     """The MRL weight of every unit at every depth: 1 at the first depth; at depth k, ``beta``
     where the unit's loss is higher than at depth k-1 (compared detached), else 1."""
@@ -90,8 +98,9 @@ def last_loss(depth_losses: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict]
 class Objective:
     """Per-unit losses and evaluation metrics for one output kind.
 
-    ``kl``, ``cosine``, ``mse`` distil the teacher's output (the target is the teacher's first
-    output); ``ce`` needs no teacher: the target is the example's own token ids."""
+    ``kl``, ``cosine``, ``mse``, ``token-cosine`` distil the teacher's output (the target is the
+    teacher's first output; ``cosine`` and ``mse`` compare mean-pooled embeddings, ``token-cosine``
+    every token's hidden state); ``ce`` needs no teacher: the target is the example's own token ids."""
 
     def __init__(self, kind: str):
         self.kind = kind  # kl | cosine | mse | ce
@@ -105,6 +114,8 @@ class Objective:
             return token_kl(teacher, student, mask)
         if self.kind == "ce":
             return token_ce(teacher, student, mask)
+        if self.kind == "token-cosine":
+            return token_cosine(teacher, student, mask)
         if mask is None:
             mask = torch.ones(teacher.shape[:-1], dtype=torch.long)
         return pooled_loss(teacher, student, mask, self.kind)
@@ -121,6 +132,9 @@ class Objective:
 def resolve_objective(objective: str, captured) -> Objective:
     names = captured.info.get("output_names") or []
     first = names[0] if names else None
+    if objective == "token-cosine" and first == "logits":
+        raise TrainError(f"{captured.source}: --objective token-cosine compares hidden states; this model returns "
+                         "logits (use kl)")
     if objective == "ce" and first != "logits":
         raise TrainError(f"{captured.source}: --objective ce needs a model whose first output is logits "
                          f"(this one returns {first or 'an unnamed output'})")

@@ -94,7 +94,20 @@ def test_write_corpus(tmp_path):
     s = texts.write_corpus(tmp_path)
     held = (tmp_path / "heldout.txt").read_text().splitlines()
     train = set((tmp_path / "train.txt").read_text().splitlines())
-    assert len(held) == s["files"]["heldout.txt"]["paragraphs"] and not train & set(held)
+    assert len(held) == s["files"]["heldout.txt"]["lines"] and not train & set(held)
+
+
+def test_sentence_corpus_is_split_by_document(tmp_path):
+    """One sentence per line, held out by document (as the paragraphs): no held-out sentence is
+    trained on, and every held-out sentence comes from a held-out document."""
+    s = texts.write_corpus(tmp_path, sentences=True)
+    held = (tmp_path / "heldout.txt").read_text().splitlines()
+    train = (tmp_path / "train.txt").read_text().splitlines()
+    assert s["unit"] == "sentence" and len(held) == s["files"]["heldout.txt"]["lines"] > 100
+    assert not set(train) & set(held) and len(set(train)) == len(train)
+    assert all(6 <= len(x.split()) <= 40 for x in held + train)
+    held_text = " ".join(p for _, ps in texts.split_documents()[1] for p in ps)
+    assert all(x in held_text for x in held[:50])
 
 
 def test_troff_text_keeps_words_and_drops_macros():

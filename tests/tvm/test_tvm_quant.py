@@ -41,30 +41,48 @@ def _np_int4(w):
     return packed.reshape(n, k // 2), s
 
 
+def _np_int4asym(w):
+    n, k = w.shape
+    g = w.reshape(n, k // 32, 32)
+    lo, hi = g.min(axis=2), g.max(axis=2)
+    s = np.where(hi > lo, (hi - lo) / np.float32(15), 1).astype(np.float32)
+    codes = np.clip(np.round((g - lo[..., None]) / s[..., None]), 0, 15).astype(np.uint8)
+    packed = np.zeros((n, k // 32, 16), np.uint8)
+    for j in range(16):
+        packed[..., j] = codes[..., j] | (codes[..., j + 16] << 4)
+    return packed.reshape(n, k // 2), np.stack([s, lo.astype(np.float32)], axis=2)
+
+
 def _np_deq(q, s, scheme):
     if scheme == "int8":
         return q.astype(np.float32) * s[:, None]
     n = q.shape[0]
     b = q.reshape(n, -1, 16)
-    codes = np.concatenate([b & 15, b >> 4], axis=2).astype(np.float32) - 8
-    return (codes * s[..., None]).reshape(n, -1)
+    codes = np.concatenate([b & 15, b >> 4], axis=2).astype(np.float32)
+    if scheme == "int4asym":  # code * scale + min
+        return (codes * s[..., 0:1] + s[..., 1:2]).reshape(n, -1)
+    return ((codes - 8) * s[..., None]).reshape(n, -1)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+_NP_QUANT = {"int8": _np_int8, "int4": _np_int4, "int4asym": _np_int4asym}
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int4asym"])
 def test_quantise_round_trip_matches_the_numpy_reference(scheme):
     torch.manual_seed(0)
     w = torch.randn(48, 96) * torch.linspace(0.01, 3, 96)  # columns of very different ranges
     w[3] = 0  # an all-zero row (scale 1, codes 0)
     q, s = quant.quantize(w, scheme)
-    rq, rs = (_np_int8 if scheme == "int8" else _np_int4)(w.numpy())
+    rq, rs = _NP_QUANT[scheme](w.numpy())
     # the codes are exactly the reference's (round half to even both); the scales to float32 rounding
     np.testing.assert_array_equal(q.numpy(), rq)
     np.testing.assert_allclose(s.numpy(), rs, rtol=1e-7)
     deq = quant.dequantize(q, s, scheme)
-    np.testing.assert_allclose(deq.numpy(), _np_deq(rq, rs, scheme), rtol=1e-6, atol=0)
-    # symmetric rounding: every element within half a step of its scale (+ float32 slack)
-    step = (s[:, None] if scheme == "int8" else s.repeat_interleave(32, dim=1)).float()
-    assert ((deq - w).abs() <= step / 2 * (1 + 1e-5) + 1e-7).all()
+    np.testing.assert_allclose(deq.numpy(), _np_deq(rq, rs, scheme), rtol=1e-6, atol=1e-7)
+    # rounding to the nearest code: every element within half a step of its scale (+ float32 slack)
+    scale = s[..., 0] if scheme == "int4asym" else s
+    step = (scale[:, None] if scheme == "int8" else scale.repeat_interleave(32, dim=1)).float()
+    assert ((deq - w).abs() <= step / 2 * (1 + 1e-5) + 1e-6).all()
     assert (deq[3] == 0).all()
     # dequantising again and quantising gives the same codes (the compiler's registry relies
     # on the fake-quantised weight standing for exactly these codes)
@@ -104,7 +122,7 @@ def llama_pt2(written, tmp_path_factory):
 @pytest.fixture(scope="module")
 def artifacts(llama_pt2, tmp_path_factory):
     d = tmp_path_factory.mktemp("quant-art")
-    return {w: compile_model(llama_pt2, d / f"llama.{w}", weights=w) for w in ("int8", "int4")}
+    return {w: compile_model(llama_pt2, d / f"llama.{w}", weights=w) for w in ("int8", "int4", "int4asym")}
 
 
 def _model_from_artifact_codes(pt2, art_dir):
@@ -125,7 +143,7 @@ def _model_from_artifact_codes(pt2, art_dir):
     return module, captured
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int4asym"])
 def test_a_quantised_artifact_matches_pytorch_with_the_same_dequantised_weights(artifacts, llama_pt2, scheme):
     from loopify import runtime
 
@@ -150,7 +168,7 @@ def test_a_quantised_artifact_matches_pytorch_with_the_same_dequantised_weights(
         # was measured (int8 rel err ~1e-2, int4 ~1e-1) and well below an unrelated model (~1)
         rel = ((got - fref).abs().max() / fref.abs().max()).item()
         cos = torch.nn.functional.cosine_similarity(got.flatten(), fref.flatten(), dim=0).item()
-        assert rel < (0.05 if scheme == "int8" else 0.4), rel
+        assert rel < (0.05 if scheme == "int8" else 0.4), rel  # int4asym: measured below int4
         assert cos > (0.999 if scheme == "int8" else 0.98), cos
 
 
@@ -160,21 +178,23 @@ def test_shared_block_weights_are_quantised_once_and_the_bytes_shrink(artifacts,
     for scheme, res in artifacts.items():
         q = res.manifest["quantization"]
         assert q["weights"] == scheme and q["scale_dtype"] == "float32"
-        assert q["group_size"] == (32 if scheme == "int4" else None)
+        assert q["group_size"] == (None if scheme == "int8" else 32)
+        assert q["symmetric"] == (scheme != "int4asym")
         # one entry per nn.Linear weight object: 2 blocks x 7 matrices + the head, though the loop
         # runs each block at 2 depths; the embedding stays float (no --quantize-embeddings)
         assert len(q["tensors"]) == len(linears) == 15
         assert all("blocks." in n or n.endswith("lm_head.weight") for t in q["tensors"].values() for n in t["modules"])
         names = res.manifest["params"]
         assert len(names) == len(set(names))
-        assert not any("embed_tokens" in n and n.endswith((".q8", ".q4")) for n in names)
-        for t in q["tensors"].values():  # codes + float32 scales, nothing else
+        assert not any("embed_tokens" in n and n.endswith((".q8", ".q4", ".q4a")) for n in names)
+        for t in q["tensors"].values():  # codes + float32 scales (and minima), nothing else
             n, k = t["shape"]
-            assert t["bytes"] == (n * k + 4 * n if scheme == "int8" else n * k // 2 + 4 * n * k // 32)
+            assert t["bytes"] == {"int8": n * k + 4 * n, "int4": n * k // 2 + 4 * n * k // 32,
+                                  "int4asym": n * k // 2 + 8 * n * k // 32}[scheme]
     f32 = compile_model(llama_pt2, artifacts["int8"].path.parent / "llama.f32", validate=False)
     sizes = {k: (r.path / "params.safetensors").stat().st_size for k, r in artifacts.items()}
     f32_size = (f32.path / "params.safetensors").stat().st_size
-    assert sizes["int4"] < sizes["int8"] < f32_size
+    assert sizes["int4"] < sizes["int4asym"] < sizes["int8"] < f32_size
 
 
 @pytest.mark.slow  # ~20 s call, but a third artifact build
@@ -186,7 +206,8 @@ def test_quantize_embeddings_quantises_the_table_and_it_still_matches(llama_pt2,
 
 
 @pytest.mark.slow  # ~50 s here: the decode step's export
-def test_the_fused_kernels_read_codes_never_a_float_copy_of_a_weight(llama_pt2):
+@pytest.mark.parametrize("scheme", ["int4", "int4asym"])
+def test_the_fused_kernels_read_codes_never_a_float_copy_of_a_weight(llama_pt2, scheme):
     """The decode entry point of the int4 generation step, scheduled as the build does: every
     quantised matmul is one kernel with the dequantisation inlined, and no PrimFunc allocates
     a float buffer the size of a weight. The check itself finds the copy in an unscheduled
@@ -199,19 +220,19 @@ def test_the_fused_kernels_read_codes_never_a_float_copy_of_a_weight(llama_pt2):
     from loopify.compile import _generation_source, _plan
     from loopify.generate.export import export_step
 
-    cfg = quant.QuantConfig("int4")
+    cfg = quant.QuantConfig(scheme)
     wrapper, inputs, _, _ = _generation_source(llama_pt2)
     plan = _plan(cfg, llama_pt2, module=wrapper)
     ex = export_step(wrapper, inputs, "per-depth", 32, None)
     mod, pnames = generation.import_step(ex.program)
     sd = ex.program.state_dict
-    t_sym, _ = generation.symbol_names(ex.program)
-    decode = generation.specialise(mod, {t_sym: 1})  # as build_entries: specialise, then quantise
+    t_sym, _, l_sym = generation.symbol_names(ex.program)
+    decode = generation.specialise(mod, {t_sym: 1, **({l_sym: 1} if l_sym else {})})  # as build_entries: specialise, then quantise
     decode, names, tensors, rep = tq.quantize_weights(decode, [sd[n] for n in pnames], pnames, plan.registry, False)
     shapes = [tuple(t["shape"]) for t in rep["tensors"].values()]
     assert len(shapes) == 15
     target = tvm.target.Target({"kind": "llvm"})
-    m = tq.scheduled(decode, target, build.CompileOptions(weights="int4"))
+    m = tq.scheduled(decode, target, build.CompileOptions(weights=scheme))
     fused = [gv.name_hint for gv, f in m.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and "qmatmul" in gv.name_hint]
     assert fused and all(m[n].attrs["tirx.is_scheduled"] for n in fused)
     assert tq.weight_copies(m, shapes) == []
@@ -225,7 +246,9 @@ def test_the_fused_kernels_read_codes_never_a_float_copy_of_a_weight(llama_pt2):
 
 
 @pytest.mark.slow  # ~60 s here: prefill and decode built, validated at both loop counts
-def test_the_int4_generation_artifact_decodes_the_eager_tokens_of_the_same_dequantised_weights(llama_pt2, tmp_path):
+@pytest.mark.parametrize("scheme", ["int4", "int4asym"])
+def test_the_int4_generation_artifact_decodes_the_eager_tokens_of_the_same_dequantised_weights(llama_pt2, tmp_path,
+                                                                                              scheme):
     from loopify import runtime
     from loopify.compile import _generation_source, _plan
     from loopify.generate import Sampling
@@ -233,11 +256,11 @@ def test_the_int4_generation_artifact_decodes_the_eager_tokens_of_the_same_dequa
     from loopify.generate.eager import EagerDecoder
     from loopify.generate.engine import run
 
-    res = compile_model(llama_pt2, tmp_path / "gen4", weights="int4", max_context=32)
-    assert res.ok and res.manifest["quantization"]["weights"] == "int4"
+    res = compile_model(llama_pt2, tmp_path / "gen4", weights=scheme, max_context=32)
+    assert res.ok and res.manifest["quantization"]["weights"] == scheme
     art = runtime.load(res.path)
     wrapper, inputs, _, _ = _generation_source(llama_pt2)
-    _plan(quant.QuantConfig("int4"), llama_pt2, module=wrapper)  # the same fake quantisation
+    _plan(quant.QuantConfig(scheme), llama_pt2, module=wrapper)  # the same fake quantisation
     prompt = [int(i) for i in inputs["input_ids"][0][:10]]
     s = Sampling(max_new_tokens=12)
     for k in (1, 2):
@@ -249,8 +272,8 @@ def test_the_int4_generation_artifact_decodes_the_eager_tokens_of_the_same_dequa
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--quantize-embeddings"], "--quantize-embeddings needs --weights int8 or int4"),
-    (["--quantize-embeddings", "--max-context", "32"], "--quantize-embeddings needs --weights int8 or int4"),
+    (["--quantize-embeddings"], "--quantize-embeddings needs --weights int8, int4 or int4asym"),
+    (["--quantize-embeddings", "--max-context", "32"], "--quantize-embeddings needs --weights int8, int4 or int4asym"),
 ])
 def test_bad_quantisation_options_are_one_line(llama_pt2, tmp_path, args, message):
     r = CliRunner().invoke(cli, ["compile", str(llama_pt2), "-o", str(tmp_path / "x"), *args])
