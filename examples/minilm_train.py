@@ -1,15 +1,15 @@
-"""Uptraining the real all-MiniLM-L6-v2 converted 6 layers -> 3 blocks x 2 loops (cycle, average
-init, LoRA rank 0) by distillation from the original, with the Monotonic Recursion Loss and, for
-comparison, with the last-depth loss: fidelity (cosine of mean-pooled sentence embeddings to the
-original's) at each depth on held-out real sentences, before and after training.
+"""Uptraining the real all-MiniLM-L6-v2 converted 6 layers -> 3 blocks x 2 loops (LoRA rank 0) by
+distillation from the original, with the Monotonic Recursion Loss and, for comparison, other
+losses: fidelity (cosine of mean-pooled sentence embeddings to the original's) at each depth on
+held-out real sentences, before and after training.
 
-    python -m loopify.examples.minilm_train [--steps 200] [--batch 8] [--lr 2e-4] [--beta 2]
-        [--max-seconds 600] [--losses mrl,last] [--work DIR] [--json FILE]
+    python -m loopify.examples.minilm_train [--init stepwise] [--sharing cycle] [--steps 100000]
+        [--batch 16] [--lr 5e-4] [--beta 2] [--max-seconds 600] [--losses mrl] [--objective auto]
+        [--eval-size 300] [--threads 2] [--work DIR] [--json FILE]
 
-Data: real English sentences already on the machine. Held out: the held-out split of
-``loopify.texts.sentences()`` (every 5th sentence of the Debian license texts and the model
-card). Training: the other sentences, plus the sentences of further license texts in
-/usr/share/common-licenses that are not held out. Prints a markdown table (the one in the README).
+Data: ``loopify.texts.document_sentences()``: the sentences of the real documents on this machine
+(Debian licence texts, man pages, Python's reference topics), held out by document. Steps run
+batched (one padded batch of ``--batch`` sentences). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -27,16 +27,10 @@ from loopify import capture, texts
 from loopify.convert import ConvertConfig, convert_captured, save
 from loopify.train import TrainConfig, format_report, train
 
-EXTRA = ["GPL-2", "LGPL-2.1", "MPL-1.1", "GFDL-1.2", "CC0-1.0", "BSD", "GPL-1", "LGPL-2"]
-
 
 def write_data(work: Path) -> tuple[Path, Path, int, int]:
-    """train.txt and heldout.txt (one sentence per line)."""
-    train_s, held = texts.split(texts.sentences())
-    extra_files = [texts.LICENSES / f for f in EXTRA if (texts.LICENSES / f).is_file()]
-    seen = set(train_s) | set(held)
-    extra = [s for s in texts.sentences(files=extra_files) if s not in seen] if extra_files else []
-    train_s = train_s + extra
+    """train.txt and heldout.txt (one sentence per line), held out by document."""
+    train_s, held = texts.document_sentences()
     tp, hp = work / "train.txt", work / "heldout.txt"
     tp.write_text("\n".join(train_s) + "\n")
     hp.write_text("\n".join(held) + "\n")
@@ -45,14 +39,19 @@ def write_data(work: Path) -> tuple[Path, Path, int, int]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--init", default="stepwise")
+    ap.add_argument("--sharing", default="cycle")
+    ap.add_argument("--steps", type=int, default=100000)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--beta", type=float, default=2.0)
     ap.add_argument("--max-seconds", type=float, default=600.0, help="training time limit per run")
-    ap.add_argument("--eval-every", type=int, default=50)
-    ap.add_argument("--losses", default="mrl,last")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-every", type=int, default=0)
+    ap.add_argument("--eval-size", type=int, default=300)
+    ap.add_argument("--losses", default="mrl")
+    ap.add_argument("--objective", default="auto")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=None, help="directory for the converted and trained models (default: temporary)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -64,7 +63,7 @@ def main(argv=None) -> int:
 
     model_dir = zoo._minilm_dir()
     cap = capture.load(model_dir)
-    res = convert_captured(cap, ConvertConfig(blocks=3, sharing="cycle", init="average", rank=0))
+    res = convert_captured(cap, ConvertConfig(blocks=3, sharing=args.sharing, init=args.init, rank=0))
     converted = work / "minilm-3x2.pt2"
     save(res, cap, converted)
     tp, hp, n_train, n_held = write_data(work)
@@ -76,7 +75,8 @@ def main(argv=None) -> int:
         if ckpt.exists():
             ckpt.unlink()
         cfg = TrainConfig(converted=str(converted), data=str(tp), eval_data=str(hp), out=str(out), steps=args.steps,
-                          batch=args.batch, lr=args.lr, loss=loss, beta=args.beta, eval_every=args.eval_every,
+                          batch=args.batch, lr=args.lr, warmup=args.warmup, loss=loss, beta=args.beta,
+                          objective=args.objective, eval_every=args.eval_every, eval_size=args.eval_size,
                           max_seconds=args.max_seconds, threads=args.threads, checkpoint_every=0)
         t0 = time.perf_counter()
         rep = train(cfg).report
@@ -86,9 +86,9 @@ def main(argv=None) -> int:
 
     depths = next(iter(runs.values()))["depths"]
     print()
-    print(f"all-MiniLM-L6-v2, 6 layers -> 3 blocks x 2 loops (cycle, average init, LoRA rank 0); trains the shared "
-          f"blocks (5.3M parameters); {n_train} training sentences, {n_held} held-out; batch {args.batch}, "
-          f"lr {args.lr:g} (cosine), beta {args.beta:g}")
+    print(f"all-MiniLM-L6-v2, 6 layers -> 3 blocks x 2 loops ({args.sharing}, {args.init} init, LoRA rank 0); trains "
+          f"the shared blocks (5.3M parameters); {n_train} training sentences, {n_held} held out by document "
+          f"({args.eval_size or n_held} evaluated); batch {args.batch}, lr {args.lr:g} (cosine), beta {args.beta:g}")
     print("| loss | steps | train time | " + " | ".join(f"depth {k} before | depth {k} after" for k in depths)
           + " | monotonic after |")
     print("|---|---|---|" + "---|---|" * len(depths) + "---|")

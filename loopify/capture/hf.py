@@ -334,6 +334,9 @@ def _load_registered(path: Path, arch: str, config: dict, seq_len: int | None, b
     _load_registered_weights(path, arch, model)
     model.eval()
     inputs = _batched(inputs_fn(config, seq_len), batch)
+    got = int(inputs["input_ids"].shape[-1]) if "input_ids" in inputs else None
+    if seq_len is not None and got is not None and got != seq_len:  # the example builder clamped it (nanoGPT's block_size)
+        raise HFLoadError(f"{path}: --seq-len {seq_len}: {arch} takes at most {got} tokens")
     wrapper = ExportWrapper(model, entry.output_names).eval()
     with torch.no_grad():
         try:

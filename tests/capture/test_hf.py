@@ -201,6 +201,16 @@ def test_registered_architecture_nanogpt(hf_dir):
         assert torch.equal(m.module(**m.inputs)[0], ref(**m.inputs))
 
 
+def test_a_seq_len_past_a_registered_models_maximum_is_refused(hf_dir):
+    """nanoGPT's example builder clamps to its block_size: a longer --seq-len used to be captured
+    silently at the clamp; it is refused, naming the maximum. A length within it is honoured."""
+    d = hf_dir("nanogpt")
+    block = json.loads((d / "config.json").read_text())["block_size"]
+    with pytest.raises(hf.HFLoadError, match=f"--seq-len {block + 72}: NanoGPT takes at most {block} tokens"):
+        hf.load_hf_dir(d, seq_len=block + 72)
+    assert hf.load_hf_dir(d, seq_len=block - 4).inputs["input_ids"].shape[-1] == block - 4
+
+
 def test_register_architecture_custom(tmp_path):
     class Tiny(torch.nn.Module):
         def __init__(self, config):
