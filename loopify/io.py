@@ -190,6 +190,12 @@ def check_space(path: Path, need: int) -> None:
 
 
 def _free(d: Path) -> int:
+    """Free bytes where ``d`` is (or will be: a directory not made yet is on its nearest existing
+    ancestor's file system; reading a missing one as 0 refused every output in a new directory
+    as a full disk)."""
+    d = Path(d)
+    while not d.exists() and d != d.parent:
+        d = d.parent
     try:
         return shutil.disk_usage(d).free
     except OSError:

@@ -191,6 +191,15 @@ def test_convert_onto_a_full_disk_is_one_line_and_leaves_nothing(tiny, tiny_fs):
     assert sorted(p.name for p in tiny_fs.iterdir()) == ["fill"]
 
 
+def test_outputs_in_directories_not_made_yet_are_written(tiny, tmp_path):
+    # Before: the free-space check read a missing directory as 0 bytes free and refused the convert
+    # as "no space left on the device" after all its work; the directories are made on the way.
+    out = tmp_path / "new" / "deeper" / "c.pt2"
+    r = CliRunner().invoke(cli, ["convert", str(tiny["pt2"]), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.is_file() and out.with_suffix(".json").is_file()
+
+
 # -- 6. temporaries of killed runs ---------------------------------------------------------------
 
 def test_temporaries_of_a_killed_run_are_swept_by_the_next(tiny, tmp_path):

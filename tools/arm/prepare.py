@@ -9,7 +9,8 @@ with the default plan, ``loopify compile --target arm64`` (cross-linked; not run
 validated here), and, at every combination of loop counts (``every_count``),
 the converted PyTorch model's outputs on the example inputs. A ``gen-NAME`` case compiles a
 generation artifact (``--max-context``) and records, per loop count, the eager prefill logits and
-greedy tokens. Everything goes to ``WORK/NAME/`` with a ``case.json`` naming the files; a case
+greedy tokens. ``q8-NAME``, ``q4-NAME``, ``q4a-NAME``: the forward case with ``--weights int8``,
+``int4`` or ``int4asym``. Everything goes to ``WORK/NAME/`` with a ``case.json`` naming the files; a case
 whose ``case.json`` records the same source hash (loopify's code and this directory) is reused.
 """
 
@@ -85,16 +86,25 @@ def _converted(name: str, work: Path, form: str = "hf") -> Path:
     return out
 
 
-def prepare_forward(name: str, case: Path, work: Path) -> dict:
-    """Converted zoo model -> arm64 artifact + inputs + expected outputs at every loop count."""
+#: ``PREFIX-NAME`` cases: the converted model's artifact with quantised weights (``compile --weights``).
+QUANT_PREFIX = {"q8": "int8", "q4": "int4", "q4a": "int4asym"}
+
+
+def prepare_forward(name: str, case: Path, work: Path, weights: str = "float32") -> dict:
+    """Converted zoo model -> arm64 artifact + inputs + expected outputs at every loop count. With
+    quantised ``weights`` the expected outputs are the PyTorch model's with the same dequantised
+    weights (what the artifact computes, as the host validation compares)."""
     from loopify.compile import compile_model
     from loopify.convert import load_converted
     from loopify.nn import set_loops
+    from loopify.nn.quant import QuantConfig, quantize_module_
     from loopify.verify import flat_tensors
 
     model = _converted(name, work, SOURCE_FORM.get(name, "hf"))
-    compiled = compile_model(model, case / "art", target="arm64")
+    compiled = compile_model(model, case / "art", target="arm64", weights=weights)
     module, captured, _ = load_converted(model)
+    if weights != "float32":
+        quantize_module_(module, QuantConfig(weights))
     inputs = [_save(case, f"in{i}", x) for i, x in enumerate(captured.flat_inputs())]
     checks = []
     for counts in every_count(compiled.manifest.get("loops", [])):
@@ -144,8 +154,14 @@ def prepare(case_name: str, work: Path, digest: str) -> dict:
     shutil.rmtree(case, ignore_errors=True)
     case.mkdir(parents=True)
     t0 = time.perf_counter()
-    gen = case_name.startswith("gen-")
-    spec = (prepare_generation if gen else prepare_forward)(case_name[4:] if gen else case_name, case, work)
+    prefix, _, rest = case_name.partition("-")
+    if prefix == "gen":
+        spec = prepare_generation(rest, case, work)
+    elif prefix in QUANT_PREFIX and rest:
+        spec = prepare_forward(rest, case, work, weights=QUANT_PREFIX[prefix])
+        spec["weights"] = QUANT_PREFIX[prefix]
+    else:
+        spec = prepare_forward(case_name, case, work)
     spec.update(name=case_name, artifact="art", source_hash=digest, host_s=round(time.perf_counter() - t0, 1))
     meta.write_text(json.dumps(spec, indent=1) + "\n")  # written last: a case without it is redone
     print(f"arm: {case_name}: arm64 artifact and references in {spec['host_s']} s", flush=True)
