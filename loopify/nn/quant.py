@@ -112,26 +112,23 @@ def quantize(w: torch.Tensor, scheme: str, scale_dtype: str = "float32") -> tupl
         scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).to(sdt)
         q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
         return q, scale
+    if scheme not in INT4:
+        raise ValueError(f"unknown scheme {scheme!r}")
+    if k % GROUP:
+        raise ValueError(f"int4 needs the input dim to be a multiple of {GROUP}, got {k}")
+    g = w.reshape(n, k // GROUP, GROUP)
     if scheme == "int4":
-        if k % GROUP:
-            raise ValueError(f"int4 needs the input dim to be a multiple of {GROUP}, got {k}")
-        g = w.reshape(n, k // GROUP, GROUP)
         amax = g.abs().amax(dim=2)
         # 7, not 8: the codes -8..7 are symmetric only up to 7, and the extreme must round to it
         scale = torch.where(amax > 0, amax / 7.0, torch.ones_like(amax)).to(sdt)
         codes = (torch.round(g / scale.float()[..., None]).clamp(-8, 7) + 8).to(torch.uint8)  # [N, G, 32]
         return _pack(codes, n, k), scale
-    if scheme == "int4asym":
-        if k % GROUP:
-            raise ValueError(f"int4 needs the input dim to be a multiple of {GROUP}, got {k}")
-        g = w.reshape(n, k // GROUP, GROUP)
-        lo, hi = g.amin(dim=2), g.amax(dim=2)
-        scale = torch.where(hi > lo, (hi - lo) / 15.0, torch.ones_like(hi))
-        sm = torch.stack([scale, lo], dim=2).to(sdt)                       # [N, G, 2]: (scale, min)
-        s_, m_ = sm[..., 0].float(), sm[..., 1].float()                    # round with the stored values
-        codes = torch.round((g - m_[..., None]) / s_[..., None]).clamp(0, 15).to(torch.uint8)
-        return _pack(codes, n, k), sm
-    raise ValueError(f"unknown scheme {scheme!r}")
+    lo, hi = g.amin(dim=2), g.amax(dim=2)
+    scale = torch.where(hi > lo, (hi - lo) / 15.0, torch.ones_like(hi))
+    sm = torch.stack([scale, lo], dim=2).to(sdt)                       # [N, G, 2]: (scale, min)
+    s_, m_ = sm[..., 0].float(), sm[..., 1].float()                    # round with the stored values
+    codes = torch.round((g - m_[..., None]) / s_[..., None]).clamp(0, 15).to(torch.uint8)
+    return _pack(codes, n, k), sm  # int4asym
 
 
 def _pack(codes: torch.Tensor, n: int, k: int) -> torch.Tensor:

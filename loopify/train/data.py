@@ -101,14 +101,16 @@ class Encoder:
         if "input_ids" not in self.template:
             raise TrainError(f"{captured.source}: the model takes no input_ids; training data are texts")
         self.seq = int(self.template["input_ids"].shape[-1])
-        if seq_len and seq_len != self.seq:  # every [1, S] input at the new length (module form only: the caller checks)
-            self.template = {k: (torch.zeros((1, seq_len), dtype=v.dtype) if tuple(v.shape) == (1, self.seq) else v)
-                             for k, v in self.template.items()}
-            self.seq = int(seq_len)
         self.image_token_id = captured.info.get("image_token_id")
         ids = self.template["input_ids"][0]
         self.image_slots = (ids == self.image_token_id) if self.image_token_id is not None else torch.zeros_like(ids, dtype=torch.bool)
         self.vlm = bool(self.image_slots.any()) and "pixel_values" in self.template
+        if seq_len and seq_len != self.seq and not self.vlm:
+            # every [1, S] input at the new length (a model that runs at any length: the caller checks;
+            # a VLM keeps its image slots at the captured length)
+            self.template = {k: (torch.zeros((1, seq_len), dtype=v.dtype) if tuple(v.shape) == (1, self.seq) else v)
+                             for k, v in self.template.items()}
+            self.seq = int(seq_len)
         self.notes: list[str] = []
         self.source = source
         cfg = _config_json(source)

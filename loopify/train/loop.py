@@ -244,13 +244,12 @@ def _setup(config: TrainConfig, progress, dist: Dist) -> Run:
     objective = resolve_objective(config.objective, inputs)
     teacher = _load_teacher(config, inputs, manifest, objective)
     tok_dir = Path(inputs.info.get("assets_dir") or config.converted)
-    encoder = Encoder(inputs, tok_dir, config.tokenizer)
+    encoder = Encoder(inputs, tok_dir, config.tokenizer, seq_len=config.seq_len)
     why_not = _not_batchable(student, manifest, teacher, encoder)
-    if config.seq_len and config.seq_len != encoder.seq:
-        if why_not:
-            raise TrainError(f"{config.converted}: --seq-len {config.seq_len}: the model runs only at its captured "
-                             f"length {encoder.seq} ({why_not})")
-        encoder = Encoder(inputs, tok_dir, config.tokenizer, seq_len=config.seq_len)
+    captured_len = int(inputs.kwargs["input_ids"].shape[-1])
+    if why_not and config.seq_len and config.seq_len != captured_len:
+        raise TrainError(f"{config.converted}: --seq-len {config.seq_len}: the model runs only at its captured "
+                         f"length {captured_len} ({why_not})")
     train_ex, eval_ex, train_recs = _examples(config, encoder)
     groups, trainable = _trainable(config, student)
     opt = torch.optim.AdamW([p for _, p in trainable], lr=config.lr, weight_decay=config.weight_decay)
