@@ -132,13 +132,13 @@ def _quantised_bytes(module, artifact) -> dict:
     q = json.loads((Path(artifact.path) / "manifest.json").read_text()).get("quantization")
     if not q:
         return {}
-    cfg = quant.QuantConfig(q["weights"], embeddings=q.get("embeddings", False), scale_dtype=q.get("scale_dtype", "float32"))
+    cfg = quant.QuantConfig(q["weights"], embeddings=q.get("embeddings", False), scale_dtype=q.get("scale_dtype", "float32"),
+                            embedding_weights=q.get("embedding_weights"))
     out = {}
-    for p, _names, _role in quant._selected(module, cfg).values():
-        if quant.quantizable(tuple(p.shape), cfg.weights) is None:
-            n, k = p.shape
-            scales = n if cfg.weights == "int8" else n * (k // quant.GROUP)
-            out[id(p)] = (n * k if cfg.weights == "int8" else n * k // 2) + scales * (2 if cfg.scale_dtype == "float16" else 4)
+    for p, _names, role in quant._selected(module, cfg).values():
+        scheme = cfg.scheme_of(role)
+        if quant.quantizable(tuple(p.shape), scheme) is None:
+            out[id(p)] = quant.stored_bytes(tuple(p.shape), scheme, cfg.scale_dtype)
     return out
 
 

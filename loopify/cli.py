@@ -370,24 +370,33 @@ def _loops_option(value):
                    "kernels; shared loop weights once for all depths.")
 @click.option("--quantize-embeddings", is_flag=True,
               help="With --weights: also the token embeddings and a head tied to them (default: float).")
+@click.option("--embedding-weights", type=click.Choice(["int8", "int4", "int4asym"]), default=None,
+              help="With --weights: the embeddings and a tied head in this scheme instead (a mixed scheme, "
+                   "e.g. --weights int4asym --embedding-weights int8); implies --quantize-embeddings.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Weights, activations and KV cache in float16 (float32 accumulation in the matmuls): for CUDA "
+                   "and arm64 CPUs with half arithmetic. A converted model or a generation artifact.")
 @capture_options
 def compile_cmd(model, out, target, arch, mcpu, tune, trials, tuning_db, rpc, schedule, no_validate, max_context,
-                kv_policy, lora_form, weights, quantize_embeddings, inputs, trust_pickle, allow_export_mismatch,
-                seq_len, batch):
+                kv_policy, lora_form, weights, quantize_embeddings, embedding_weights, dtype, inputs, trust_pickle,
+                allow_export_mismatch, seq_len, batch):
     """Compile MODEL (any model `convert` takes, or its OUT.pt2) with TVM into an artifact directory:
     lib.so, params.safetensors (shared weights once), manifest.json. A converted model compiles into
     a prologue, a loop body per loop and an epilogue; the loop count is a run-time argument."""
     from loopify.compile import compile_model
 
     gen = f" generation: max_context={max_context} kv_policy={kv_policy}" if max_context else ""
-    quant = f" weights={weights}{' +embeddings' if quantize_embeddings else ''}" if weights != "float32" else ""
+    emb = f" embeddings={embedding_weights}" if embedding_weights else (" +embeddings" if quantize_embeddings else "")
+    quant = f" weights={weights}{emb}" if weights != "float32" else ""
     click.echo(f"compile {model} -> {out}: target={target} arch={arch or '-'} mcpu={mcpu or '-'} schedule={schedule} "
-               f"tune={tune} trials={trials if tune else '-'} tuning_db={tuning_db or '-'} rpc={rpc or '-'}{gen}{quant}",
+               f"tune={tune} trials={trials if tune else '-'} tuning_db={tuning_db or '-'} rpc={rpc or '-'}{gen}{quant}"
+               f"{' dtype=' + dtype if dtype != 'float32' else ''}",
                err=True)
     res = compile_model(model, out, target=target, arch=arch, mcpu=mcpu, tune=tune, trials=trials,
                         tuning_db=str(tuning_db) if tuning_db else None, rpc=rpc, schedule=schedule,
                         validate=not no_validate, max_context=max_context, kv_policy=kv_policy, lora_form=lora_form,
                         weights=weights, quantize_embeddings=quantize_embeddings,
+                        embedding_weights=embedding_weights, dtype=dtype,
                         capture_options=dict(inputs=inputs, trust_pickle=trust_pickle,
                                              allow_export_mismatch=allow_export_mismatch, seq_len=seq_len, batch=batch))
     m = res.manifest
@@ -773,7 +782,11 @@ def plan_cmd(model, budget, data, tokens, metric, tokenizer, threads, json_out, 
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
 @click.option("--weights", type=click.Choice(["int8", "int4", "int4asym"]), default=None,
               help="Measure MODEL (original or converted) with its linear weights quantised as `compile --weights` does.")
-def eval_cmd(model, data, loops, reference, tokenizer, seq_len, limit, threads, json_out, weights):
+@click.option("--quantize-embeddings", is_flag=True, help="With --weights: the embeddings and a tied head too.")
+@click.option("--embedding-weights", type=click.Choice(["int8", "int4", "int4asym"]), default=None,
+              help="With --weights: the embeddings and a tied head in this scheme (as `compile --embedding-weights`).")
+def eval_cmd(model, data, loops, reference, tokenizer, seq_len, limit, threads, json_out, weights,
+             quantize_embeddings, embedding_weights):
     """Fidelity of MODEL (an original, a converted .pt2 or a generation artifact) on the texts of
     --data, at every loop count, against the original: perplexity and next-token agreement (top-1,
     top-5 overlap, KL) for causal LMs and VLMs; sentence-embedding cosine and the Spearman
@@ -788,7 +801,8 @@ def eval_cmd(model, data, loops, reference, tokenizer, seq_len, limit, threads, 
     click.echo(f"eval: model={model} data={data} loops={list(loops) or 'all'} reference={reference or 'recorded'}",
                err=True)
     rep = evaluate(model, data, loops=list(loops) or None, reference=reference, tokenizer_choice=tokenizer,
-                   seq_len=seq_len, limit=limit, progress=sys.stderr.isatty(), weights=weights)
+                   seq_len=seq_len, limit=limit, progress=sys.stderr.isatty(), weights=weights,
+                   quantize_embeddings=quantize_embeddings, embedding_weights=embedding_weights)
     click.echo(format_report(rep))
     _write(json_out, lambda p: write_json(p, rep))
 

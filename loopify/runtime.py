@@ -347,7 +347,8 @@ class GenerationArtifact:
     def empty_cache(self) -> tuple[np.ndarray, np.ndarray]:
         """Keys and values of no token, ``[S, 1, H, 0, D]``, to prefill a prompt against."""
         shape = (self.gen["layout"]["slots"], 1, self.gen["kv_heads"], 0, self.gen["head_dim"])
-        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        dt = np.dtype(self.gen.get("dtype", "float32"))
+        return np.zeros(shape, dt), np.zeros(shape, dt)
 
     def step(self, entry: str, ids, mask, pos, k, v, loops, types=None, pixels=None, last: bool = False):
         """One call of ``entry`` on numpy (or torch) inputs and the cache ``k``, ``v``; returns
@@ -360,11 +361,13 @@ class GenerationArtifact:
         if self.gen.get("token_types"):
             args.append(self.tensor(types if types is not None else np.zeros_like(np.asarray(ids)), "int64"))
         if pixels is not None:
-            args.append(self.tensor(pixels, "float32"))
+            args.append(self.tensor(pixels, self.gen.get("dtype", "float32")))
         t = np.asarray(ids).shape[1]
         if self.gen.get("logit_rows"):
             args.append(self.tensor(np.arange(t - 1 if last else 0, t), "int64"))
         logits, nk, nv = (o.numpy() for o in self.run(entry, *args))
+        if logits.dtype != np.float32:  # a float16 artifact: sampling and scores in float32
+            logits = logits.astype(np.float32)
         return logits, np.concatenate([k, nk], axis=3), np.concatenate([v, nv], axis=3)
 
 

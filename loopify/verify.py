@@ -27,6 +27,13 @@ LOSSLESS_RTOL = 1e-5
 #: (errors of 1e-2 and up).
 ARTIFACT_RTOL = 1e-4
 
+#: A ``--dtype float16`` artifact against the same model in float16 PyTorch: each stored
+#: intermediate rounds to float16 (unit roundoff 4.9e-4), differently in TVM's fused kernels and
+#: in PyTorch's; measured 8e-4 on the 4-layer zoo Llama, the same as float16 PyTorch against
+#: float32. 1e-2 leaves room for a few dozen layers; a wrong op still errs by O(1).
+HALF_ARTIFACT_RTOL = 1e-2
+
+
 #: Staged programs (the same aten ops cut at loop boundaries) against the converted eager model:
 #: measured 0.0; 1e-6 leaves room for kernel choices.
 STAGED_RTOL = 1e-6

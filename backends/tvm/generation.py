@@ -207,6 +207,7 @@ def compile_generation(exported, target="x86", out=None, *, options=None, assets
                                    "model_type": (source or {}).get("model_type", "")},
                                "kv_policy": exported.layout.policy, "layout": exported.layout.to_dict(),
                                "kv_heads": exported.heads, "head_dim": exported.head_dim, "vocab": exported.vocab,
+                               "dtype": exported.dtype,
                                "inputs": ["input_ids", "attention_mask", "position_ids", "past_k", "past_v", "loops"],
                                "outputs": ["logits", "new_k", "new_v"]}}
     if qinfo is not None:

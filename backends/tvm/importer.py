@@ -385,6 +385,111 @@ def _float_binary(relax_name: str, py_op):
     return convert
 
 
+HALF = ("float16", "bfloat16")
+
+
+def _torch_dtype(node) -> str | None:
+    want = node.meta.get("val")
+    return str(want.dtype).replace("torch.", "") if isinstance(want, torch.Tensor) else None
+
+
+def _half_result(make: Callable):
+    """A matmul-like op (``matmul``, ``mm``, ``bmm``) whose torch result is float16 / bfloat16:
+    TVM's converters fix ``out_dtype="float32"``, so a half model's hidden state became float32
+    after its first projection (and a loop body's carry changed dtype). The op still
+    accumulates in float32; its result is cast to torch's dtype (the cast fuses into the
+    kernel's epilogue). Float32 models are unchanged. ``make``: importer -> TVM's own converter."""
+
+    def convert(node, importer):
+        from tvm import relax
+
+        out = make(importer)(node)
+        dtype = _torch_dtype(node)
+        if dtype in HALF and str(out.ty.dtype) != dtype:
+            out = importer.block_builder.emit(relax.op.astype(out, dtype))
+        return out
+
+    return convert
+
+
+def _linear(node, importer):
+    """``aten.linear`` of a half model: ``x @ W.T`` accumulated in float32, the bias added in
+    float32, the result cast to torch's dtype (TVM's converter added a half bias to its float32
+    product, which Relax refuses). Other dtypes: TVM's converter."""
+    from tvm import relax
+
+    dtype = _torch_dtype(node)
+    if dtype not in HALF:
+        return importer._linear(node)
+    bb = importer.block_builder
+    args = importer.retrieve_args(node)
+    x, w, bias = args[0], args[1], args[2] if len(args) > 2 else None
+    out = bb.emit(relax.op.linear(x, w, None, "float32"))
+    if bias is not None:
+        out = bb.emit(relax.op.add(out, bb.emit(relax.op.astype(bias, "float32"))))
+    return bb.emit(relax.op.astype(out, dtype))
+
+
+def _addmm(node, importer):
+    """``aten.addmm(bias, a, b, beta=, alpha=)`` of a half model (a decomposed linear): the
+    product accumulated in float32, the bias added in float32, the result cast to torch's
+    dtype (TVM's converter adds the half bias to a float32 product, which Relax refuses)."""
+    from tvm import relax
+
+    dtype = _torch_dtype(node)
+    if dtype not in HALF:
+        return importer._addmm(node)
+    bb = importer.block_builder
+    bias, a, b = (importer.env[x] for x in node.args[:3])
+    alpha, beta = node.kwargs.get("alpha", 1), node.kwargs.get("beta", 1)
+    out = bb.emit(relax.op.matmul(a, b, out_dtype="float32"))
+    if alpha != 1:
+        out = bb.emit(relax.op.multiply(out, relax.const(alpha, "float32")))
+    if beta != 0:
+        c = bb.emit(relax.op.astype(bias, "float32"))
+        if beta != 1:
+            c = bb.emit(relax.op.multiply(c, relax.const(beta, "float32")))
+        out = bb.emit(relax.op.add(out, c))
+    return bb.emit(relax.op.astype(out, dtype))
+
+
+def _in_float32(method: str):
+    """An op TVM converts with float32 assumptions (the convolutions: ``out_dtype="float32"``,
+    then a half bias added) run on float32 copies of its half inputs, its result cast back to
+    torch's dtype. For the convolutions of vision towers' patch embeddings, whose weights are
+    small; the big matmuls take :func:`_linear` / :func:`_half_result`."""
+
+    def convert(node, importer):
+        from tvm import relax
+
+        fn = getattr(importer, method)
+        dtype = _torch_dtype(node)
+        if dtype not in HALF:
+            return fn(node)
+        bb, saved = importer.block_builder, {}
+        for a in node.all_input_nodes:
+            v = importer.env.get(a)
+            if isinstance(v, relax.Expr) and getattr(v.ty, "dtype", None) is not None and str(v.ty.dtype) in HALF:
+                saved[a] = v
+                importer.env[a] = bb.emit(relax.op.astype(v, "float32"))
+        try:
+            out = fn(node)
+        finally:
+            importer.env.update(saved)
+        return bb.emit(relax.op.astype(out, dtype))
+
+    return convert
+
+
+def _matmul_f32(importer):
+    """TVM's own ``matmul`` / ``mm`` / ``bmm`` converter."""
+    from functools import partial
+
+    from tvm import relax
+
+    return importer._binary_op(partial(relax.op.linear_algebra.matmul, out_dtype="float32"), operator.matmul)
+
+
 def _where(node, importer):
     """``where(cond, x, y)`` with torch's type promotion: both branches cast to the result's
     dtype. TVM's converter requires one dtype (Gemma3's token-type positions mix an int32
@@ -490,6 +595,10 @@ def custom_convert_map() -> dict[str, Callable]:
         "sym_sum": _sym_sum,
         "constant_pad_nd.default": _constant_pad_nd,
         "where.self": _where,
+        "linear.default": _linear,
+        "addmm.default": _addmm,
+        **{f"{op}.default": _half_result(_matmul_f32) for op in ("matmul", "mm", "bmm")},
+        **{f"{op}.default": _in_float32(f"_{op}") for op in ("conv1d", "conv2d", "convolution")},
         "reciprocal.default": _float_unary(None),
         **{f"{op}.default": _float_unary(op) for op in ("exp", "log", "sin", "cos", "tanh", "sigmoid", "rsqrt")},
     }

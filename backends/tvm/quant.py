@@ -29,6 +29,59 @@ GROUP = 32
 KBROADCAST = 1  # tvm relax OpPatternKind
 
 
+#: int4asym with float16 scales (CUDA): each group's scale and minimum are one int32 word (low
+#: 16 bits the scale, high 16 the minimum), so that a kernel reads one element per group. As
+#: ``[N, K/32, 2]`` float16 the pair is a region of extent 2, which DLight's GEMV analysis
+#: refuses (``collect_block_iter_vars_used_in_access_region`` asserts point accesses).
+PACKED_PAIR = "int32"
+
+
+def packed_pair(scheme: str, scale_dtype: str) -> bool:
+    """Whether ``scheme``'s (scale, min) pairs are stored as one int32 word (see PACKED_PAIR)."""
+    return scheme == "int4asym" and scale_dtype == "float16"
+
+
+def stored_scale(entry):
+    """The scale tensor as the artifact stores it: ``[N, K/32]`` int32 words for int4asym with
+    float16 scales (the float16 pair's bytes, little-endian: scale low, minimum high), else
+    the entry's own."""
+    import torch
+
+    if packed_pair(entry.scheme, _tdt(entry.scale)):
+        sc = entry.scale.contiguous()
+        return sc.view(torch.int32).reshape(sc.shape[0], sc.shape[1])
+    return entry.scale
+
+
+#: int4 codes on CUDA (float16 scales): MLC-LLM's q4f16 words, eight codes per int32, element
+#: j of each 8 in bits 4j..4j+3, so that a kernel's index into the codes is one split of the
+#: reduction axis (``k // 8``, ``k % 8``). llama.cpp's order (``k // 32 * 16 + k % 16`` and a
+#: shift by ``k % 32 // 16``) splits it twice, which DLight's GEMV normalisation cannot reorder
+#: ("The loop no longer exists"): no int4 decode step built for CUDA before.
+WORD_CODES = 8
+
+
+def gpu_words(scheme: str, scale_dtype: str) -> bool:
+    """Whether int4 codes are stored as int32 words (CUDA; see WORD_CODES)."""
+    from loopify.nn.quant import INT4
+
+    return scheme in INT4 and scale_dtype == "float16"
+
+
+def stored_codes(entry):
+    """The codes as the artifact stores them: ``[N, K/8]`` int32 words on CUDA (see
+    WORD_CODES), else the entry's own (``[N, K/2]`` bytes in llama.cpp's order, or int8)."""
+    import torch
+
+    if not gpu_words(entry.scheme, _tdt(entry.scale)):
+        return entry.q
+    n, k = entry.shape
+    b = entry.q.reshape(n, k // GROUP, GROUP // 2)
+    codes = torch.cat([b & 15, b >> 4], dim=2).reshape(n, k // WORD_CODES, WORD_CODES).to(torch.int64)
+    words = sum(codes[..., j] << (4 * j) for j in range(WORD_CODES))          # [N, K/8] in [0, 2^32)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)  # the same 32 bits
+
+
 def dequant_func(scheme: str, n: int, k: int, scale_dtype: str = "float32", out_dtype: str = "float32"):
     """TIR PrimFunc ``(q, scale) -> W [n, k]`` (see :mod:`loopify.nn.quant` for the layout)."""
     from tvm import te
@@ -36,6 +89,12 @@ def dequant_func(scheme: str, n: int, k: int, scale_dtype: str = "float32", out_
     if scheme == "int8":
         q = te.placeholder((n, k), "int8", name="q")
         s = te.placeholder((n,), scale_dtype, name="scale")
+    elif packed_pair(scheme, scale_dtype):
+        q = te.placeholder((n, k // WORD_CODES), "int32", name="q")
+        s = te.placeholder((n, k // GROUP), PACKED_PAIR, name="scale")
+    elif gpu_words(scheme, scale_dtype):
+        q = te.placeholder((n, k // WORD_CODES), "int32", name="q")
+        s = te.placeholder((n, k // GROUP), scale_dtype, name="scale")
     elif scheme == "int4asym":  # (scale, min) per group
         q = te.placeholder((n, k // 2), "uint8", name="q")
         s = te.placeholder((n, k // GROUP, 2), scale_dtype, name="scale")
@@ -55,9 +114,21 @@ def _te_dequant(q, s, scheme: str, n: int, k: int, out_dtype: str):
     half = GROUP // 2
 
     def value(i, j):
-        byte = q[i, (j // GROUP) * half + j % half]
-        shift = ((j % GROUP) // half * 4).astype("uint8")
-        code = tirx.bitwise_and(tirx.shift_right(byte, shift), tirx.const(15, "uint8")).astype(out_dtype)
+        if q.dtype == "int32":  # CUDA words: element j % 8 of word j // 8
+            word = q[i, j // WORD_CODES]
+            code = tirx.bitwise_and(tirx.shift_right(word, (j % WORD_CODES * 4).astype("int32")),
+                                    tirx.const(15, "int32")).astype(out_dtype)
+        else:
+            byte = q[i, (j // GROUP) * half + j % half]
+            shift = ((j % GROUP) // half * 4).astype("uint8")
+            code = tirx.bitwise_and(tirx.shift_right(byte, shift), tirx.const(15, "uint8")).astype(out_dtype)
+        if scheme == "int4asym" and len(s.shape) == 2:  # packed pair: one int32 word per group
+            word = s[i, j // GROUP]
+            lo = tirx.bitwise_and(word, tirx.const(0xFFFF, PACKED_PAIR)).astype("uint16")
+            hi = tirx.bitwise_and(tirx.shift_right(word, tirx.const(16, PACKED_PAIR)),
+                                  tirx.const(0xFFFF, PACKED_PAIR)).astype("uint16")
+            return (code * tirx.reinterpret("float16", lo).astype(out_dtype)
+                    + tirx.reinterpret("float16", hi).astype(out_dtype))
         if scheme == "int4asym":
             g = j // GROUP
             return code * s[i, g, 0].astype(out_dtype) + s[i, g, 1].astype(out_dtype)
@@ -66,16 +137,20 @@ def _te_dequant(q, s, scheme: str, n: int, k: int, out_dtype: str):
     return te.compute((n, k), value, name="dequant")
 
 
-def _te_qmatmul(x, q, s, *, scheme: str, n: int, k: int, out_dtype: str):
+def _te_qmatmul(x, q, s, *, scheme: str, n: int, k: int, out_dtype: str, acc_dtype: str | None = None):
     """``y[.., j] = sum_k x[.., k] * W[j, k]``, W dequantised in the same PrimFunc: one kernel
     whose only reads of the weight are its codes and scales (the rules inline the dequant
-    block into the reduction)."""
+    block into the reduction). ``out_dtype``: the weight's dtype; ``acc_dtype``: the result's,
+    in which W is dequantised and the sum accumulates (float32 for a float16 model, as in the
+    matmul it replaces; W then skips the float16 rounding of the fake-quantised PyTorch weight,
+    a difference of at most 2^-11 relative, inside the float16 validation tolerance)."""
     from tvm import te
 
-    w = _te_dequant(q, s, scheme, n, k, out_dtype)
+    acc = acc_dtype or out_dtype
+    w = _te_dequant(q, s, scheme, n, k, acc)
     r = te.reduce_axis((0, k), name="k")
     shape = list(x.shape[:-1]) + [n]
-    return te.compute(shape, lambda *i: te.sum(x[tuple(i[:-1]) + (r,)].astype(out_dtype) * w[i[-1], r], axis=r),
+    return te.compute(shape, lambda *i: te.sum(x[tuple(i[:-1]) + (r,)].astype(acc) * w[i[-1], r], axis=r),
                       name="NT_matmul")
 
 
@@ -258,8 +333,10 @@ class _Rewrite:
         for i, p in enumerate(f.params):
             if i in entries:
                 e = entries[i]
-                vq = relax.Var(f"{p.name}_q", relax.TensorType(list(e.q.shape), _tdt(e.q)))
-                vs = relax.Var(f"{p.name}_s", relax.TensorType(list(e.scale.shape), _tdt(e.scale)))
+                sq = stored_codes(e)
+                vq = relax.Var(f"{p.name}_q", relax.TensorType(list(sq.shape), _tdt(sq)))
+                st = stored_scale(e)
+                vs = relax.Var(f"{p.name}_s", relax.TensorType(list(st.shape), _tdt(st)))
                 params += [vq, vs]
                 self.split[p] = (vq, vs, e)
             else:
@@ -303,8 +380,10 @@ class _Rewrite:
             return []  # the transpose of a weight every use of which is a fused matmul
         if _is_op(v, "relax.matmul") and v.args[1] in self.fused:
             vq, vs, e = split[self.fused[v.args[1]]]
+            acc = str(b.var.ty.dtype) if getattr(b.var.ty, "dtype", None) is not None else e.dtype
             call = self.deq_bb.call_te(_te_qmatmul, v.args[0], vq, vs, scheme=e.scheme, n=e.shape[0], k=e.shape[1],
-                                       out_dtype=e.dtype, primfunc_name_hint=f"qmatmul_{e.scheme}_{e.shape[0]}x{e.shape[1]}")
+                                       out_dtype=e.dtype, acc_dtype=acc,
+                                       primfunc_name_hint=f"qmatmul_{e.scheme}_{e.shape[0]}x{e.shape[1]}")
             return [relax.VarBinding(b.var, call)]
         if isinstance(v, relax.Call) and len(v.args) and isinstance(v.args[0], relax.Var) and v.args[0] in split:
             vq, vs, e = split[v.args[0]]
@@ -399,12 +478,18 @@ def quantize_weights(mod, tensors: list, names: list[str], registry: dict, allow
             e = chosen[w]
             qn, sn = f"{name}.{tag[e.scheme]}", f"{name}.scale"
             new_names += [qn, sn]
-            new_tensors += [e.q.contiguous(), e.scale.contiguous()]
+            new_tensors += [stored_codes(e).contiguous(), stored_scale(e).contiguous()]
             int4 = e.scheme in INT4
             report["tensors"][name] = {"scheme": e.scheme, "group_size": GROUP if int4 else None,
                                        "granularity": "group" if int4 else "output channel",
                                        "shape": list(e.shape), "codes": qn, "scales": sn, "role": e.role,
                                        "scale_dtype": str(e.scale.dtype).replace("torch.", ""),
+                                       **({"scale_packing": "int32 [N, K/32]: float16 scale in the low 16 bits, "
+                                                            "float16 minimum in the high 16"}
+                                          if packed_pair(e.scheme, _tdt(e.scale)) else {}),
+                                       **({"code_packing": "int32 [N, K/8]: element j of each 8 in bits 4j..4j+3 "
+                                                           "(MLC-LLM q4f16)"}
+                                          if gpu_words(e.scheme, _tdt(e.scale)) else {}),
                                        "modules": list(e.names),
                                        "bytes": e.q.numel() * e.q.element_size() + e.scale.numel() * e.scale.element_size(),
                                        "float32_bytes": e.shape[0] * e.shape[1] * 4}

@@ -67,13 +67,18 @@ class Subject:
         return list(range(lo, top + 1))
 
 
-def open_subject(path: str | Path, weights: str | None = None) -> Subject:
+def open_subject(path: str | Path, weights: str | None = None, *, quantize_embeddings: bool = False,
+                 embedding_weights: str | None = None) -> Subject:
     """A :class:`Subject` for an original, a converted ``.pt2`` or a generation artifact.
 
     ``weights``: ``int8`` / ``int4``: an original or converted model with its weights
     fake-quantised (:func:`loopify.nn.quant.quantize_module_`): exactly what a ``compile
-    --weights`` artifact computes (validated against it to 1e-4)."""
+    --weights`` artifact computes (validated against it to 1e-4); ``quantize_embeddings`` /
+    ``embedding_weights``: the embeddings and a tied head too, as ``compile`` does."""
     path = Path(path)
+    if (quantize_embeddings or embedding_weights) and not weights:
+        flag = "--embedding-weights" if embedding_weights else "--quantize-embeddings"
+        raise EvalError(f"{flag} needs --weights int8, int4 or int4asym")
     if not path.exists():
         raise EvalError(f"{path}: no such file or directory")
     if path.is_dir() and (path / "manifest.json").is_file():
@@ -87,7 +92,8 @@ def open_subject(path: str | Path, weights: str | None = None) -> Subject:
         from loopify.nn import quant
 
         try:
-            plan = quant.plan_module(subject.module, quant.QuantConfig(weights))
+            plan = quant.plan_module(subject.module, quant.QuantConfig(
+                weights, embeddings=quantize_embeddings, embedding_weights=embedding_weights))
         except ValueError as e:
             raise EvalError(str(e)) from None
         if not plan.registry:

@@ -49,13 +49,16 @@ def read_texts(path: str | Path) -> list[str]:
 
 def evaluate(model: str | Path, data: str | Path, *, loops: list[int] | None = None, reference: str | Path | None = None,
              tokenizer_choice: str = "auto", seq_len: int | None = None, limit: int | None = None,
-             progress: bool = False, weights: str | None = None) -> dict:
+             progress: bool = False, weights: str | None = None, quantize_embeddings: bool = False,
+             embedding_weights: str | None = None) -> dict:
     """Fidelity of ``model`` on ``data`` at each loop count (default: every count), against
     ``reference`` (default: the original the model records as its source; none for an original,
     whose own perplexity is then reported alone). ``weights``: measure the model with its
     weights fake-quantised (``int8`` / ``int4``, see :func:`open_subject`); an original is then
-    compared with itself in float32."""
-    subject = open_subject(model, weights=weights)
+    compared with itself in float32. ``quantize_embeddings`` / ``embedding_weights``: the
+    embeddings and a tied head too (``compile``'s options of the same names)."""
+    subject = open_subject(model, weights=weights, quantize_embeddings=quantize_embeddings,
+                           embedding_weights=embedding_weights)
     counts = subject.counts(loops)
     texts = read_texts(data)
     if seq_len is not None and subject.max_len is not None and seq_len > subject.max_len:
@@ -66,7 +69,9 @@ def evaluate(model: str | Path, data: str | Path, *, loops: list[int] | None = N
     if weights and reference is None and subject.kind == "original":
         ref_path, why = Path(model), ""  # the same model in float32
     if weights:
-        notes.append(f"weights {weights}: fake-quantised in PyTorch, what a `compile --weights {weights}` artifact "
+        emb = (f" --embedding-weights {embedding_weights}" if embedding_weights
+               else " --quantize-embeddings" if quantize_embeddings else "")
+        notes.append(f"weights {weights}: fake-quantised in PyTorch, what a `compile --weights {weights}{emb}` artifact "
                      "computes (validated against it to 1e-4)")
     if why:
         notes.append(f"no agreement with the original: {why} (give --reference ORIGINAL)")

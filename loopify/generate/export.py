@@ -534,6 +534,12 @@ class Exported:
     image_example: tuple | None = None
     image_tokens: int = 0
     pixel_shape: list | None = None
+    dtype: str = "float32"                         # of the weights, activations and KV cache
+
+
+def float_dtype(module) -> torch.dtype:
+    """The floating dtype of ``module``'s weights (float32 when it has none)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
 def kv_shape(wrapper, inputs: dict, lay: Layout, image_token_id=None) -> tuple[int, int]:
@@ -573,7 +579,8 @@ def export_step(wrapper, inputs: dict, policy: str, max_context: int, image_toke
     row = inputs["input_ids"][0]
     text = row[row != image_token_id] if image_token_id is not None else row
     ids = text.repeat(t)[:t].reshape(1, t)
-    kv0 = torch.zeros(lay.slots, 1, heads, p, hd)
+    dt = float_dtype(wrapper)
+    kv0 = torch.zeros(lay.slots, 1, heads, p, hd, dtype=dt)
     example = (ids, torch.ones(1, p + t, dtype=torch.long), torch.arange(p, p + t).reshape(1, t), kv0, kv0.clone(),
                counts)
     kw = {"token_type_ids": torch.zeros_like(ids)} if token_types else {}
@@ -586,7 +593,7 @@ def export_step(wrapper, inputs: dict, policy: str, max_context: int, image_toke
         ep = torch.export.export(step, example, kw, dynamic_shapes=ds, strict=False)
         logits = step(*example, **kw)[0]
     out = Exported(ep, lay, heads, hd, int(logits.shape[-1]), loops, max_context, example + tuple(kw.values()),
-                   token_types, logit_rows="logit_rows" in kw)
+                   token_types, logit_rows="logit_rows" in kw, dtype=str(dt).replace("torch.", ""))
     if "pixel_values" in inputs:
         _export_image_step(out, step, inputs, image_token_id, counts)
     return out
@@ -609,8 +616,8 @@ def _export_image_step(out: Exported, step: Step, inputs: dict, image_token_id, 
     ids = inputs["input_ids"][:1]
     n_img = int((ids == image_token_id).sum()) if image_token_id is not None else 0
     t = ids.shape[1]
-    kv0 = torch.zeros(out.layout.slots, 1, out.heads, 0, out.head_dim)
-    pixels = inputs["pixel_values"][:1]
+    kv0 = torch.zeros(out.layout.slots, 1, out.heads, 0, out.head_dim, dtype=getattr(torch, out.dtype))
+    pixels = inputs["pixel_values"][:1].to(getattr(torch, out.dtype))
     ex = (ids, torch.ones(1, t, dtype=torch.long), torch.arange(t).reshape(1, t), kv0, kv0.clone(), counts)
     kw = {**({"token_type_ids": torch.zeros_like(ids)} if out.token_types else {}), "pixel_values": pixels}
     T = Dim("T", min=n_img + 1, max=out.max_context)

@@ -49,15 +49,22 @@ class QuantConfig:
         weights: ``int8`` or ``int4``.
         embeddings: also the token embeddings and a head tied to them (default: they stay float).
         scale_dtype: ``float32``, or ``float16`` (CUDA).
+        embedding_weights: the embeddings' own scheme (a *mixed* scheme, e.g. int4asym matrices
+            and an int8 table); implies ``embeddings``. Default: the same as ``weights``.
     """
 
     weights: str
     embeddings: bool = False
     scale_dtype: str = "float32"
+    embedding_weights: str | None = None
 
     def __post_init__(self):
         if self.weights not in SCHEMES:
             raise ValueError(f"--weights must be one of float32, {', '.join(SCHEMES)}, got {self.weights!r}")
+        if self.embedding_weights is not None:
+            if self.embedding_weights not in SCHEMES:
+                raise ValueError(f"--embedding-weights must be one of {', '.join(SCHEMES)}, got {self.embedding_weights!r}")
+            object.__setattr__(self, "embeddings", True)
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"quantisation scale dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
 
@@ -65,13 +72,24 @@ class QuantConfig:
     def group(self) -> int | None:
         return GROUP if self.weights in INT4 else None
 
+    @property
+    def embedding_scheme(self) -> str | None:
+        """The scheme of the embeddings (and a head tied to them); None when they stay float."""
+        return (self.embedding_weights or self.weights) if self.embeddings else None
+
+    def scheme_of(self, role: str) -> str:
+        """The scheme of a weight of ``role`` (``linear`` or ``embedding``)."""
+        return self.embedding_scheme if role == "embedding" and self.embeddings else self.weights
+
     def to_dict(self) -> dict:
+        used = {self.weights} | ({self.embedding_scheme} if self.embeddings else set())
         return {"weights": self.weights, "group_size": self.group, "scale_dtype": self.scale_dtype,
                 "symmetric": self.weights != "int4asym", "embeddings": self.embeddings,
+                "embedding_weights": self.embedding_scheme,
                 "int4_packing": "low nibble = element j, high nibble = element j+16 of each group of 32"
-                if self.weights in INT4 else None,
+                if used & set(INT4) else None,
                 **({"int4_value": "code * scale + min (scale [N, K/32, 2] = (scale, min))"}
-                   if self.weights == "int4asym" else {})}
+                   if "int4asym" in used else {})}
 
 
 @dataclass
@@ -131,6 +149,15 @@ def quantize(w: torch.Tensor, scheme: str, scale_dtype: str = "float32") -> tupl
     return _pack(codes, n, k), sm  # int4asym
 
 
+def stored_bytes(shape, scheme: str, scale_dtype: str = "float32") -> int:
+    """Bytes of the codes and scales of a ``[N, K]`` weight stored as ``scheme``."""
+    n, k = shape
+    sb = 2 if scale_dtype == "float16" else 4
+    if scheme == "int8":
+        return n * k + n * sb
+    return n * k // 2 + n * (k // GROUP) * sb * (2 if scheme == "int4asym" else 1)
+
+
 def _pack(codes: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """4-bit codes ``[N, G, 32]`` -> bytes ``[N, K/2]``: element j of a group in the low nibble of
     byte j, element j+16 in its high nibble."""
@@ -185,14 +212,15 @@ def quantize_module_(module: nn.Module, config: QuantConfig) -> tuple[dict, dict
     registry, skipped = {}, {}
     with torch.no_grad():
         for p, names, role in _selected(module, config).values():
-            why = quantizable(tuple(p.shape), config.weights)
+            scheme = config.scheme_of(role)
+            why = quantizable(tuple(p.shape), scheme)
             if why:
                 for n in names:
                     skipped[n] = why
                 continue
-            q, s = quantize(p, config.weights, config.scale_dtype)
-            p.copy_(dequantize(q, s, config.weights, p.dtype))
-            registry[content_key(p)] = Quantized(config.weights, q, s, tuple(p.shape), names, role,
+            q, s = quantize(p, scheme, config.scale_dtype)
+            p.copy_(dequantize(q, s, scheme, p.dtype))
+            registry[content_key(p)] = Quantized(scheme, q, s, tuple(p.shape), names, role,
                                                  str(p.dtype).replace("torch.", ""))
     return registry, skipped
 
@@ -222,13 +250,15 @@ def quantize_program_(program, config: QuantConfig) -> tuple[dict, dict]:
             if key in done:
                 done[key].names.append(pname)
                 continue
-            why = quantizable(tuple(t.shape), config.weights)
+            role = "linear" if lin else "embedding"
+            scheme = config.scheme_of(role)
+            why = quantizable(tuple(t.shape), scheme)
             if why:
                 skipped[pname] = why
                 continue
-            q, s = quantize(t, config.weights, config.scale_dtype)
-            t.copy_(dequantize(q, s, config.weights, t.dtype))
-            ent = Quantized(config.weights, q, s, tuple(t.shape), [pname], "linear" if lin else "embedding",
+            q, s = quantize(t, scheme, config.scale_dtype)
+            t.copy_(dequantize(q, s, scheme, t.dtype))
+            ent = Quantized(scheme, q, s, tuple(t.shape), [pname], role,
                             str(t.dtype).replace("torch.", ""))
             registry[content_key(t)] = ent
             done[key] = ent
