@@ -24,13 +24,6 @@ from loopify.nn import quant  # noqa: E402
 from loopify.verify import HALF_ARTIFACT_RTOL  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def llama_pt2(written, tmp_path_factory):
-    pt2 = tmp_path_factory.mktemp("half") / "llama.pt2"
-    conv.convert(written["llama"]["hf"], conv.ConvertConfig(), pt2)
-    return pt2
-
-
 @pytest.mark.slow  # ~40 s: the real MiniLM converted 3 x 2, float16
 def test_a_float16_minilm_forward_artifact_matches(written, tmp_path):
     """BERT's linears are decomposed to ``addmm`` with a bias and its attention has biases: each

@@ -112,14 +112,6 @@ def test_shapes_and_options_that_cannot_be_quantised_are_refused():
 # -- artifacts ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def llama_pt2(written, tmp_path_factory):
-    """The zoo Llama (4 layers, hidden 64) converted with the default plan: 2 blocks x 2 loops."""
-    pt2 = tmp_path_factory.mktemp("quant") / "llama.pt2"
-    conv.convert(written["llama"]["hf"], conv.ConvertConfig(), pt2)
-    return pt2
-
-
-@pytest.fixture(scope="module")
 def artifacts(llama_pt2, tmp_path_factory):
     d = tmp_path_factory.mktemp("quant-art")
     return {w: compile_model(llama_pt2, d / f"llama.{w}", weights=w) for w in ("int8", "int4", "int4asym")}
