@@ -5,7 +5,8 @@ compare them with the host's PyTorch outputs.
     tools/arm/python tools/arm/check.py WORK [--cases a,b] [--json FILE]
 
 Forward cases: every output at every loop count within ``loopify.verify.ARTIFACT_RTOL`` (max abs
-error / max abs reference value), the same tolerance as the host compile's own validation.
+error / max abs reference value; ``HALF_ARTIFACT_RTOL`` for float16 ``h-`` cases), the same
+tolerance as the host compile's own validation.
 Generation cases: prefill logits within that tolerance and the same greedy tokens as the eager
 model, the artifact driven as ``loopify.generate.engine.run`` drives it (prefill the prompt, then
 one token per decode call with the attention mask grown by one and the next position). Exit
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from loopify import runtime
-from loopify.verify import ARTIFACT_RTOL, check_rows, diff
+from loopify.verify import ARTIFACT_RTOL, HALF_ARTIFACT_RTOL, check_rows, diff
 
 
 def check_forward(case: Path, spec: dict) -> list[dict]:
@@ -36,7 +37,8 @@ def check_forward(case: Path, spec: dict) -> list[dict]:
         got = list(art(*inputs, loops=c["loops"] or None, output="numpy"))
         ms = (time.perf_counter() - t0) * 1e3
         expected = [np.load(case / f) for f in c["expected"]]
-        for r in check_rows(expected, got, ARTIFACT_RTOL, loops=c["loops"]):
+        rtol = HALF_ARTIFACT_RTOL if spec.get("dtype") == "float16" else ARTIFACT_RTOL
+        for r in check_rows(expected, got, rtol, loops=c["loops"]):
             rows.append({**r, "what": f"output {r['output']}", "emulated_ms": round(ms, 1)})
     return rows
 

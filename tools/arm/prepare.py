@@ -88,12 +88,15 @@ def _converted(name: str, work: Path, form: str = "hf") -> Path:
 
 #: ``PREFIX-NAME`` cases: the converted model's artifact with quantised weights (``compile --weights``).
 QUANT_PREFIX = {"q8": "int8", "q4": "int4", "q4a": "int4asym"}
+#: ``h-NAME`` cases: the converted model's float16 artifact (``compile --dtype float16``).
+HALF_PREFIX = "h"
 
 
-def prepare_forward(name: str, case: Path, work: Path, weights: str = "float32") -> dict:
+def prepare_forward(name: str, case: Path, work: Path, weights: str = "float32", dtype: str = "float32") -> dict:
     """Converted zoo model -> arm64 artifact + inputs + expected outputs at every loop count. With
     quantised ``weights`` the expected outputs are the PyTorch model's with the same dequantised
-    weights (what the artifact computes, as the host validation compares)."""
+    weights (what the artifact computes, as the host validation compares); with ``dtype``
+    float16, the float16 PyTorch model's on float16 inputs."""
     from loopify.compile import compile_model
     from loopify.convert import load_converted
     from loopify.nn import set_loops
@@ -101,8 +104,13 @@ def prepare_forward(name: str, case: Path, work: Path, weights: str = "float32")
     from loopify.verify import flat_tensors
 
     model = _converted(name, work, SOURCE_FORM.get(name, "hf"))
-    compiled = compile_model(model, case / "art", target="arm64", weights=weights)
+    compiled = compile_model(model, case / "art", target="arm64", weights=weights, dtype=dtype)
     module, captured, _ = load_converted(model)
+    if dtype != "float32":
+        from loopify.compile import _half_inputs
+
+        module.to(getattr(torch, dtype))
+        captured = _half_inputs(captured)
     if weights != "float32":
         quantize_module_(module, QuantConfig(weights))
     inputs = [_save(case, f"in{i}", x) for i, x in enumerate(captured.flat_inputs())]
@@ -160,6 +168,9 @@ def prepare(case_name: str, work: Path, digest: str) -> dict:
     elif prefix in QUANT_PREFIX and rest:
         spec = prepare_forward(rest, case, work, weights=QUANT_PREFIX[prefix])
         spec["weights"] = QUANT_PREFIX[prefix]
+    elif prefix == HALF_PREFIX and rest:
+        spec = prepare_forward(rest, case, work, dtype="float16")
+        spec["dtype"] = "float16"
     else:
         spec = prepare_forward(case_name, case, work)
     spec.update(name=case_name, artifact="art", source_hash=digest, host_s=round(time.perf_counter() - t0, 1))
