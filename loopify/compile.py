@@ -127,15 +127,17 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
     return compiled
 
 
-def _half_inputs(captured):
-    """``captured`` with its floating inputs (pixel values) in float16."""
+def _floats_to(v, dtype: str):
+    """``v`` in ``dtype`` when it is a floating tensor (pixel values), else ``v``."""
+    return v.to(getattr(torch, dtype)) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+
+def _half_inputs(captured, dtype: str = "float16"):
+    """``captured`` with its floating inputs (pixel values) in ``dtype``."""
     import dataclasses
 
-    def h(v):
-        return v.half() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-
-    return dataclasses.replace(captured, args=tuple(h(a) for a in captured.args),
-                               kwargs={k: h(v) for k, v in captured.kwargs.items()})
+    return dataclasses.replace(captured, args=tuple(_floats_to(a, dtype) for a in captured.args),
+                               kwargs={k: _floats_to(v, dtype) for k, v in captured.kwargs.items()})
 
 
 def _forward_source(model: Path, opts: dict, lora_form: str, qconfig, dtype: str = "float32"):
@@ -156,7 +158,7 @@ def _forward_source(model: Path, opts: dict, lora_form: str, qconfig, dtype: str
         extra = lora_manifest(module, lora_form)
         if dtype != "float32":
             module.to(getattr(torch, dtype))
-            captured = _half_inputs(captured)
+            captured = _half_inputs(captured, dtype)
             extra["dtype"] = dtype
         qplan = _plan(qconfig, model, module=module)
 
@@ -316,7 +318,7 @@ def compile_generation(model: str | Path, out: str | Path, *, target: str = "x86
     wrapper, inputs, assets, source = _generation_source(model)
     if dtype != "float32":
         wrapper.to(getattr(torch, dtype))
-        inputs = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in inputs.items()}
+        inputs = {k: _floats_to(v, dtype) for k, v in inputs.items()}
     qplan = _plan(quant, model, module=wrapper)
     try:
         exported = export_step(wrapper, inputs, kv_policy, max_context, source.get("image_token_id"))

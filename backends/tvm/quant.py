@@ -68,6 +68,17 @@ def gpu_words(scheme: str, scale_dtype: str) -> bool:
     return scheme in INT4 and scale_dtype == "float16"
 
 
+def stored_types(entry) -> tuple[tuple[list, str], tuple[list, str]]:
+    """``((shape, dtype), (shape, dtype))`` of the codes and scales as stored (:func:`stored_codes`,
+    :func:`stored_scale`), without packing them: what a function parameter's type needs."""
+    n, k = entry.shape
+    words = gpu_words(entry.scheme, _tdt(entry.scale))
+    codes = ([n, k // WORD_CODES], "int32") if words else (list(entry.q.shape), _tdt(entry.q))
+    pair = packed_pair(entry.scheme, _tdt(entry.scale))
+    scales = ([n, k // GROUP], PACKED_PAIR) if pair else (list(entry.scale.shape), _tdt(entry.scale))
+    return codes, scales
+
+
 def stored_codes(entry):
     """The codes as the artifact stores them: ``[N, K/8]`` int32 words on CUDA (see
     WORD_CODES), else the entry's own (``[N, K/2]`` bytes in llama.cpp's order, or int8)."""
@@ -333,10 +344,9 @@ class _Rewrite:
         for i, p in enumerate(f.params):
             if i in entries:
                 e = entries[i]
-                sq = stored_codes(e)
-                vq = relax.Var(f"{p.name}_q", relax.TensorType(list(sq.shape), _tdt(sq)))
-                st = stored_scale(e)
-                vs = relax.Var(f"{p.name}_s", relax.TensorType(list(st.shape), _tdt(st)))
+                (qs, qt), (ss, stype) = stored_types(e)  # the packing itself runs once, for the params
+                vq = relax.Var(f"{p.name}_q", relax.TensorType(qs, qt))
+                vs = relax.Var(f"{p.name}_s", relax.TensorType(ss, stype))
                 params += [vq, vs]
                 self.split[p] = (vq, vs, e)
             else:

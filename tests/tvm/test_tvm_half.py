@@ -84,6 +84,9 @@ def test_the_cuda_int4_layout_decodes_to_the_same_weights(scheme):
     codes, scales = tq.stored_codes(entry), tq.stored_scale(entry)
     assert codes.dtype == torch.int32 and tuple(codes.shape) == (48, 96 // 8)
     assert tuple(scales.shape) == (48, 3) and scales.dtype == (torch.int32 if scheme == "int4asym" else torch.float16)
+    # the parameter types the rewrite declares, without packing, are those of the stored tensors
+    assert tq.stored_types(entry) == ((list(codes.shape), "int32"),
+                                      (list(scales.shape), str(scales.dtype).replace("torch.", "")))
     f = tq.dequant_func(scheme, 48, 96, "float16", "float32")
     lib = tvm.compile(tvm.IRModule({"main": f}), target="llvm")
     out = tvm.runtime.tensor(np.zeros((48, 96), np.float32))

@@ -110,7 +110,7 @@ def prepare_forward(name: str, case: Path, work: Path, weights: str = "float32",
         from loopify.compile import _half_inputs
 
         module.to(getattr(torch, dtype))
-        captured = _half_inputs(captured)
+        captured = _half_inputs(captured, dtype)
     if weights != "float32":
         quantize_module_(module, QuantConfig(weights))
     inputs = [_save(case, f"in{i}", x) for i, x in enumerate(captured.flat_inputs())]
