@@ -73,7 +73,7 @@ test-all: $(STAMP)
 # PyTorch outputs on this host, check.py runs them emulated at every loop count. Emulated timings
 # are not ARM timings.
 ARM_DIR ?= .arm
-ARM_CASES ?= minilm,llava-clip,idefics3,gen-llama,q8-llama,q4-llama,q4a-llama
+ARM_CASES ?= minilm,llava-clip,idefics3,gen-llama,q8-llama,q4-llama,q4a-llama,s-llama
 test-arm: $(STAMP)
 	ARM_DIR=$(ARM_DIR) tools/arm/setup.sh
 	$(PY) tools/arm/prepare.py $(ARM_DIR)/work --cases $(ARM_CASES)

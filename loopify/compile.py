@@ -154,7 +154,7 @@ def _forward_source(model: Path, opts: dict, lora_form: str, qconfig, dtype: str
         from loopify.staging import stages_of
 
         module, captured, _manifest = load_converted(model, seq_len=opts.get("seq_len"), batch=opts.get("batch"))
-        refuse_routers(module, model)
+        refuse_routers(module, model, spiral_ok=True)
         extra = lora_manifest(module, lora_form)
         if dtype != "float32":
             module.to(getattr(torch, dtype))
@@ -215,10 +215,10 @@ def _plan(config, model, module=None, program=None):
     return plan
 
 
-def refuse_routers(module, model) -> None:
-    """Routed loops (the route pass) and multi-resolution loops (the multi-resolution pass) run
-    in PyTorch only: TVM compilation of per-token depth and of per-step resolutions is not built
-    yet."""
+def refuse_routers(module, model, spiral_ok: bool = False) -> None:
+    """Routed loops (the route pass) run in PyTorch only: TVM compilation of per-token depth is
+    not built yet; nor is generation (a KV cache) of multi-resolution loops (the multi-resolution
+    pass), whose forward artifacts do compile (``spiral_ok``)."""
     from loopify.nn import recursions
 
     routed = [p for p, r in recursions(module).items() if r.router is not None]
@@ -226,9 +226,10 @@ def refuse_routers(module, model) -> None:
         raise LoopifyError(f"{model}: {routed[0]} has a Mixture-of-Recursions router; routed loops run in PyTorch "
                            "only for now (generate, eval, bench --backends eager), not in a TVM artifact")
     spiral = [p for p, r in recursions(module).items() if r.spiral is not None]
-    if spiral:  # a loop stage is one body for every step; a coarse step has other shapes (S / r tokens)
-        raise LoopifyError(f"{model}: {spiral[0]} has a multi-resolution schedule; such loops run in PyTorch only "
-                           "for now (eval, train, bench --backends eager), not in a TVM artifact")
+    if spiral and not spiral_ok:
+        raise LoopifyError(f"{model}: {spiral[0]} has a multi-resolution schedule; generation artifacts of such "
+                           "loops are not built yet (a forward artifact is: compile without --max-context; "
+                           "`loopify eval` and `bench --backends eager` run it in PyTorch)")
 
 
 def lora_manifest(module, lora_form: str) -> dict:

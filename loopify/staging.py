@@ -71,6 +71,11 @@ class Stage:
         step_params: a loop stage's parameters that take another tensor at each step:
             ``{state-dict name: [(name, tensor) at step 0, step 1, ...]}`` (merged per-depth LoRA
             matrices: the program reads step 0's; a backend binds step i's at iteration i).
+        position: ``(j, N)`` for the stages of a loop with a resolution schedule of N positions
+            (:mod:`loopify.nn.spiral`): j >= 0, the body of schedule position j, runs once when
+            the group's count n >= N - j, as step ``j - N + min(n, N)``; j = -1, the
+            full-resolution steps past the schedule (steps N..n-1, deepened loops). None: an
+            ordinary loop stage (steps 0..n-1).
     """
 
     kind: str
@@ -82,10 +87,22 @@ class Stage:
     example: tuple | None = None
     group: str | None = None
     step_params: dict = field(default_factory=dict)
+    position: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.kind not in STAGE_KINDS:
             raise StagingError(f"stage kind must be one of {STAGE_KINDS}, got {self.kind!r}")
+        if self.position is not None and self.kind != "loop":
+            raise StagingError("only a loop stage has a schedule position")
+
+    def steps_at(self, n: int) -> list[int]:
+        """The steps this loop stage runs when its group's count is ``n``."""
+        if self.position is None:
+            return list(range(n))
+        j, total = self.position
+        if j < 0:
+            return list(range(total, n))
+        return [j - total + min(n, total)] if n >= total - j else []
 
 
 @dataclass
@@ -250,7 +267,8 @@ class _StepAt(nn.Module):
     Carry: the loop call's tensors (then the modality mask, module form), the connector's taps,
     then values passed through unchanged."""
 
-    def __init__(self, path: str, rec: Recursion, call: LoopCall, piece: Piece, straight: bool = False):
+    def __init__(self, path: str, rec: Recursion, call: LoopCall, piece: Piece, straight: bool = False,
+                 coarse: tuple[int, int] | None = None):
         super().__init__()
         cur: nn.Module = self
         parts = path.split(".")
@@ -261,6 +279,7 @@ class _StepAt(nn.Module):
         cur.add_module(parts[-1], rec)
         self._path, self._call, self._piece = path, call, piece
         self._straight = straight  # a once-run piece (no step input)
+        self._coarse = coarse  # (schedule position, pooling factor) of a multi-resolution step
 
     def forward(self, *carry):
         if self._straight:
@@ -277,9 +296,33 @@ class _StepAt(nn.Module):
         phases, extras = self._call.rebuild(tensors)
         if not rec.n_extra:  # graph form: the modality mask is the trailing argument (in extras)
             extras = tuple(mask)
-        h, new_taps = loop_step(rec, phases, step, taps, extras, self._piece)
+        if self._coarse is not None:
+            h, new_taps = self._coarse_step(rec, phases, step, mask), []
+        else:
+            h, new_taps = loop_step(rec, phases, step, taps, extras, self._piece)
         tensors[self._call.state] = h
         return tuple(tensors) + tuple(mask) + tuple(new_taps if n_taps else ()) + tuple(rest)
+
+
+    def _coarse_step(self, rec: Recursion, phases, step: torch.Tensor, mask: list) -> torch.Tensor:
+        """A multi-resolution step: the piece's blocks on the pooled sequence (static group
+        count; S group slots with image positions), its gated update unpooled."""
+        from loopify.nn import spiral
+
+        position, factor = self._coarse
+        (args, kwargs), = phases
+        where, s = rec._state(args, kwargs)
+        h = (args if where == "arg" else kwargs)[s]
+        image = mask[0] if mask else None
+        pool = spiral.Pooling(factor, spiral.valid_tokens(args, kwargs, h), image, dense=True)
+
+        def blocks(x, c_args, c_kwargs):
+            c_args, c_kwargs = list(c_args), dict(c_kwargs)
+            (c_args if where == "arg" else c_kwargs)[s] = x
+            y, _ = loop_step(rec, [(c_args, c_kwargs)], step, [], (), self._piece)
+            return None, y
+        return spiral.coarse_step(rec.spiral, position, pool, h, args, kwargs, where, s,
+                                  spiral.block_parameters(rec.blocks[0]), blocks)[1]
 
 
 def _export_outer(module: nn.Module, captured, loops) -> tuple[torch.export.ExportedProgram, dict[int, LoopCall]]:
@@ -360,17 +403,36 @@ def _loop_stages(item, call: LoopCall, carry, marker, values) -> list[Stage]:
     carry_vals = [values[n] for n in margs] + [torch.zeros_like(state)] * n_taps + [values[n] for n in live]
     step = torch.zeros((), dtype=torch.long)
     out = []
-    for j, (kind, piece) in enumerate(rec.pieces()):
-        body = _StepAt(path, rec, call, piece, straight=kind == "straight")
+    pieces = rec.pieces()
+    if rec.spiral is not None and [k for k, _ in pieces] != ["loop"]:
+        raise StagingError(f"loop {path}: a resolution schedule is staged for one loop piece (cycle sharing or "
+                           "deepen mode)")
+    for j, (kind, piece) in enumerate(pieces):
         example = (step, *carry_vals) if kind == "loop" else tuple(carry_vals)
-        try:
-            prog = torch.export.export(body, example, strict=False)
-        except Exception as e:
-            raise StagingError(f"exporting the body of {path} failed: {str(e).splitlines()[0][:300]}") from e
+
+        def export(coarse=None, _kind=kind, _piece=piece, _example=example):
+            body = _StepAt(path, rec, call, _piece, straight=_kind == "straight", coarse=coarse)
+            try:
+                return torch.export.export(body, _example, strict=False)
+            except Exception as e:
+                raise StagingError(f"exporting the body of {path} failed: {str(e).splitlines()[0][:300]}") from e
         variants = rec.step_variants(piece, path + ".") if kind == "loop" else {}
-        out.append(Stage(kind, prog, f"{kind}:{path}:{j}" if j else f"{kind}:{path}",
-                         min_loops=0 if rec.deepen else 1, max_loops=None if rec.deepen else rec.spec.max_loops,
-                         default_loops=rec.loops, example=example, group=path, step_params=variants))
+        common = dict(min_loops=0 if rec.deepen else 1, max_loops=None if rec.deepen else rec.spec.max_loops,
+                      default_loops=rec.loops, example=example, group=path, step_params=variants)
+        if rec.spiral is None:
+            out.append(Stage(kind, export(), f"{kind}:{path}:{j}" if j else f"{kind}:{path}", **common))
+            continue
+        # one stage per schedule position (its own shapes), chosen by the count; the
+        # full-resolution positions and the steps past the schedule share one program
+        sched = rec.spiral.spec.schedule
+        fine = None
+        for q, r in enumerate(sched):
+            if r == 1 and fine is None:
+                fine = export()
+            prog = fine if r == 1 else export(coarse=(q, r))
+            out.append(Stage("loop", prog, f"loop:{path}:pos{q}/{r}", position=(q, len(sched)), **common))
+        if common["max_loops"] is None or common["max_loops"] > len(sched):
+            out.append(Stage("loop", fine if fine is not None else export(), f"loop:{path}:rest", position=(-1, len(sched)), **common))
     return out
 
 
@@ -460,7 +522,7 @@ def run_stages(stages: list[Stage], inputs: list, loops: list[int] | None = None
             if key not in group_counts:
                 group_counts[key] = next(counts, st.default_loops)
             n = group_counts[key]
-            for i in range(n):
+            for i in st.steps_at(n):
                 step = torch.tensor(i, dtype=torch.long)
                 if st.step_params:
                     over = {name: ts[i][1] for name, ts in st.step_params.items()}

@@ -385,6 +385,62 @@ def _float_binary(relax_name: str, py_op):
     return convert
 
 
+def _int_scalar(node, importer, relax_name: str):
+    """``relax_name(tensor, int)`` with the constant in the integer tensor's dtype, or None when
+    the operands are not an integer tensor and a Python int."""
+    from tvm import relax
+
+    args = [importer.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args[:2]]
+    tensors = [a for a in args if isinstance(a, relax.Expr)]
+    if len(tensors) != 1 or "int" not in str(tensors[0].ty.dtype) or \
+            not all(isinstance(a, relax.Expr) or (isinstance(a, int) and not isinstance(a, bool)) for a in args):
+        return None
+    dtype = str(tensors[0].ty.dtype)
+    lhs, rhs = (a if isinstance(a, relax.Expr) else relax.const(a, dtype) for a in args)
+    return importer.block_builder.emit(getattr(relax.op, relax_name)(lhs, rhs))
+
+
+def _int_binary(relax_name: str, py_op):
+    """``floor_divide`` / ``remainder`` of an integer tensor by a Python int: the constant in the
+    tensor's dtype (TVM's converter makes it int32, which Relax refuses against int64 positions:
+    the multi-resolution pooling's ``position // factor``). Other cases go to TVM's converter."""
+
+    def convert(node, importer):
+        out = None if node.kwargs else _int_scalar(node, importer, relax_name)
+        return out if out is not None else importer._binary_op(getattr(relax.op, relax_name), py_op)(node)
+
+    from tvm import relax
+    return convert
+
+
+def _int_clamp(node, importer):
+    """``clamp(x, min, max)`` of an integer tensor with Python-int bounds, one of them None:
+    ``maximum`` / ``minimum`` with constants in x's dtype. TVM's converter puts +-inf for the
+    missing bound, which the build cannot cast to an integer ("Cannot convert infinity to
+    BigInt": the multi-resolution pooling's ``start.clamp(max=S - 1)``)."""
+    from tvm import relax
+
+    x = importer.env.get(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
+    lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+    hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+    if x is None or "int" not in str(x.ty.dtype) or any(b is not None and (not isinstance(b, int) or isinstance(b, bool))
+                                                       for b in (lo, hi)):
+        return importer._clamp(node)
+    bb, dtype = importer.block_builder, str(x.ty.dtype)
+    if lo is not None:
+        x = bb.emit(relax.op.maximum(x, relax.const(lo, dtype)))
+    if hi is not None:
+        x = bb.emit(relax.op.minimum(x, relax.const(hi, dtype)))
+    return x
+
+
+def _div_mode(node, importer):
+    """``div(x, c, rounding_mode="floor")`` (what ``//`` decomposes to) of an integer tensor by a
+    Python int: :func:`_int_binary`'s floor division; other modes and operands go to TVM's."""
+    out = _int_scalar(node, importer, "floor_divide") if node.kwargs.get("rounding_mode") == "floor" else None
+    return out if out is not None else importer._div(node)
+
+
 HALF = ("float16", "bfloat16")
 
 
@@ -576,6 +632,22 @@ def _grid_sampler_2d(node, importer):
                                               align_corners=bool(args[4]) if len(args) > 4 else False))
 
 
+def _reduce(name: str):
+    """``aten.amin`` / ``aten.amax`` (dims, keepdim): TVM's importer has no converter for them
+    (the multi-resolution pooling takes each group's first token with ``amin``)."""
+    def convert(node, importer):
+        from tvm import relax
+
+        args = importer.retrieve_args(node)
+        dims = args[1] if len(args) > 1 else node.kwargs.get("dim", [])
+        keep = bool(args[2] if len(args) > 2 else node.kwargs.get("keepdim", False))
+        if isinstance(dims, int):
+            dims = [dims]
+        axis = list(dims) if dims else None
+        return importer.block_builder.emit(getattr(relax.op, name)(args[0], axis=axis, keepdims=keep))
+    return convert
+
+
 def custom_convert_map() -> dict[str, Callable]:
     """Converters loopify adds to ``from_exported_program`` (keyed as the importer keys ops)."""
     return {
@@ -588,6 +660,12 @@ def custom_convert_map() -> dict[str, Callable]:
         "sym_not": _logical(operator.not_, "logical_not"),
         "index.Tensor": _index_tensor,
         "grid_sampler_2d.default": _grid_sampler_2d,
+        "floor_divide.default": _int_binary("floor_divide", operator.floordiv),
+        "div.Tensor_mode": _div_mode,
+        "clamp.default": _int_clamp,
+        "remainder.Scalar": _int_binary("floor_mod", operator.mod),
+        "amin.default": _reduce("min"),
+        "amax.default": _reduce("max"),
         **{f"{op}.Tensor": _float_binary(name, fn) for op, name, fn in (
             ("add", "add", operator.add), ("sub", "subtract", operator.sub), ("mul", "multiply", operator.mul),
             ("div", "divide", operator.truediv))},

@@ -13,6 +13,12 @@ given at run time. The module built here::
       if step < n: return loop_1(step + 1, n, *stage_1(step, *carry, *p), *p)
       else:        return carry
 
+A multi-resolution loop (schedule of N positions, :mod:`loopify.nn.spiral`) is one stage per
+position, each with its own static shapes (a coarse step's pooled sequence), called once from
+``main`` when the count reaches it: ``if n >= N - j: carry = stage_j(j - N + min(n, N), *carry)``;
+the full-resolution steps past the schedule (deepened loops) are ``loop_k(N, n, ...)``. Stages
+of one program (the full-resolution positions) share one imported function.
+
 Parameters are deduplicated across stages (by storage, then by identical bytes), so a weight
 that two stages (or every iteration of a loop) use is one input of ``main`` and stored once, in
 the layout :mod:`.layout` chose for it.
@@ -143,8 +149,12 @@ def _import_all(stages: list[Stage], params: "ParamTable", pretranspose: bool, p
     weights in ``raw_keys``, content keys of weights to quantise, stay in their own layout)."""
     from .importer import import_program, parameter_names
 
-    imported, layouts = [], {}
+    imported, layouts, seen = [], {}, {}
     for i, st in enumerate(stages):
+        if id(st.program) in seen:  # one program for several stages (a schedule's positions): one import
+            imported.append(imported[seen[id(st.program)]])
+            continue
+        seen[id(st.program)] = i
         f = import_program(st.program, example=st.example, assumptions=assumptions)["main"]
         num_input = int(f.attrs["num_input"])
         pnames = parameter_names(st.program)
@@ -323,6 +333,27 @@ def _step_call(bb, emit, gv_stage, step, carry, ps, idx, step_idx):
     return at(0, emit)
 
 
+def _position_call(bb, emit, i: int, position: tuple[int, int], info, n, carry: list, ps: list) -> list:
+    """Schedule position j of N (a multi-resolution loop's stage): ``if n >= N - j: stage(j - N +
+    min(n, N), *carry) else carry``."""
+    from tvm import relax
+
+    gv_stage, _f, _in, idx, out_types, _names, step_idx = info
+    j, total = position
+    runs = emit(relax.op.greater_equal(n, relax.const(total - j, "int64")), f"runs_{i}")
+    upto = emit(relax.op.minimum(n, relax.const(total, "int64")), f"upto_{i}")
+    step = emit(relax.op.subtract(upto, relax.const(total - j, "int64")), f"step_{i}")
+    then = _Emitter(bb)
+    r = _step_call(bb, then, gv_stage, step, carry, ps, idx, step_idx)
+    new = [then(e, f"nc{i}_{q}") if isinstance(e, relax.TupleGetItem) else e
+           for q, e in enumerate(_unpack(r, out_types))]
+    done_then = then(relax.Tuple(new), f"ran_{i}")
+    other = _Emitter(bb)
+    done_else = other(relax.Tuple(carry), f"kept_{i}")
+    out = emit(relax.If(runs, then.seq(done_then), other.seq(done_else)), f"s{i}")
+    return [emit(relax.TupleGetItem(out, q), f"s{i}_{q}") for q in range(len(out_types))]
+
+
 def _loop_entries(stages: list[Stage]) -> tuple[list[dict], dict[int, int]]:
     """The run-time counts (one per group of loop stages) and which count drives each loop stage."""
     loops, groups, of_stage = [], {}, {}
@@ -360,9 +391,12 @@ def _main_function(bb, stages, info, loop_gvs, loops, of_stage, param_vars):
     for i, st in enumerate(stages):
         gv_stage, _f, _in, idx, out_types, *_ = info[i]
         ps = [param_vars[k] for k in idx]
-        if st.kind == "loop":
-            zero = emit(relax.const(0, "int64"), f"zero_{i}")
-            r = emit(relax.Call(loop_gvs[i], [zero, counts[of_stage[i]]] + carry + ps), f"s{i}")
+        if st.kind == "loop" and st.position is not None and st.position[0] >= 0:
+            carry = _position_call(bb, emit, i, st.position, info[i], counts[of_stage[i]], carry, ps)
+        elif st.kind == "loop":
+            first_step = 0 if st.position is None else st.position[1]  # (-1, N): steps N..n-1
+            start = emit(relax.const(first_step, "int64"), f"start_{i}")
+            r = emit(relax.Call(loop_gvs[i], [start, counts[of_stage[i]]] + carry + ps), f"s{i}")
             carry = [emit(relax.TupleGetItem(r, q), f"s{i}_{q}") for q in range(len(out_types))]
         else:
             r = emit(relax.Call(gv_stage, carry + ps), f"s{i}")
@@ -386,7 +420,10 @@ def build_module(stages: list[Stage], *, pretranspose: bool = True,
     params = ParamTable()
     assumptions: list[dict] = []
     imported, layouts = _import_all(stages, params, pretranspose, pack_width, assumptions, raw_keys)
-    info = [_stage_function(i, st, imported[i], layouts, params) for i, st in enumerate(stages)]
+    info, first = [], {}
+    for i, st in enumerate(stages):  # stages of one program share its function
+        k = first.setdefault(id(st.program), i)
+        info.append(info[k] if k != i else _stage_function(i, st, imported[i], layouts, params))
     _check_chain(stages, info)
     funcs = {gv: func for gv, func, *_ in info}
     param_vars = [relax.Var(f"p_{k}", relax.TensorType([int(s) for s in t.shape], str(t.dtype).replace("torch.", "")))
@@ -395,7 +432,7 @@ def build_module(stages: list[Stage], *, pretranspose: bool = True,
     loops, of_stage = _loop_entries(stages)
     loop_gvs = {}
     for i, st in enumerate(stages):
-        if st.kind == "loop":
+        if st.kind == "loop" and (st.position is None or st.position[0] < 0):
             gv, func = _loop_function(bb, i, info[i], param_vars)
             funcs[gv] = func
             loop_gvs[i] = gv

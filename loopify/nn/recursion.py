@@ -351,14 +351,14 @@ class Recursion(nn.Module):
         phases = self.phase_calls(args, kwargs)
         p = len(phases)
         where, s = self._state(*phases[0])
-        h = (phases[0][0] if where == "arg" else phases[0][1])[s]
+        h = h_in = (phases[0][0] if where == "arg" else phases[0][1])[s]
         capture = _capture_begin()
         if self.router is not None:
             from loopify.nn import routing
 
             out, final, calls = routing.run(self, args, kwargs, where, s)
             if capture is not None:
-                self._capture_end(capture, calls, {}, final)
+                self._capture_end(capture, calls, {}, final, h)
             self.layer_tail = tuple(t is not None for t in out[1:]) if isinstance(out, tuple) else None
             return (final, *out[1:]) if isinstance(out, tuple) else final
         if self.spiral is not None:
@@ -366,7 +366,7 @@ class Recursion(nn.Module):
 
             out, final = spiral.run(self, args, kwargs, where, s, extras[0] if extras else None)
             if capture is not None:
-                self._capture_end(capture, len(self.depth_schedule()), {}, final)
+                self._capture_end(capture, len(self.depth_schedule()), {}, final, h)
             self.layer_tail = tuple(t is not None for t in out[1:]) if isinstance(out, tuple) else None
             return (final, *out[1:]) if isinstance(out, tuple) else final
         taps_prev: list[torch.Tensor] | None = None
@@ -394,7 +394,7 @@ class Recursion(nn.Module):
                 taps.append(h)
             taps_prev = taps
         if capture is not None:
-            self._capture_end(capture, index, last_at, h)
+            self._capture_end(capture, index, last_at, h, h_in)
         # What the layers return besides the hidden state (None or a tensor per entry), for
         # staging: its boundary op must give the model the structure the layer gives.
         self.layer_tail = tuple(t is not None for t in out[1:]) if isinstance(out, tuple) else None
@@ -402,16 +402,20 @@ class Recursion(nn.Module):
             return (h, *out[1:])
         return h
 
-    def _capture_end(self, capture, calls: int, last_at: dict, final) -> None:
+    def _capture_end(self, capture, calls: int, last_at: dict, final, first=None) -> None:
         """Hugging Face models collect hidden states by hooks on their layer classes, one entry
         per layer call, and select them by position (``hidden_states[-1]``, a vision tower's
         ``vision_feature_layer``). A loop stands for ``len(span_layers)`` layers whatever its
         count: its entries are the state after each original depth position (the final output
-        for positions not run at this count, and for dropped layers)."""
+        for positions not run at this count, and for dropped layers). ``first``: the loop's input,
+        the initial entry when the loop is the model's first layers and ran none (a deepened
+        loop at count 0: the hooks never fired)."""
         hs, n0, sel = capture
         appended = len(hs) - n0
         keep = n0 + (1 if n0 == 0 and appended == calls + 1 else 0)  # the hooks' initial entry
         del hs[keep:]
+        if n0 == 0 and calls == 0 and first is not None:
+            hs.append(first if sel is None or 0 in sel else None)
         kept = {p: d for d, p in enumerate(self.spec.depth_paths)}
         for path in self.spec.span_layers or self.spec.depth_paths:
             d = kept.get(path)

@@ -35,7 +35,9 @@ Shapes: without image positions a coarse step has ceil(S / r) groups, static, so
 program saves the compute too. With image positions the group count depends on where the
 image is; an exported program (torch.export) then runs each coarse step over S group slots
 (the unused ones empty and masked), which computes the same outputs at full-resolution cost.
-Not supported yet (refused in one line): KV caches (generation) and TVM compilation.
+A compiled artifact runs each schedule position as its own stage (:mod:`loopify.staging`: a
+body per position, of its own static shapes, chosen by the run-time count). Not supported yet
+(refused in one line): KV caches (generation).
 """
 
 from __future__ import annotations
@@ -125,8 +127,12 @@ class Pooling:
             self.groups = -(-seq // factor)
         else:
             seg_start = torch.ones(batch, seq, dtype=torch.bool, device=dev)
-            seg_start[:, 1:] = image[:, 1:] != image[:, :-1]
-            first = torch.cummax(torch.where(seg_start, pos, torch.zeros_like(pos)), dim=1).values
+            im = image.long()  # (a bool != compiles to a float compare of i1 in TVM's LLVM codegen)
+            seg_start[:, 1:] = im[:, 1:] != im[:, :-1]
+            # each token's segment start: the latest segment start at or before it (a running
+            # max, written as a max over the earlier positions: TVM has no cummax)
+            earlier = pos.unsqueeze(-1) >= pos.unsqueeze(1)  # [B, S(token), S(candidate)]
+            first = torch.where(earlier & seg_start.unsqueeze(1), pos.unsqueeze(1), torch.zeros_like(pos).unsqueeze(1)).amax(-1)
             self.gid = torch.cumsum((seg_start | ((pos - first) % factor == 0)).long(), dim=1) - 1
             self.groups = seq if dense else int(self.gid.max()) + 1  # dense: a static count (tracing)
         onehot = self.gid.unsqueeze(1) == torch.arange(self.groups, device=dev).view(1, -1, 1)  # [B, G, S]
@@ -221,22 +227,43 @@ def block_parameters(block: nn.Module) -> list[str]:
         return []
 
 
+def valid_tokens(args: list, kwargs: dict, h: torch.Tensor) -> torch.Tensor:
+    """[B, S] whether each token of a loop call is a real one, read off the call's 4-D mask (the
+    ``attention_mask`` keyword or a 4-D positional argument); all True without one."""
+    from loopify.nn.routing import _token_valid
+
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        mask = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4), None)
+    return _token_valid(mask, h.shape[0], h.shape[1], 0, h.device)
+
+
+def coarse_step(spiral: Spiral, position: int, pool: Pooling, h: torch.Tensor, args: list, kwargs: dict,
+                where: str, s, names: list[str], blocks):
+    """One coarse recursion step at schedule position ``position``: ``blocks(x, c_args, c_kwargs)
+    -> (last block output, y)`` runs the step's blocks on the pooled state ``x`` with the call's
+    arguments at the coarse resolution; returns (that output, ``h + g * unpool(y - x)``). Shared
+    by the eager loop (:func:`run`) and the staged loop bodies of a compiled artifact
+    (:mod:`loopify.staging`)."""
+    x = pool.pool(h)
+    c_args = _coarse_args(args, names, pool, spiral.spec.causal, h.dtype, skip=s if where == "arg" else None)
+    c_kwargs = _coarse_args(kwargs, names, pool, spiral.spec.causal, h.dtype, skip=s if where == "kw" else None)
+    out, y = blocks(x, c_args, c_kwargs)
+    return out, h + spiral.gate_at(position).to(h.dtype) * pool.unpool(y - x, spiral.spec.causal)
+
+
 def run(rec, args: list, kwargs: dict, where: str, s, image: torch.Tensor | None):
     """The multi-resolution forward of ``rec`` (called by :meth:`Recursion.forward`): returns the
     last block output and the new hidden state."""
     from loopify.nn.recursion import _tracing
-    from loopify.nn.routing import Unit, _cache_of, _call_unit, _token_valid
+    from loopify.nn.routing import Unit, _cache_of, _call_unit
 
     spiral: Spiral = rec.spiral
     if _cache_of(kwargs) is not None:
         raise ValueError(f"loop {rec.key}: a multi-resolution loop does not decode with a KV cache yet")
     box = args if where == "arg" else kwargs
     h = box[s]
-    batch, seq = h.shape[0], h.shape[1]
-    mask = kwargs.get("attention_mask")
-    if mask is None:
-        mask = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4), None)
-    valid_tok = _token_valid(mask, batch, seq, 0, h.device)
+    valid_tok = valid_tokens(args, kwargs, h)
     steps = rec.steps()
     names = block_parameters(rec.blocks[0])
     poolings: dict[int, Pooling] = {}
@@ -250,12 +277,11 @@ def run(rec, args: list, kwargs: dict, where: str, s, image: torch.Tensor | None
             continue
         if factor not in poolings:
             poolings[factor] = Pooling(factor, valid_tok, image, dense=_tracing())
-        pool = poolings[factor]
-        x = pool.pool(h)
-        c_args = _coarse_args(args, names, pool, spiral.spec.causal, h.dtype, skip=s if where == "arg" else None)
-        c_kwargs = _coarse_args(kwargs, names, pool, spiral.spec.causal, h.dtype, skip=s if where == "kw" else None)
-        out, y, _ = _call_unit(rec, unit, x, c_args, where, s, c_kwargs, None, runs)
-        h = h + spiral.gate_at(position).to(h.dtype) * pool.unpool(y - x, spiral.spec.causal)
+
+        def blocks(x, c_args, c_kwargs, _unit=unit):
+            o, y, _ = _call_unit(rec, _unit, x, c_args, where, s, c_kwargs, None, runs)
+            return o, y
+        out, h = coarse_step(spiral, position, poolings[factor], h, args, kwargs, where, s, names, blocks)
     box[s] = h
     return out, h
 

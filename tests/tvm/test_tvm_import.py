@@ -295,3 +295,25 @@ def test_where_promotes_its_branches_as_torch_does(tmp_path):
     want = WhereMixed()(cond, x)[0]
     assert got.dtype == want.dtype
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class IntegerIndexing(torch.nn.Module):
+    """What the multi-resolution pooling computes on int64 positions: ``//`` and ``%`` by a
+    Python int, a one-sided ``clamp`` and ``amin`` / ``amax`` (TVM's own converters made the
+    constant int32, put +-inf for the missing bound, and had no amin / amax)."""
+
+    def forward(self, x):
+        pos = torch.arange(x.shape[1]).expand(x.shape[0], -1)
+        g = pos // 3
+        r = (pos + 1) % 4
+        first = torch.where(g.unsqueeze(1) == torch.arange(3).view(1, -1, 1), pos.unsqueeze(1), 99).amin(-1)
+        last = torch.where(g.unsqueeze(1) == torch.arange(3).view(1, -1, 1), pos.unsqueeze(1), -1).amax(-1, keepdim=True)
+        return g + r, first.clamp(max=5), last.clamp(min=4), x.amax(1)
+
+
+def test_integer_floor_div_mod_clamp_and_amin_amax_match_torch(tmp_path):
+    x = torch.randn(2, 8)
+    ep = _export(IntegerIndexing(), x)
+    got = _run_compiled(ep, (x,), tmp_path)
+    for g, w in zip(got, IntegerIndexing()(x)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

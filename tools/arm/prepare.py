@@ -10,7 +10,8 @@ validated here), and, at every combination of loop counts (``every_count``),
 the converted PyTorch model's outputs on the example inputs. A ``gen-NAME`` case compiles a
 generation artifact (``--max-context``) and records, per loop count, the eager prefill logits and
 greedy tokens. ``q8-NAME``, ``q4-NAME``, ``q4a-NAME``: the forward case with ``--weights int8``,
-``int4`` or ``int4asym``. Everything goes to ``WORK/NAME/`` with a ``case.json`` naming the files; a case
+``int4`` or ``int4asym``. ``s-NAME``: the default plan with a multi-resolution schedule (2:1,
+SpiralFormer) whose gates are moved off zero. Everything goes to ``WORK/NAME/`` with a ``case.json`` naming the files; a case
 whose ``case.json`` records the same source hash (loopify's code and this directory) is reused.
 """
 
@@ -90,9 +91,34 @@ def _converted(name: str, work: Path, form: str = "hf") -> Path:
 QUANT_PREFIX = {"q8": "int8", "q4": "int4", "q4a": "int4asym"}
 #: ``h-NAME`` cases: the converted model's float16 artifact (``compile --dtype float16``).
 HALF_PREFIX = "h"
+#: ``s-NAME`` cases: the default plan with a 2:1 resolution schedule, its gates off zero.
+SPIRAL_PREFIX = "s"
 
 
-def prepare_forward(name: str, case: Path, work: Path, weights: str = "float32", dtype: str = "float32") -> dict:
+def _spiral(name: str, work: Path) -> Path:
+    """zoo NAME -> WORK/s-NAME/model.pt2: the default plan with schedule 2:1 (each loop's first
+    step on pairs of tokens), its gates set to seeded random values (at zero, the neutral start,
+    a coarse step would add nothing and its pooling would go unchecked)."""
+    from loopify import capture
+    from loopify.convert import ConvertConfig, convert_captured, save
+    from loopify.examples import zoo
+    from loopify.nn import recursions
+
+    hf_dir = work / "zoo" / name
+    if not (hf_dir / "config.json").is_file():
+        zoo.write_hf(name, work / "zoo")
+    cap = capture.load(hf_dir)
+    res = convert_captured(cap, ConvertConfig(schedule=(2, 1)))
+    gen = torch.Generator().manual_seed(0)
+    for rec in recursions(res.module).values():
+        rec.spiral.gate.data.copy_(0.5 * torch.randn(rec.spiral.gate.shape, generator=gen))
+    out = work / f"{SPIRAL_PREFIX}-{name}" / "model.pt2"
+    save(res, cap, out)
+    return out
+
+
+def prepare_forward(name: str, case: Path, work: Path, weights: str = "float32", dtype: str = "float32",
+                    model: Path | None = None) -> dict:
     """Converted zoo model -> arm64 artifact + inputs + expected outputs at every loop count. With
     quantised ``weights`` the expected outputs are the PyTorch model's with the same dequantised
     weights (what the artifact computes, as the host validation compares); with ``dtype``
@@ -103,7 +129,7 @@ def prepare_forward(name: str, case: Path, work: Path, weights: str = "float32",
     from loopify.nn.quant import QuantConfig, quantize_module_
     from loopify.verify import flat_tensors
 
-    model = _converted(name, work, SOURCE_FORM.get(name, "hf"))
+    model = model or _converted(name, work, SOURCE_FORM.get(name, "hf"))
     compiled = compile_model(model, case / "art", target="arm64", weights=weights, dtype=dtype)
     module, captured, _ = load_converted(model)
     if dtype != "float32":
@@ -168,6 +194,9 @@ def prepare(case_name: str, work: Path, digest: str) -> dict:
     elif prefix in QUANT_PREFIX and rest:
         spec = prepare_forward(rest, case, work, weights=QUANT_PREFIX[prefix])
         spec["weights"] = QUANT_PREFIX[prefix]
+    elif prefix == SPIRAL_PREFIX and rest:
+        spec = prepare_forward(rest, case, work, model=_spiral(rest, work))
+        spec["schedule"] = [2, 1]
     elif prefix == HALF_PREFIX and rest:
         spec = prepare_forward(rest, case, work, dtype="float16")
         spec["dtype"] = "float16"
