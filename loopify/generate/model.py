@@ -30,6 +30,9 @@ class Generator:
     pixel_shape: tuple | None = None
     model_type: str = ""
     max_context: int | None = None
+    #: multi-resolution loops (SpiralFormer): why a request of several prompts or with an image is
+    #: refused (None: no schedule)
+    spiral: str | None = None
 
     # -- prompts --------------------------------------------------------------------------------
 
@@ -119,6 +122,8 @@ class Generator:
                  extra: dict | None = None, stream=None) -> Result:
         self.check(loops, policy)
         self.check_ids(prompts)
+        if self.spiral is not None and (len(prompts) > 1 or (extra or {}).get("pixel_values") is not None):
+            raise GenerateError(f"{self.path}: {self.spiral}")
         decoder = self.make_decoder(policy, loops)
         return run(decoder, prompts, sampling, pad=self.pad, extra=extra, detok=self.decode_text, stream=stream,
                    max_context=self.max_context)
@@ -171,11 +176,14 @@ def _open_converted(path: Path) -> Generator:
     from loopify.convert import load_converted
 
     module, inputs, manifest = load_converted(path)
-    from loopify.nn.spiral import spirals
+    from loopify.nn import recursions
 
-    if spirals(module):
-        raise GenerateError(f"{path}: {next(iter(spirals(module)))} has a multi-resolution schedule; generation "
-                            "with it (decoding against a KV cache) is not supported yet (eval and train run it)")
+    spiral = {p: r for p, r in recursions(module).items() if r.spiral is not None}
+    spiral_note, policies = None, ("per-depth", "share-first", "last")
+    if spiral:  # decoded one prompt at a time, text only, one slot per depth (loopify.nn.spiral.run_cached)
+        spiral_note = ("a multi-resolution loop decodes one text prompt at a time (a batch of prompts, or image "
+                       "positions, is not supported with a resolution schedule yet)")
+        policies = ("per-depth",)
     if manifest.get("architecture", {}).get("kind") != "hf":
         raise GenerateError(f"{path}: generation needs a converted Hugging Face model (this one came from an export "
                             "archive: a fixed-shape graph without a KV cache)")
@@ -183,8 +191,9 @@ def _open_converted(path: Path) -> Generator:
     cfg = _json(assets, "config.json")
     info = {**manifest["source"], "pixel_shape": _pixel_shape(inputs.kwargs)}
     return Generator(path, "converted", lambda policy, loops: _set_loops_decoder(module, policy, loops),
-                     _tokenizer(assets), _text_config(cfg), assets, manifest["loops"], **_vision(module, info),
-                     max_context=_text_config(cfg).get("max_position_embeddings"))
+                     _tokenizer(assets), _text_config(cfg), assets, manifest["loops"], policies=policies,
+                     **_vision(module, info), max_context=_text_config(cfg).get("max_position_embeddings"),
+                     spiral=spiral_note)
 
 
 def _open_original(path: Path) -> Generator:

@@ -12,9 +12,10 @@ groups of r from its own start, so no group mixes image and text tokens.
 **Coarse step**: the step's blocks run on the pooled sequence ``x`` ([B, G, D]), through the
 routers' machinery for running a block on a shorter sequence (:func:`loopify.nn.routing._call_unit`;
 the arguments that run along the sequence are gathered with
-:func:`loopify.nn.routing._gather_tokens`). A group's position is its *first* token's position
-(``position_ids``, and the rotary tables gathered there): a real position of the model, which a
-mean would not be for rotary tables. The model's 4-D attention mask is pooled consistently:
+:func:`loopify.nn.routing._gather_tokens`). A group's position is its *last real* token's
+position (``position_ids``, and the rotary tables gathered there): a real position of the model,
+which a mean would not be for rotary tables, and the one at which a causal group is complete
+(decoding runs a group when its last token arrives, whose rotary table the call has). The model's 4-D attention mask is pooled consistently:
 group q may attend to group k when some token of q may attend to some token of k (a causal mask
 stays causal over groups, padding groups are never keys); a group with no key at all attends to
 itself. The update ``y - x`` is *unpooled* by repeat (every token of a group gets its group's
@@ -31,13 +32,25 @@ own group's update.
 so every count ends at full resolution and count 1 is the ordinary one-step loop; a deepened loop
 run past the schedule's length adds full-resolution steps at the end.
 
+**Decoding with a KV cache** (:func:`run_cached`; causal loops, one row, no image positions,
+KV policy per-depth): a coarse step runs a group when its last token arrives. Per loop and
+schedule position the cache keeps the sum of the step's input ``h`` over the current group's
+earlier tokens and the update ``u`` of the latest complete group. A call (prefill or one decoded
+token) pools the groups that complete in it (the kept sum added to the first), runs them through
+the step's blocks against the coarse depth's cache slot (which holds one entry per complete
+group, causal over groups), and gives each of its tokens the update of the group before its own
+(the kept ``u`` or one computed in this call): exactly what the cache-free forward gives every
+token of the whole sequence, since a causal group's update reaches only tokens after it ends.
+
 Shapes: without image positions a coarse step has ceil(S / r) groups, static, so an exported
 program saves the compute too. With image positions the group count depends on where the
 image is; an exported program (torch.export) then runs each coarse step over S group slots
 (the unused ones empty and masked), which computes the same outputs at full-resolution cost.
 A compiled artifact runs each schedule position as its own stage (:mod:`loopify.staging`: a
 body per position, of its own static shapes, chosen by the run-time count). Not supported yet
-(refused in one line): KV caches (generation).
+(refused in one line): generation artifacts (the decode state above as artifact inputs and
+outputs), and decoding a batch of several rows, image positions or the KV policies that share
+slots between recursions.
 """
 
 from __future__ import annotations
@@ -115,8 +128,8 @@ class Spiral(nn.Module):
 
 class Pooling:
     """The groups of one factor on one batch: ``gid`` [B, S] (each token's group), ``weights``
-    [B, G, S] (the mean over each group's real tokens), ``start`` [B, G] (each group's first
-    token), ``valid`` [B, G] (groups holding a real token)."""
+    [B, G, S] (the mean over each group's real tokens), ``anchor`` [B, G] (each group's last real
+    token: where it runs), ``valid`` [B, G] (groups holding a real token)."""
 
     def __init__(self, factor: int, valid_tok: torch.Tensor, image: torch.Tensor | None, dense: bool):
         batch, seq = valid_tok.shape
@@ -142,7 +155,10 @@ class Pooling:
         self.weights = use / use.sum(-1, keepdim=True).clamp(min=1)
         self.onehot = onehot
         self.valid = count_real.squeeze(-1) > 0
-        self.start = torch.where(onehot, pos.unsqueeze(1), seq).amin(-1).clamp(max=seq - 1)
+        # each group's anchor: its last real token (its last token when it holds none; slot 0
+        # for an empty dense slot): the position the group runs at
+        members = torch.where(real, pos.unsqueeze(1), -1).amax(-1)
+        self.anchor = torch.where(members >= 0, members, torch.where(onehot, pos.unsqueeze(1), -1).amax(-1)).clamp(min=0)
         self.batch, self.seq, self.dense = batch, seq, dense
 
     def pool(self, h: torch.Tensor) -> torch.Tensor:
@@ -197,7 +213,7 @@ def _form(allowed: torch.Tensor, dtype, additive: bool) -> torch.Tensor:
 def _coarse_args(values, names: list[str], pooling: Pooling, causal: bool, dtype, skip=None):
     """The block's call arguments at the coarse resolution: the attention mask (4-D, [.., S, S],
     or the argument named ``attention_mask``) pooled, sequence tensors gathered at each group's
-    first token, the rest as they are. ``names``: the block's parameter names (for positional
+    anchor (its last real token), the rest as they are. ``names``: the block's parameter names (for positional
     arguments)."""
     from loopify.nn.routing import _gather_tokens
 
@@ -209,7 +225,7 @@ def _coarse_args(values, names: list[str], pooling: Pooling, causal: bool, dtype
         is_mask = isinstance(v, torch.Tensor) and v.dim() == 4 and tuple(v.shape[-2:]) == (seq, seq)
         if is_mask or (k == "attention_mask" and v is None):
             return pooling.mask(v, causal, dtype)
-        return _gather_tokens(v, pooling.start, pooling.batch, seq)
+        return _gather_tokens(v, pooling.anchor, pooling.batch, seq)
 
     if isinstance(values, dict):
         return {k: one(k, v) for k, v in values.items()}
@@ -259,8 +275,9 @@ def run(rec, args: list, kwargs: dict, where: str, s, image: torch.Tensor | None
     from loopify.nn.routing import Unit, _cache_of, _call_unit
 
     spiral: Spiral = rec.spiral
-    if _cache_of(kwargs) is not None:
-        raise ValueError(f"loop {rec.key}: a multi-resolution loop does not decode with a KV cache yet")
+    cache = _cache_of(kwargs)
+    if cache is not None:
+        return run_cached(rec, args, kwargs, where, s, image, cache)
     box = args if where == "arg" else kwargs
     h = box[s]
     valid_tok = valid_tokens(args, kwargs, h)
@@ -284,6 +301,121 @@ def run(rec, args: list, kwargs: dict, where: str, s, image: torch.Tensor | None
         out, h = coarse_step(spiral, position, poolings[factor], h, args, kwargs, where, s, names, blocks)
     box[s] = h
     return out, h
+
+
+class DecodeState:
+    """What a coarse step keeps between calls while decoding (one row): ``seen`` tokens so far,
+    ``partial`` the sum of the step's input over the current group's earlier tokens ([1, D]),
+    ``u_last`` the latest complete group's update ([1, D]; zero before the first)."""
+
+    def __init__(self):
+        self.seen = 0
+        self.partial: torch.Tensor | None = None
+        self.u_last: torch.Tensor | None = None
+
+
+def decode_refusal(rec, cache, batch: int, image) -> str | None:
+    """Why ``rec`` cannot decode this call against ``cache`` (None when it can)."""
+    if not rec.spiral.spec.causal:
+        return "a non-causal loop (an encoder) does not decode"
+    if getattr(cache, "policy", "per-depth") != "per-depth":
+        return (f"KV policy {cache.policy!r} shares slots between recursions, whose coarse and full-resolution "
+                "entries differ: use per-depth")
+    if batch != 1:
+        return "decode one prompt at a time (groups of a left-padded row would start at its padding)"
+    if image is not None and bool(image.any()):
+        return "image positions (groups that stop at a modality boundary) do not decode yet"
+    return None
+
+
+def run_cached(rec, args: list, kwargs: dict, where: str, s, image, cache):
+    """The multi-resolution forward of one call against a KV cache (prefill, or decoded tokens):
+    see the module docstring. The full-resolution steps run as in :func:`run`; each coarse
+    step runs only the groups that complete in this call."""
+    from loopify.nn.routing import Unit, _call_unit
+
+    spiral: Spiral = rec.spiral
+    box = args if where == "arg" else kwargs
+    h = box[s]
+    why = decode_refusal(rec, cache, h.shape[0], image)
+    if why:
+        raise ValueError(f"loop {rec.key}: a multi-resolution loop cannot decode here: {why}")
+    states = cache.__dict__.setdefault("spiral", {})
+    names = block_parameters(rec.blocks[0])
+    steps = rec.steps()
+    runs = [0] * len(rec.blocks)
+    out, index = None, 0
+    for i, ((position, factor), step) in enumerate(zip(spiral.spec.factors(len(steps)), steps)):
+        unit = Unit(list(step), list(range(index, index + len(step))), i)
+        index += len(step)
+        if factor == 1:
+            out, h, _ = _call_unit(rec, unit, h, args, where, s, kwargs, None, runs)
+            continue
+        st = states.setdefault((rec.key, i), DecodeState())
+        o, h = _coarse_cached(spiral, position, factor, st, h, args, kwargs, where, s, names,
+                              lambda x, a, kw, _unit=unit: _call_unit(rec, _unit, x, a, where, s, kw, None, runs)[:2])
+        out = o if o is not None else out
+    box[s] = h
+    if out is None:  # no block ran in this call (every coarse group still incomplete, no fine step)
+        tail = getattr(rec, "layer_tail", None)
+        out = (h, *[None] * len(tail)) if tail else h
+    return out, h
+
+
+def _coarse_cached(spiral: Spiral, position: int, r: int, st: DecodeState, h, args, kwargs, where, s, names, blocks):
+    t_len = h.shape[1]
+    p0 = st.seen
+    g0, g_last = p0 // r, (p0 + t_len - 1) // r
+    n_groups = g_last - g0 + 1
+    t = torch.arange(p0, p0 + t_len, device=h.device)
+    rel = t // r - g0                                              # [T] each token's group, from g0
+    onehot = (rel.unsqueeze(0) == torch.arange(n_groups, device=h.device).unsqueeze(1)).to(h.dtype)
+    sums = torch.matmul(onehot, h[0])                              # [G, D]
+    if st.partial is not None:
+        sums[0] = sums[0] + st.partial[0]
+    complete = n_groups if (g_last + 1) * r - 1 <= p0 + t_len - 1 else n_groups - 1
+    u_last = st.u_last if st.u_last is not None else torch.zeros_like(h[:, 0])
+    out = None
+    if complete:
+        x = (sums[:complete] / r).unsqueeze(0)                     # [1, n, D]
+        ends = (torch.arange(g0, g0 + complete, device=h.device) + 1) * r - 1 - p0   # each group's anchor in the call
+        c_args, c_kwargs = _cached_args(args, kwargs, names, ends, t_len, g0, complete, h.dtype, s if where == "arg" else None,
+                                        s if where == "kw" else None)
+        out, y = blocks(x, c_args, c_kwargs)
+        u = (y - x)[0]                                             # [n, D]
+        table = torch.cat([u_last, u], dim=0)                      # index j: the update of group g0 + j - 1
+        st.u_last = u[-1:]
+    else:
+        table = u_last
+    upd = table[rel].unsqueeze(0)                                  # token of group g gets group g - 1's
+    st.partial = sums[complete:complete + 1] if complete < n_groups else None
+    st.seen = p0 + t_len
+    return out, h + spiral.gate_at(position).to(h.dtype) * upd
+
+
+def _cached_args(args, kwargs, names, ends, seq, g0, n, dtype, skip_arg, skip_kw):
+    """The block's arguments for ``n`` complete groups anchored at call positions ``ends``: the
+    sequence tensors gathered there, the attention mask over the coarse slot's ``g0`` cached
+    groups and the new ones (causal over groups, in the model's mask form), ``cache_position``
+    the groups' indices."""
+    from loopify.nn.routing import _additive, _gather_tokens
+
+    idx = ends.view(1, -1)
+    allowed = torch.arange(g0 + n, device=ends.device).view(1, -1) <= (g0 + torch.arange(n, device=ends.device)).view(-1, 1)
+
+    def one(k, v):
+        if k == "cache_position":
+            return torch.arange(g0, g0 + n, device=ends.device)
+        is_mask = k == "attention_mask" or (isinstance(v, torch.Tensor) and v.dim() == 4 and v.shape[-2] == seq)
+        if is_mask:
+            if isinstance(v, torch.Tensor) and v.dtype == torch.bool:
+                return allowed.view(1, 1, n, g0 + n)
+            return _additive(allowed.unsqueeze(0), v.dtype if isinstance(v, torch.Tensor) else dtype)
+        return _gather_tokens(v, idx, 1, seq)
+
+    c_kwargs = {k: (v if k == skip_kw else one(k, v)) for k, v in kwargs.items()}
+    c_args = [v if i == skip_arg else one(names[i] if i < len(names) else i, v) for i, v in enumerate(args)]
+    return c_args, c_kwargs
 
 
 def spirals(module: nn.Module) -> dict[str, Spiral]:

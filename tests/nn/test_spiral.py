@@ -88,7 +88,7 @@ def test_pooling_groups_consecutive_tokens_and_never_crosses_a_modality_boundary
     p = Pooling(2, valid, image, dense=False)
     # text [0] | image [1 2] [3 4] [5] | text [6 7] [8 9]: the last image group is partial
     assert p.gid.tolist() == [[0, 1, 1, 2, 2, 3, 4, 4, 5, 5]]
-    assert p.start.tolist() == [[0, 1, 3, 5, 6, 8]]
+    assert p.anchor.tolist() == [[0, 2, 4, 5, 7, 9]]  # each group runs at its last token
     h = torch.arange(10.0).view(1, 10, 1)
     assert p.pool(h).flatten().tolist() == [0.0, 1.5, 3.5, 5.0, 6.5, 8.5]
     u = torch.arange(1.0, 7.0).view(1, 6, 1)
@@ -149,17 +149,93 @@ def test_convert_verifies_the_lossless_spiral_plan_and_loads_it_back(llama, tmp_
 
 
 def _generate_refuses(pt2, tmp_path):
-    """KV-cache generation of a multi-resolution loop is not built: one line, eager and compiled
-    (a forward artifact compiles: tests/tvm/test_tvm_spiral.py)."""
+    """Generation artifacts of a multi-resolution loop are not built (a forward artifact is:
+    tests/tvm/test_tvm_spiral.py); eager decoding serves one text prompt at a time with the
+    per-depth policy. Each refusal is one line."""
     from loopify.compile import compile_model
     from loopify.errors import LoopifyError
-    from loopify.generate import open_model
+    from loopify.generate import Sampling, open_model
 
     with pytest.raises(LoopifyError, match="multi-resolution schedule; generation artifacts of such loops"):
         compile_model(pt2, tmp_path / "art", max_context=32)
-    with pytest.raises(LoopifyError, match="generation with it .* is not supported yet"):
-        open_model(pt2)
     assert not (tmp_path / "art").exists()
+    g = open_model(pt2)
+    with pytest.raises(LoopifyError, match="KV policy 'share-first' is not available here"):
+        g.generate([[1, 2, 3]], Sampling(max_new_tokens=2), policy="share-first")
+    with pytest.raises(LoopifyError, match="decodes one text prompt at a time"):
+        g.generate([[1, 2, 3], [4, 5]], Sampling(max_new_tokens=2))
+    assert len(g.generate([[1, 2, 3]], Sampling(max_new_tokens=3)).tokens[0]) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding with a KV cache (eager)
+
+DECODE_RTOL = 1e-5  # decoding computes the same sums as the cache-free forward in another grouping: measured <= 7.2e-7
+
+
+def _with_gates(module, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    for rec in recursions(module).values():
+        rec.spiral.gate.data.copy_(0.5 * torch.randn(rec.spiral.gate.shape, generator=g))
+    return module
+
+
+def _full_logits(wrapper, ids):
+    with torch.no_grad():
+        out = wrapper.run_model({"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)},
+                                use_cache=False)
+    return out["logits"][0, -1]
+
+
+@pytest.mark.parametrize("spec,counts", [(DEEP, range(0, 5)), ("fold-loops{blocks=2},multi-resolution{schedule=2:1}", range(1, 3))])
+def test_decoding_with_a_cache_equals_the_cache_free_forward_of_the_whole_sequence(llama, spec, counts):
+    """Prefill then decode one token at a time: every step's logits are the cache-free forward's
+    on the whole sequence so far, for prompts that end inside a group, at a group's end, and
+    shorter than one group (so the groups complete across calls), at every loop count."""
+    from loopify.generate.eager import EagerDecoder
+
+    w = _with_gates(_run(llama, spec))
+    gen = torch.Generator().manual_seed(1)
+    for k in counts:
+        set_loops(w, k)
+        for n in (1, 3, 4, 5, 9):
+            ids = [int(i) for i in torch.randint(1, 100, (n,), generator=gen)]
+            dec = EagerDecoder(w, "per-depth")
+            logits = dec.prefill({"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, n, dtype=torch.long),
+                                  "position_ids": torch.arange(n)[None]})[0]
+            for _ in range(6):
+                assert _rel(logits, _full_logits(w, ids)) <= DECODE_RTOL, (k, n, len(ids))
+                ids.append(int(logits.argmax()))
+                t = len(ids)
+                logits = dec.decode(torch.tensor([[ids[-1]]]), torch.ones(1, t, dtype=torch.long), torch.tensor([[t - 1]]))[0]
+    set_loops(w, None)
+
+
+def test_a_coarse_step_runs_its_blocks_only_when_a_decoded_token_completes_a_group(llama):
+    """4:2:1 (deepened 4-layer Llama: every step calls each block once): decoding token t calls
+    block 0 once for the full-resolution step, once more when t ends a pair, once more when t
+    ends a group of four."""
+    from loopify.generate.eager import EagerDecoder
+
+    w = _with_gates(_run(llama, DEEP))
+    (rec,) = recursions(w).values()
+    calls = []
+    hook = rec.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        dec = EagerDecoder(w, "per-depth")
+        dec.prefill({"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.ones(1, 2, dtype=torch.long),
+                     "position_ids": torch.arange(2)[None]})
+        per_token = []
+        for t in range(2, 10):
+            calls.clear()
+            dec.decode(torch.tensor([[7]]), torch.ones(1, t + 1, dtype=torch.long), torch.tensor([[t]]))
+            per_token.append(len(calls))
+    finally:
+        hook.remove()
+    assert per_token == [1 + (t % 2 == 1) + (t % 4 == 3) for t in range(2, 10)]
+    # the coarse depths' cache slots hold one entry per complete group, not one per token
+    held = sorted(layer.keys.shape[-2] for layer in dec.cache.layers)
+    assert held == sorted([10 // 4] * 4 + [10 // 2] * 4 + [10] * 4)
 
 
 # ----------------------------------------------------------------------------------------------
