@@ -350,12 +350,28 @@ class GenerationArtifact:
         dt = np.dtype(self.gen.get("dtype", "float32"))
         return np.zeros(shape, dt), np.zeros(shape, dt)
 
-    def step(self, entry: str, ids, mask, pos, k, v, loops, types=None, pixels=None, last: bool = False):
+    def empty_state(self) -> np.ndarray | None:
+        """The decode state of an artifact with multi-resolution loops before any token
+        (``[Q, 1, 2, D]`` zeros: the open group's partial sum and the last group's update per
+        coarse schedule position, :attr:`loopify.generate.export.Layout.spiral`); None without."""
+        coarse = self.gen["layout"].get("spiral") or []
+        if not coarse:
+            return None
+        return np.zeros((len(coarse), 1, 2, int(self.gen["spiral_dim"])), np.dtype(self.gen.get("dtype", "float32")))
+
+    def step(self, entry: str, ids, mask, pos, k, v, loops, types=None, pixels=None, last: bool = False,
+             state=None):
         """One call of ``entry`` on numpy (or torch) inputs and the cache ``k``, ``v``; returns
         ``(logits [B, T, V], k, v)`` with the new tokens' keys and values appended. ``types``:
         token types of prefix-LMs (default 0); ``loops``: one count per loop; ``last``: the
         logits of the last token only (``[B, 1, V]``: an artifact with ``logit_rows`` then runs
-        its LM head on that row alone)."""
+        its LM head on that row alone). ``state``: the decode state of an artifact with
+        multi-resolution loops (:meth:`empty_state` before the prompt); the new one is then
+        returned fourth."""
+        if (state is None) != (self.empty_state() is None):
+            raise ArtifactError(f"{self.path}: " + ("this artifact has multi-resolution loops: give their decode "
+                                                    "state (empty_state() before a prompt)" if state is None else
+                                                    "this artifact has no multi-resolution decode state"))
         args = [self.tensor(ids, "int64"), self.tensor(mask, "int64"), self.tensor(pos, "int64"),
                 self.tensor(k), self.tensor(v), self.tensor(loops, "int64")]
         if self.gen.get("token_types"):
@@ -365,10 +381,13 @@ class GenerationArtifact:
         t = np.asarray(ids).shape[1]
         if self.gen.get("logit_rows"):
             args.append(self.tensor(np.arange(t - 1 if last else 0, t), "int64"))
-        logits, nk, nv = (o.numpy() for o in self.run(entry, *args))
+        if state is not None:
+            args.append(self.tensor(state))
+        logits, nk, nv, *new_state = (o.numpy() for o in self.run(entry, *args))
         if logits.dtype != np.float32:  # a float16 artifact: sampling and scores in float32
             logits = logits.astype(np.float32)
-        return logits, np.concatenate([k, nk], axis=3), np.concatenate([v, nv], axis=3)
+        k, v = np.concatenate([k, nk], axis=3), np.concatenate([v, nv], axis=3)
+        return (logits, k, v, new_state[0]) if state is not None else (logits, k, v)
 
 
 def load(path, *, device_id: int = 0, verify: bool = True, num_threads: int | None = None):

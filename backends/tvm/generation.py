@@ -208,8 +208,10 @@ def compile_generation(exported, target="x86", out=None, *, options=None, assets
                                "kv_policy": exported.layout.policy, "layout": exported.layout.to_dict(),
                                "kv_heads": exported.heads, "head_dim": exported.head_dim, "vocab": exported.vocab,
                                "dtype": exported.dtype,
-                               "inputs": ["input_ids", "attention_mask", "position_ids", "past_k", "past_v", "loops"],
-                               "outputs": ["logits", "new_k", "new_v"]}}
+                               "inputs": ["input_ids", "attention_mask", "position_ids", "past_k", "past_v", "loops"]
+                               + (["spiral_state"] if exported.layout.spiral else []),
+                               "outputs": ["logits", "new_k", "new_v"] + (["spiral_state"] if exported.layout.spiral else []),
+                               **({"spiral_dim": exported.spiral_dim} if exported.layout.spiral else {})}}
     if qinfo is not None:
         manifest["quantization"] = qinfo
     if out is None:

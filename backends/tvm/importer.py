@@ -683,29 +683,36 @@ def custom_convert_map() -> dict[str, Callable]:
 
 
 def _wrap_negative(x, indices, axis):
-    """``indices + n`` where negative, ``n`` the gathered axis' static size (TVM's ``take``
-    clips or reads out of bounds where torch counts from the end). Constant non-negative
-    indices, symbolic sizes and float inputs pass unchanged."""
+    """``indices + n`` where negative, ``n`` the gathered axis' size (TVM's ``take`` clips or
+    reads out of bounds where torch counts from the end). Constant non-negative indices and
+    float inputs pass unchanged. A symbolic size is read off the shape at run time (before,
+    ``pos[-1]`` over a symbolic token count read index 0: a multi-resolution decode step's last
+    token)."""
     from tvm import relax
 
     try:
         shape = list(x.ty.shape)
         n = shape[axis] if axis is not None else None
-        size_value = int(n) if n is not None and getattr(n, "value", None) is not None else None
     except Exception:  # noqa: BLE001 - no static info: leave TVM's behaviour
         return indices
-    if size_value is None:
+    if n is None:
         return indices
+    size_value = int(n) if getattr(n, "value", None) is not None else None
     value = getattr(indices, "value", None)  # a constant (tvm.ir.GenericConst) holds its tensor
     if value is not None and hasattr(value, "numpy"):
         data = value.numpy()
         if data.dtype.kind != "i" or (data >= 0).all():
             return indices
-        return relax.const(np.where(data < 0, data + size_value, data).astype(data.dtype))
-    dtype = str(getattr(indices.ty, "dtype", ""))
+        if size_value is not None:
+            return relax.const(np.where(data < 0, data + size_value, data).astype(data.dtype))
+    dtype = str(getattr(indices.ty, "dtype", "")) if value is None else str(value.numpy().dtype)
     if not dtype.startswith("int"):
         return indices
-    zero, size = relax.const(0, dtype), relax.const(size_value, dtype)
+    zero = relax.const(0, dtype)
+    if size_value is not None:
+        size = relax.const(size_value, dtype)
+    else:  # a symbolic size: a 0-d tensor of its run-time value
+        size = relax.op.astype(relax.op.reshape(relax.op.shape_to_tensor(relax.ShapeExpr([n])), []), dtype)
     return relax.op.where(relax.op.less(indices, zero), relax.op.add(indices, size), indices)
 
 

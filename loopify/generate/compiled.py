@@ -30,9 +30,15 @@ class TVMDecoder:
             [loops] * len(art.loops) if isinstance(loops, int) else list(loops))
         self.loops = counts
         self.k = self.v = None
+        self.state = None  # multi-resolution loops' decode state (None without)
 
     def _call(self, entry: str, ids, mask, pos, types=None, pixels=None, last: bool = True):
-        logits, self.k, self.v = self.art.step(entry, ids, mask, pos, self.k, self.v, self.loops, types, pixels, last)
+        if self.state is None:
+            logits, self.k, self.v = self.art.step(entry, ids, mask, pos, self.k, self.v, self.loops, types, pixels,
+                                                   last)
+        else:
+            logits, self.k, self.v, self.state = self.art.step(entry, ids, mask, pos, self.k, self.v, self.loops,
+                                                               types, pixels, last, state=self.state)
         return logits[:, -1] if last else logits
 
     def prefill(self, batch: dict, last: bool = True):
@@ -47,6 +53,7 @@ class TVMDecoder:
         if pixels is not None and "prefill_image" not in self.gen["entries"]:
             raise GenerateError(f"{self.art.path}: a text-only model takes no --image")
         self.k, self.v = self.art.empty_cache()
+        self.state = self.art.empty_state()
         entry = "prefill" if pixels is None else "prefill_image"
         return torch.from_numpy(self._call(entry, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
                                            batch.get("token_type_ids"), pixels, last).copy())

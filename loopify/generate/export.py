@@ -35,6 +35,9 @@ class Layout:
     outside: tuple[int, ...]                 # layer indices of attention layers outside loops
     loops: tuple[tuple[str, int, int], ...]  # (loop key, first slot, slots) in model order
     policy: str
+    #: the coarse schedule positions of multi-resolution loops, (loop key, position, factor): each
+    #: has a decode state (the open group's partial sum, the last group's update) in ``spiral_state``
+    spiral: tuple[tuple[str, int, int], ...] = ()
 
     @property
     def slots(self) -> int:
@@ -50,7 +53,7 @@ class Layout:
 
     def to_dict(self) -> dict:
         return {"outside": list(self.outside), "loops": [list(l) for l in self.loops], "policy": self.policy,
-                "slots": self.slots}
+                "slots": self.slots, "spiral": [list(c) for c in self.spiral]}
 
 
 def layout(module, policy: str, outside: list[int], cached: set[str] | None = None) -> Layout:
@@ -58,23 +61,47 @@ def layout(module, policy: str, outside: list[int], cached: set[str] | None = No
     are not in loops (as the attention modules' ``layer_idx`` says); each loop that uses the
     cache (``cached``: their keys; default all) then has a slot per depth it runs at its maximum
     count (per-depth) or per block (shared policies)."""
-    loops, first = [], len(outside)
+    loops, first, coarse = [], len(outside), []
     for rec in recursions(module).values():
         if cached is not None and rec.key not in cached:
             continue
         n = len(rec.depth_schedule(rec.spec.max_loops)) if policy == "per-depth" else len(rec.blocks)
         loops.append((rec.key, first, n))
         first += n
-    return Layout(tuple(outside), tuple(loops), policy)
+        if rec.spiral is not None:
+            _spiral_decodable(rec, policy)
+            coarse += [(rec.key, j, r) for j, r in enumerate(rec.spiral.spec.schedule) if r > 1]
+    return Layout(tuple(outside), tuple(loops), policy, tuple(coarse))
+
+
+def _spiral_decodable(rec: Recursion, policy: str) -> None:
+    """A multi-resolution loop in a generation artifact: one slot per schedule position
+    (per-depth), no per-depth parameters (a position's step index depends on the run-time
+    count), the schedule as long as the loop's maximum count. Else NotImplementedError (one
+    line at the CLI)."""
+    why = None
+    if policy != "per-depth":
+        why = f"KV policy {policy!r} shares slots between recursions, whose coarse and full-resolution entries differ"
+    elif rec.depth_params or rec.lora_A:
+        why = "per-depth parameters (LoRA, per-depth norms) with a resolution schedule are not compiled for generation yet"
+    elif len(rec.spiral.spec.schedule) != rec.spec.max_loops:
+        why = "the schedule must be as long as the loop's maximum count"
+    elif not rec.spiral.spec.causal:
+        why = "a non-causal loop does not decode"
+    if why:
+        raise NotImplementedError(f"loop {rec.key}: a multi-resolution generation artifact: {why}")
 
 
 class ExportKV(Cache):
     """Explicit KV for export: slot ``i`` reads ``past[i]``; the new tokens' entries per slot
     are kept in ``new`` (index -> (keys, values)) to be returned."""
 
-    def __init__(self, past_k: torch.Tensor, past_v: torch.Tensor, lay: Layout, index_of=None, plan=None):
+    def __init__(self, past_k: torch.Tensor, past_v: torch.Tensor, lay: Layout, index_of=None, plan=None,
+                 state: torch.Tensor | None = None):
         super().__init__(layers=[])
         self.past_k, self.past_v, self.lay = past_k, past_v, lay
+        self.state = state  # [Q, B, 2, D] multi-resolution decode states (see Layout.spiral)
+        self.new_state: dict[int, torch.Tensor] = {}
         self.new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.index_of = index_of or lay.index
         # Inside a cond branch the slots come in call order (the branch is traced by dynamo,
@@ -186,7 +213,10 @@ def _cond_forward(rec: Recursion, *args, **kwargs):
     capture = _capture_begin()
     h_in = h
     with _without_capture_hooks(rec):
-        h, after = _cond_groups(rec, h, side, leaves, spec, tensor_at, where, s, cache, n)
+        if rec.spiral is not None:
+            h, after = _spiral_groups(rec, h, side, leaves, spec, tensor_at, where, s, cache, n)
+        else:
+            h, after = _cond_groups(rec, h, side, leaves, spec, tensor_at, where, s, cache, n)
     if capture is not None:  # what the hooks would have added (the first call adds its input too) ...
         calls = sum(len(g) for g in _groups(rec))
         capture[0].extend(([h_in] if capture[1] == 0 else []) + [None] * calls)
@@ -294,6 +324,43 @@ def _cond_groups(rec, h, side, leaves, spec, tensor_at, where, s, cache, n):
     return h, after
 
 
+def _spiral_groups(rec, h, side, leaves, spec, tensor_at, where, s, cache, n):
+    """A multi-resolution loop unrolled over its schedule: position j (one recursion step)
+    runs when n > N - 1 - j (the last n positions, as in eager mode); a full-resolution
+    position is an ordinary step, a coarse one a :class:`_CoarseRun` with its decode state as
+    an operand and an output. Slots are per position (the layout's per-depth slots at the
+    maximum count)."""
+    if cache is None:
+        raise NotImplementedError(f"loop {rec.key}: a multi-resolution loop without a KV cache (a vision tower) is "
+                                  "not compiled for generation yet")
+    after: dict[int, torch.Tensor] = {}
+    sched = rec.spiral.spec.schedule
+    for group in _groups(rec):
+        j = group[0].step
+        if any(d.step != j for d in group):
+            raise NotImplementedError(f"loop {rec.key}: a schedule position must be one recursion step")
+        idx = sorted({cache.index_of(kv.slot(cache.lay.policy, d, 0).key) for d in group})
+        ops = (h, *side, cache.past_k, cache.past_v)
+        ctx = (rec, group, idx, [], leaves, spec, tensor_at, where, s, cache)
+        if sched[j] == 1:
+            out = torch.cond(n > len(sched) - 1 - j, _Run(ctx), _Skip(len(side), len(idx)), ops)
+        else:
+            q, r = cache.lay.spiral.index((rec.key, j, sched[j])), sched[j]
+            runs = n > len(sched) - 1 - j
+            # a call in which no group ends (most decoded tokens) needs no block: only the
+            # previous group's update and the open group's sum (a second, cheap branch)
+            ar = torch.arange(h.shape[1], device=h.device) + cache.past_k.shape[3]
+            ends = ((ar + 1) % r == 0).sum() > 0
+            out = torch.cond(runs & ends, _CoarseRun(ctx, r), _CoarseSkip(len(side), len(idx)), ops + (cache.state[q],))
+            out = torch.cond(runs & ~ends, _CoarseOpen(rec, j), _PassThrough(), tuple(out))
+            cache.new_state[q] = out[3]
+        h, nk, nv = out[0], out[1], out[2]
+        after.update({d.depth: h for d in group})
+        for pos, slot in enumerate(idx):
+            cache.new[slot] = (nk[pos], nv[pos])
+    return h, after
+
+
 def _record_after(after: dict, group, out, taps: int) -> torch.Tensor:
     """Note the state after each depth of a group (the per-depth states a connector's taps need,
     else the group's output for each) and return the group's output."""
@@ -361,18 +428,21 @@ class _Run:
         return (h, torch.stack([g[0] if g is not None else zero for g in got]),
                 torch.stack([g[1] if g is not None else zero for g in got]), *([torch.stack(states)] if self.taps else []))
 
-    def _blocks(self, h, side, cache):
+    def _blocks(self, h, side, cache, mask=None):
         """The group's depths on ``h``, the block call's other arguments rebuilt from the
-        branch operands (``cache`` in the cache's place: None for a loop without KV)."""
+        branch operands (``cache`` in the cache's place: None for a loop without KV; ``mask``,
+        when given, in the 4-D attention mask's place)."""
         rec, group, _idx, _reads, leaves, spec, tensor_at, where, s, _cache = self.ctx
         lv = [cache if x is _CACHE_SLOT else x for x in leaves]
         for pos, t in zip(tensor_at, side):
-            lv[pos] = t
+            lv[pos] = mask if mask is not None and t.dim() == 4 else t
         phases = pytree.tree_unflatten(lv, spec)
         states = []
         for d in group:
             a, kw = phases[d.depth % len(phases)]
             box = a if where == "arg" else kw
+            if mask is not None and "attention_mask" in kw and not isinstance(kw["attention_mask"], torch.Tensor):
+                kw["attention_mask"] = mask  # the model passed None (its attention's causal flag)
             box[s] = h
             out = rec.call_block(d.block, _overrides(rec, d), tuple(a), kw)
             h = out[0] if isinstance(out, tuple) else out
@@ -402,6 +472,94 @@ class _Skip:
         ks = [keys[q].clone() if q in keys else pk.new_zeros(shape) for q in range(self.n_slots)]
         vs = [vals[q].clone() if q in vals else pk.new_zeros(shape) for q in range(self.n_slots)]
         return h.clone(), torch.stack(ks), torch.stack(vs), *states
+
+
+class _CoarseRun(_Run):
+    """A coarse schedule position (factor r) over the call's T tokens after P cached ones, all
+    in the graph (symbolic T and P): token i's query is the mean of its group's tokens up to it
+    (the decode state's partial sum added for a group that began before the call), at its own
+    position; a key is valid only at a group's last token (the mean of the whole group), so a
+    group-end query attends exactly the complete groups up to its own, as the eager decoder's
+    coarse slot holds them (other queries also see themselves: no empty softmax row; their
+    results are never used). Token i gets the update of the group before its own (computed at
+    that group's end in this call, or the state's), and the state moves on to the call's open
+    group and last complete group. The K/V entries are written for every token (the masked
+    ones never read), so the coarse slots keep the layout's shape."""
+
+    def __init__(self, ctx, factor: int):
+        super().__init__(ctx)
+        self.r = factor
+
+    def __call__(self, h, *rest):
+        rec, group, idx, _reads, leaves, spec, tensor_at, where, s, cache = self.ctx
+        side = rest[:len(tensor_at)]
+        pk, pv, state = rest[len(tensor_at)], rest[len(tensor_at) + 1], rest[len(tensor_at) + 2]
+        r, p, t = self.r, pk.shape[3], h.shape[1]
+        partial, u_last = state[:, 0], state[:, 1]                      # [B, D] each
+        pos = torch.arange(t, device=h.device) + p                       # absolute token index
+        g = torch.div(pos, r, rounding_mode="floor")
+        start = (g * r - p).clamp(min=0)                                 # the group's first token in the call
+        csum = torch.cumsum(h, dim=1)                                    # [B, T, D]
+        before = torch.where((start > 0).view(1, -1, 1), csum.index_select(1, (start - 1).clamp(min=0)),
+                             torch.zeros_like(csum))
+        opened = (g * r < p).view(1, -1, 1)                              # began before the call
+        prefix = csum - before + torch.where(opened, partial.unsqueeze(1), torch.zeros_like(csum))
+        x = prefix / (pos - g * r + 1).view(1, -1, 1).to(h.dtype)
+        mask = self._mask(pos, p, r, side, h.dtype)
+        local = ExportKV(pk, pv, cache.lay, index_of=cache.index_of, plan=[kv.slot(cache.lay.policy, d, 0) for d in group])
+        y, _states = self._blocks(x, side, local, mask)
+        u = y - x                                                        # [B, T, D]
+        end_prev = g * r - 1 - p                                         # the previous group's end in the call
+        upd = torch.where((end_prev >= 0).view(1, -1, 1), u.index_select(1, end_prev.clamp(min=0)),
+                          u_last.unsqueeze(1))
+        out = h + rec.spiral.gate_at(group[0].step).to(h.dtype) * upd
+        last = pos.amax()  # the call's last token
+        last_end = torch.div(last + 1, r, rounding_mode="floor") * r - 1 - p
+        new_u = torch.where(last_end >= 0, u.index_select(1, last_end.clamp(min=0).reshape(1)).squeeze(1), u_last)
+        new_partial = torch.where((last + 1) % r == 0, torch.zeros_like(partial),
+                                  prefix.index_select(1, (last - p).reshape(1)).squeeze(1))
+        zero = pk.new_zeros((pk.shape[1], pk.shape[2], t, pk.shape[4]))
+        got = [local.new.get(j) for j in idx]
+        return (out, torch.stack([g_[0] if g_ is not None else zero for g_ in got]),
+                torch.stack([g_[1] if g_ is not None else zero for g_ in got]), torch.stack([new_partial, new_u], 1))
+
+    def _mask(self, pos, p: int, r: int, side, dtype):
+        """[1, 1, T, P + T]: key k valid for query i when k ends a group and k <= i, or k = i; in
+        the model's mask form (bool, or additive in ``dtype``)."""
+        keys = torch.arange(pos.shape[0] + p, device=pos.device)
+        ok = (((keys + 1) % r == 0).view(1, -1) & (keys.view(1, -1) <= pos.view(-1, 1))) | (keys.view(1, -1) == pos.view(-1, 1))
+        model_mask = next((x for x in side if isinstance(x, torch.Tensor) and x.dim() == 4), None)
+        if model_mask is not None and model_mask.dtype == torch.bool:
+            return ok.view(1, 1, *ok.shape)
+        from loopify.nn.routing import _additive
+
+        return _additive(ok.unsqueeze(0), model_mask.dtype if model_mask is not None else dtype)
+
+
+class _CoarseOpen:
+    """A coarse position in a call where no group ends (all its tokens in one open group): each
+    token gets the last complete group's update and the open group's sum grows; no block runs."""
+
+    def __init__(self, rec: Recursion, position: int):
+        self.rec, self.position = rec, position
+
+    def __call__(self, h, nk, nv, state):
+        partial, u_last = state[:, 0], state[:, 1]
+        out = h + self.rec.spiral.gate_at(self.position).to(h.dtype) * u_last.unsqueeze(1)
+        return out, nk.clone(), nv.clone(), torch.stack([partial + h.sum(1), u_last], 1)
+
+
+class _PassThrough:
+    def __call__(self, *xs):
+        return tuple(x.clone() for x in xs)
+
+
+class _CoarseSkip(_Skip):
+    """A coarse position that does not run at this count: the state passes through."""
+
+    def __call__(self, h, *rest):
+        state = rest[self.n_side + 2]
+        return (*super().__call__(h, *rest[:self.n_side + 2]), state.clone())
 
 
 def _overrides(rec: Recursion, d: Depth) -> dict:
@@ -472,11 +630,13 @@ class Step(torch.nn.Module):
         return head if isinstance(head, torch.nn.Module) else None
 
     def forward(self, input_ids, attention_mask, position_ids, past_k, past_v, loops, token_type_ids=None,
-                pixel_values=None, logit_rows=None):
+                pixel_values=None, logit_rows=None, spiral_state=None):
         """``logit_rows`` ([L] int64 positions among the T new tokens): the LM head runs on those
-        rows only (a prompt's prefill needs the last one; scoring needs all)."""
+        rows only (a prompt's prefill needs the last one; scoring needs all). ``spiral_state``
+        ([Q, B, 2, D], multi-resolution loops: :attr:`Layout.spiral`): the decode states in, the
+        new ones a fourth output."""
         torch._check(attention_mask.shape[1] == past_k.shape[3] + input_ids.shape[1])
-        cache = ExportKV(past_k, past_v, self.lay)
+        cache = ExportKV(past_k, past_v, self.lay, state=spiral_state)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
@@ -486,6 +646,9 @@ class Step(torch.nn.Module):
             out = self.wrapper.run_model(inputs, use_cache=True, cache=cache)
         logits = out if isinstance(out, torch.Tensor) else out["logits"]
         new_k, new_v = cache.stacked(input_ids.shape[1], past_k)
+        if self.lay.spiral:
+            return logits, new_k, new_v, torch.stack([cache.new_state.get(q, spiral_state[q]).clone()
+                                                       for q in range(len(self.lay.spiral))])
         return logits, new_k, new_v
 
 
@@ -535,6 +698,7 @@ class Exported:
     image_tokens: int = 0
     pixel_shape: list | None = None
     dtype: str = "float32"                         # of the weights, activations and KV cache
+    spiral_dim: int = 0                            # width of the multi-resolution decode state
 
 
 def float_dtype(module) -> torch.dtype:
@@ -589,14 +753,29 @@ def export_step(wrapper, inputs: dict, policy: str, max_context: int, image_toke
           "past_v": {3: P}, "loops": None, **({"token_type_ids": {1: T}} if token_types else {})}
     if step.head is not None:
         _with_logit_rows(kw, ds, t, max_context)
+    if lay.spiral:
+        if image_token_id is not None:
+            raise NotImplementedError("a multi-resolution loop in a vision-language model is not compiled for "
+                                      "generation yet (groups that stop at the image's boundary)")
+        kw["spiral_state"] = torch.zeros(len(lay.spiral), 1, 2, spiral_dim(wrapper), dtype=dt)
+        ds["spiral_state"] = None
     with torch.no_grad():
         ep = torch.export.export(step, example, kw, dynamic_shapes=ds, strict=False)
         logits = step(*example, **kw)[0]
     out = Exported(ep, lay, heads, hd, int(logits.shape[-1]), loops, max_context, example + tuple(kw.values()),
-                   token_types, logit_rows="logit_rows" in kw, dtype=str(dt).replace("torch.", ""))
+                   token_types, logit_rows="logit_rows" in kw, dtype=str(dt).replace("torch.", ""),
+                   spiral_dim=spiral_dim(wrapper) if lay.spiral else 0)
     if "pixel_values" in inputs:
         _export_image_step(out, step, inputs, image_token_id, counts)
     return out
+
+
+def spiral_dim(wrapper) -> int:
+    """The hidden size of a model's multi-resolution loops (their gates' width; 0 without)."""
+    dims = {r.spiral.spec.dim for r in recursions(wrapper).values() if r.spiral is not None}
+    if len(dims) > 1:
+        raise NotImplementedError("multi-resolution loops of different widths are not compiled for generation yet")
+    return dims.pop() if dims else 0
 
 
 def _with_logit_rows(kw: dict, ds: dict, t: int, max_context: int) -> None:

@@ -317,3 +317,25 @@ def test_integer_floor_div_mod_clamp_and_amin_amax_match_torch(tmp_path):
     got = _run_compiled(ep, (x,), tmp_path)
     for g, w in zip(got, IntegerIndexing()(x)):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+class LastOfSymbolic(torch.nn.Module):
+    def forward(self, x):
+        return x[:, -1] * 1.0, x.select(1, -1) + 0, torch.arange(x.shape[1])[-1] + 0
+
+
+def test_negative_index_on_a_symbolic_axis_counts_from_the_end():
+    """``x[:, -1]`` over a symbolic token count: TVM's ``take`` clipped -1 to 0 (the first
+    token) when the axis had no static size; loopify's importer adds the run-time size."""
+    import numpy as np
+    import tvm
+    from torch.export import Dim
+    from tvm import relax
+
+    ep = torch.export.export(LastOfSymbolic(), (torch.randn(2, 5, 3),), dynamic_shapes=({1: Dim("T", min=3, max=64)},),
+                             strict=False)
+    vm = relax.VirtualMachine(tvm.compile(import_program(ep), target="llvm"), tvm.cpu())
+    for t in (3, 7):
+        x = torch.randn(2, t, 3)
+        for got, want in zip(vm["main"](tvm.runtime.tensor(x.numpy())), LastOfSymbolic()(x)):
+            np.testing.assert_array_equal(got.numpy(), want.numpy())
