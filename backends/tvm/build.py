@@ -145,9 +145,11 @@ def build_executable_module(mod, target: dict, options: CompileOptions, work_dir
             try:
                 front = tvm.transform.Sequential(front_passes(tgt, options))(mod)
             except Exception as e:  # noqa: BLE001 - TVM's FuseTIR on dataflow-converted branches
-                log.info("front passes failed (%s); again without ConvertToDataflow", str(e).splitlines()[-1][:120])
-                timings["dataflow_fallback"] = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
-                front = tvm.transform.Sequential(front_passes(tgt, options, dataflow=False))(mod)
+                why = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+                front, skipped = _front_skipping_dataflow(mod, tgt, options)
+                log.info("front passes failed (%s); again without ConvertToDataflow in %s", why[:120],
+                         ", ".join(skipped) if skipped else "any function")
+                timings["dataflow_fallback"] = {"error": why, "without_dataflow": skipped or "all"}
             mod = front
         if options.tune:
             from . import tuning
@@ -162,6 +164,33 @@ def build_executable_module(mod, target: dict, options: CompileOptions, work_dir
         msg = str(e).strip().splitlines()
         raise CompileError(f"TVM build for {target} failed: {type(e).__name__}: "
                            f"{msg[-1] if msg else ''}") from e
+
+
+def _front_skipping_dataflow(mod, tgt, options: CompileOptions):
+    """The front passes with ``ConvertToDataflow`` applied to every Relax function but one
+    (tried in turn: the branches first, ``main`` last), or to none when each try fails:
+    ``(module, names left without dataflow)``. TVM 0.27's FuseTIR fails on some fused groups
+    of a dataflow-converted function (a Gemma decoder; a multi-resolution decode step's dense
+    coarse branch: "VarRemapGet(source) == nullptr"); dropping dataflow for the whole module
+    then also dropped the fused transpose of every weight in every other function (the
+    converted SmolLM2's prefill transposed each weight on every call: 2.8x slower)."""
+    import tvm
+    from tvm import relax
+
+    names = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, relax.Function)]
+    names.sort(key=lambda n: n == "main")
+    plain = tvm.transform.Sequential(front_passes(tgt, options, dataflow=False))
+    for skip in names:
+        funcs = {}
+        for gv, f in mod.functions.items():
+            if isinstance(f, relax.Function) and gv.name_hint != skip:
+                f = relax.transform.ConvertToDataflow()(tvm.IRModule({gv: f}))[gv.name_hint]
+            funcs[gv] = f
+        try:
+            return plain(tvm.IRModule(funcs, attrs=mod.attrs)), [skip]
+        except Exception:  # noqa: BLE001 - the next function
+            continue
+    return plain(mod), []
 
 
 def _pack_width(target: dict, options: CompileOptions) -> int | None:

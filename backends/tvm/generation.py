@@ -120,8 +120,11 @@ def _build(name: str, mod, target: dict, options, timings: dict):
     from .build import build_executable_module
 
     t = time.time()
-    try:
-        ex = build_executable_module(mod, target, options)
+    try:  # (its own timings: a dataflow fallback is recorded per entry in the manifest)
+        sub: dict = {}
+        ex = build_executable_module(mod, target, options, timings=sub)
+        if "dataflow_fallback" in sub:
+            timings[f"{name}_dataflow_fallback"] = sub["dataflow_fallback"]
     except CompileError:
         raise
     except Exception as e:  # noqa: BLE001

@@ -708,11 +708,12 @@ def _wrap_negative(x, indices, axis):
     dtype = str(getattr(indices.ty, "dtype", "")) if value is None else str(value.numpy().dtype)
     if not dtype.startswith("int"):
         return indices
-    zero = relax.const(0, dtype)
     if size_value is not None:
-        size = relax.const(size_value, dtype)
-    else:  # a symbolic size: a 0-d tensor of its run-time value
-        size = relax.op.astype(relax.op.reshape(relax.op.shape_to_tensor(relax.ShapeExpr([n])), []), dtype)
+        zero, size = relax.const(0, dtype), relax.const(size_value, dtype)
+    else:  # a symbolic size: the variable itself (fusable; shape_to_tensor broke TVM's FuseTIR)
+        if dtype != "int64":  # shape variables are int64
+            indices = relax.op.astype(indices, "int64")
+        zero, size = relax.const(0, "int64"), relax.prim_value(n)
     return relax.op.where(relax.op.less(indices, zero), relax.op.add(indices, size), indices)
 
 

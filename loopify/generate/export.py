@@ -349,9 +349,14 @@ def _spiral_groups(rec, h, side, leaves, spec, tensor_at, where, s, cache, n):
             runs = n > len(sched) - 1 - j
             # a call in which no group ends (most decoded tokens) needs no block: only the
             # previous group's update and the open group's sum (a second, cheap branch)
-            ar = torch.arange(h.shape[1], device=h.device) + cache.past_k.shape[3]
-            ends = ((ar + 1) % r == 0).sum() > 0
-            out = torch.cond(runs & ends, _CoarseRun(ctx, r), _CoarseSkip(len(side), len(idx)), ops + (cache.state[q],))
+            # ((P + T) // r > P // r, from the sizes: a reduction over the positions here made TVM
+            # 0.27's FuseTIR fail on the whole step, "VarRemapGet(source) == nullptr")
+            p_, t_ = cache.past_k.shape[3], h.shape[1]
+            zero = torch.zeros((), dtype=torch.long, device=h.device)
+            ends = (zero + (p_ + t_) // r) > (zero + p_ // r)
+            base = torch.zeros(1, dtype=torch.long, device=h.device) + p_  # the past length, a tensor (see _CoarseRun)
+            out = torch.cond(runs & ends, _CoarseRun(ctx, r), _CoarseSkip(len(side), len(idx)),
+                             ops + (cache.state[q], base))
             out = torch.cond(runs & ~ends, _CoarseOpen(rec, j), _PassThrough(), tuple(out))
             cache.new_state[q] = out[3]
         h, nk, nv = out[0], out[1], out[2]
@@ -493,31 +498,37 @@ class _CoarseRun(_Run):
     def __call__(self, h, *rest):
         rec, group, idx, _reads, leaves, spec, tensor_at, where, s, cache = self.ctx
         side = rest[:len(tensor_at)]
-        pk, pv, state = rest[len(tensor_at)], rest[len(tensor_at) + 1], rest[len(tensor_at) + 2]
+        pk, pv, state, base = rest[len(tensor_at):len(tensor_at) + 4]
         r, p, t = self.r, pk.shape[3], h.shape[1]
         partial, u_last = state[:, 0], state[:, 1]                      # [B, D] each
-        pos = torch.arange(t, device=h.device) + p                       # absolute token index
+        # Selections are matmuls with 0/1 matrices over the call's tokens, not gathers or a
+        # cumsum: those made TVM 0.27's FuseTIR fail on the branch ("VarRemapGet(source) ==
+        # nullptr"), and the fallback without dataflow lost every fused weight transpose.
+        f = h.dtype
+        # absolute token index: the past length comes in as a tensor (``arange(T) + P`` with the
+        # size variable P fused into the branch's kernels also broke FuseTIR)
+        pos = torch.arange(t, device=h.device) + base
         g = torch.div(pos, r, rounding_mode="floor")
-        start = (g * r - p).clamp(min=0)                                 # the group's first token in the call
-        csum = torch.cumsum(h, dim=1)                                    # [B, T, D]
-        before = torch.where((start > 0).view(1, -1, 1), csum.index_select(1, (start - 1).clamp(min=0)),
-                             torch.zeros_like(csum))
-        opened = (g * r < p).view(1, -1, 1)                              # began before the call
-        prefix = csum - before + torch.where(opened, partial.unsqueeze(1), torch.zeros_like(csum))
-        x = prefix / (pos - g * r + 1).view(1, -1, 1).to(h.dtype)
-        mask = self._mask(pos, p, r, side, h.dtype)
+        same = (g.view(-1, 1) == g.view(1, -1)) & (pos.view(1, -1) <= pos.view(-1, 1))
+        opened = (g * r < p).to(f).view(1, -1, 1)                       # the group began before the call
+        prefix = torch.matmul(same.to(f), h) + opened * partial.unsqueeze(1)   # [B, T, D]
+        x = prefix / (pos - g * r + 1).view(1, -1, 1).to(f)
+        mask = self._mask(pos, p, r, side, f)
         local = ExportKV(pk, pv, cache.lay, index_of=cache.index_of, plan=[kv.slot(cache.lay.policy, d, 0) for d in group])
         y, _states = self._blocks(x, side, local, mask)
-        u = y - x                                                        # [B, T, D]
-        end_prev = g * r - 1 - p                                         # the previous group's end in the call
-        upd = torch.where((end_prev >= 0).view(1, -1, 1), u.index_select(1, end_prev.clamp(min=0)),
-                          u_last.unsqueeze(1))
-        out = h + rec.spiral.gate_at(group[0].step).to(h.dtype) * upd
-        last = pos.amax()  # the call's last token
-        last_end = torch.div(last + 1, r, rounding_mode="floor") * r - 1 - p
-        new_u = torch.where(last_end >= 0, u.index_select(1, last_end.clamp(min=0).reshape(1)).squeeze(1), u_last)
-        new_partial = torch.where((last + 1) % r == 0, torch.zeros_like(partial),
-                                  prefix.index_select(1, (last - p).reshape(1)).squeeze(1))
+        # each selection is one matmul over [state row, the call's rows] (a selection matmul
+        # plus a masked state term fused into one kernel that FuseTIR failed on)
+        u = torch.cat([u_last.unsqueeze(1), y - x], dim=1)               # [B, 1 + T, D]: row 0 the state's
+        cols = torch.arange(t + 1, device=h.device).view(1, -1)
+        end_prev = g * r - 1 - base                                      # the previous group's end in the call
+        upd = torch.matmul((cols == (end_prev + 1).clamp(min=0).view(-1, 1)).to(f), u)   # [B, T, D]
+        out = h + rec.spiral.gate_at(group[0].step).to(f) * upd
+        last = base + (t - 1)                                            # the call's last token
+        last_end = torch.div(last + 1, r, rounding_mode="floor") * r - 1 - base
+        new_u = torch.matmul((cols == (last_end + 1).clamp(min=0).view(-1, 1)).to(f), u).squeeze(1)
+        rows = torch.cat([torch.zeros_like(partial).unsqueeze(1), prefix], dim=1)   # row 0: nothing open
+        open_at = torch.where((last + 1) % r == 0, torch.zeros_like(last), torch.zeros_like(last) + t)
+        new_partial = torch.matmul((cols == open_at.view(-1, 1)).to(f), rows).squeeze(1)
         zero = pk.new_zeros((pk.shape[1], pk.shape[2], t, pk.shape[4]))
         got = [local.new.get(j) for j in idx]
         return (out, torch.stack([g_[0] if g_ is not None else zero for g_ in got]),
@@ -647,8 +658,10 @@ class Step(torch.nn.Module):
         logits = out if isinstance(out, torch.Tensor) else out["logits"]
         new_k, new_v = cache.stacked(input_ids.shape[1], past_k)
         if self.lay.spiral:
-            return logits, new_k, new_v, torch.stack([cache.new_state.get(q, spiral_state[q]).clone()
-                                                       for q in range(len(self.lay.spiral))])
+            states = [cache.new_state.get(q, spiral_state[q]) for q in range(len(self.lay.spiral))]
+            # (one state: unsqueeze, not a one-element stack, whose concat of one input made TVM
+            # 0.27's FuseTIR fail on the whole step: "VarRemapGet(source) == nullptr")
+            return logits, new_k, new_v, states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states)
         return logits, new_k, new_v
 
 

@@ -243,6 +243,17 @@ def block_parameters(block: nn.Module) -> list[str]:
         return []
 
 
+def _units(rec):
+    """(step index, schedule position, pooling factor, the step's :class:`~loopify.nn.routing.Unit`)
+    of each recursion step at the loop's current count."""
+    from loopify.nn.routing import Unit
+
+    steps, index = rec.steps(), 0
+    for i, ((position, factor), step) in enumerate(zip(rec.spiral.spec.factors(len(steps)), steps)):
+        yield i, position, factor, Unit(list(step), list(range(index, index + len(step))), i)
+        index += len(step)
+
+
 def valid_tokens(args: list, kwargs: dict, h: torch.Tensor) -> torch.Tensor:
     """[B, S] whether each token of a loop call is a real one, read off the call's 4-D mask (the
     ``attention_mask`` keyword or a 4-D positional argument); all True without one."""
@@ -272,7 +283,7 @@ def run(rec, args: list, kwargs: dict, where: str, s, image: torch.Tensor | None
     """The multi-resolution forward of ``rec`` (called by :meth:`Recursion.forward`): returns the
     last block output and the new hidden state."""
     from loopify.nn.recursion import _tracing
-    from loopify.nn.routing import Unit, _cache_of, _call_unit
+    from loopify.nn.routing import _cache_of, _call_unit
 
     spiral: Spiral = rec.spiral
     cache = _cache_of(kwargs)
@@ -281,14 +292,11 @@ def run(rec, args: list, kwargs: dict, where: str, s, image: torch.Tensor | None
     box = args if where == "arg" else kwargs
     h = box[s]
     valid_tok = valid_tokens(args, kwargs, h)
-    steps = rec.steps()
     names = block_parameters(rec.blocks[0])
     poolings: dict[int, Pooling] = {}
     runs = [0] * len(rec.blocks)
-    out, index = None, 0
-    for i, ((position, factor), step) in enumerate(zip(spiral.spec.factors(len(steps)), steps)):
-        unit = Unit(list(step), list(range(index, index + len(step))), i)
-        index += len(step)
+    out = None
+    for _i, position, factor, unit in _units(rec):
         if factor == 1:
             out, h, _ = _call_unit(rec, unit, h, args, where, s, kwargs, None, runs)
             continue
@@ -332,7 +340,7 @@ def run_cached(rec, args: list, kwargs: dict, where: str, s, image, cache):
     """The multi-resolution forward of one call against a KV cache (prefill, or decoded tokens):
     see the module docstring. The full-resolution steps run as in :func:`run`; each coarse
     step runs only the groups that complete in this call."""
-    from loopify.nn.routing import Unit, _call_unit
+    from loopify.nn.routing import _call_unit
 
     spiral: Spiral = rec.spiral
     box = args if where == "arg" else kwargs
@@ -342,12 +350,9 @@ def run_cached(rec, args: list, kwargs: dict, where: str, s, image, cache):
         raise ValueError(f"loop {rec.key}: a multi-resolution loop cannot decode here: {why}")
     states = cache.__dict__.setdefault("spiral", {})
     names = block_parameters(rec.blocks[0])
-    steps = rec.steps()
     runs = [0] * len(rec.blocks)
-    out, index = None, 0
-    for i, ((position, factor), step) in enumerate(zip(spiral.spec.factors(len(steps)), steps)):
-        unit = Unit(list(step), list(range(index, index + len(step))), i)
-        index += len(step)
+    out = None
+    for i, position, factor, unit in _units(rec):
         if factor == 1:
             out, h, _ = _call_unit(rec, unit, h, args, where, s, kwargs, None, runs)
             continue

@@ -202,3 +202,50 @@ def test_a_side_producer_of_an_epilogue_is_not_computed_per_tile(rows):
     lib["main"](tvm.runtime.tensor(xs), tvm.runtime.tensor(ws), tvm.runtime.tensor(bs), res)
     want = (xs.astype(np.float32) @ ws.astype(np.float32).T + bs.astype(np.float32)).astype(np.float16)
     np.testing.assert_allclose(res.numpy().astype(np.float32), want.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_a_dataflow_failure_in_one_function_keeps_dataflow_in_the_others(monkeypatch):
+    """When the front passes fail on the dataflow form of one Relax function (TVM 0.27's FuseTIR
+    on some fused groups), only that function goes without dataflow: the others keep their
+    fused kernels (a whole-module fallback transposed every weight on every call)."""
+    import tvm
+    from tvm import relax
+    from tvm.script import relax as R
+
+    from loopify.backends.tvm import build
+
+    @tvm.script.ir_module
+    class Mod:
+        @R.function
+        def bad(x: R.Tensor((4, 4), "float32")) -> R.Tensor((4, 4), "float32"):
+            y = R.add(x, x)
+            return y
+
+        @R.function
+        def main(x: R.Tensor((4, 4), "float32")) -> R.Tensor((4, 4), "float32"):
+            y = R.multiply(x, x)
+            z = R.add(y, x)
+            return z
+
+    @tvm.transform.module_pass(opt_level=0, name="FailOnDataflowBad")
+    def fail_on_bad(mod, _ctx):
+        if any(isinstance(b, relax.DataflowBlock) for b in mod["bad"].body.blocks):
+            raise RuntimeError("Check failed: (VarRemapGet(source) == nullptr) is false")
+        return mod
+
+    seen = {}
+
+    @tvm.transform.module_pass(opt_level=0, name="Record")
+    def record(mod, _ctx):
+        seen.update({gv.name_hint: any(isinstance(b, relax.DataflowBlock) for b in f.body.blocks)
+                     for gv, f in mod.functions.items() if isinstance(f, relax.Function)})
+        return mod
+
+    real = build.front_passes
+    monkeypatch.setattr(build, "front_passes",
+                        lambda tgt, options, dataflow=True: ([relax.transform.ConvertToDataflow()] if dataflow else [])
+                        + [fail_on_bad, record])
+    tgt = tvm.target.Target({"kind": "llvm"})
+    _mod, skipped = build._front_skipping_dataflow(Mod, tgt, build.CompileOptions())
+    assert skipped == ["bad"] and seen == {"bad": False, "main": True}
+    assert real is not build.front_passes
