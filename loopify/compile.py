@@ -154,7 +154,7 @@ def _forward_source(model: Path, opts: dict, lora_form: str, qconfig, dtype: str
         from loopify.staging import stages_of
 
         module, captured, _manifest = load_converted(model, seq_len=opts.get("seq_len"), batch=opts.get("batch"))
-        refuse_routers(module, model, spiral_ok=True)
+        refuse_routers(module, model)
         extra = lora_manifest(module, lora_form)
         if dtype != "float32":
             module.to(getattr(torch, dtype))
@@ -215,21 +215,16 @@ def _plan(config, model, module=None, program=None):
     return plan
 
 
-def refuse_routers(module, model, spiral_ok: bool = False) -> None:
+def refuse_routers(module, model) -> None:
     """Routed loops (the route pass) run in PyTorch only: TVM compilation of per-token depth is
-    not built yet; nor is generation (a KV cache) of multi-resolution loops (the multi-resolution
-    pass), whose forward artifacts do compile (``spiral_ok``)."""
+    not built yet. (Multi-resolution loops compile; what their generation artifacts cannot
+    serve, :func:`loopify.generate.export.layout` refuses.)"""
     from loopify.nn import recursions
 
     routed = [p for p, r in recursions(module).items() if r.router is not None]
     if routed:
         raise LoopifyError(f"{model}: {routed[0]} has a Mixture-of-Recursions router; routed loops run in PyTorch "
                            "only for now (generate, eval, bench --backends eager), not in a TVM artifact")
-    spiral = [p for p, r in recursions(module).items() if r.spiral is not None]
-    if spiral and not spiral_ok:
-        raise LoopifyError(f"{model}: {spiral[0]} has a multi-resolution schedule; generation artifacts of such "
-                           "loops are not built yet (a forward artifact is: compile without --max-context; "
-                           "`loopify eval` and `bench --backends eager` run it in PyTorch)")
 
 
 def lora_manifest(module, lora_form: str) -> dict:
@@ -277,7 +272,7 @@ def _generation_source(model: Path):
         from loopify.convert import load_converted
 
         module, inputs, manifest = load_converted(model)
-        refuse_routers(module, model, spiral_ok=True)
+        refuse_routers(module, model)
         if manifest.get("architecture", {}).get("kind") != "hf":
             raise LoopifyError(f"{model}: generation needs a converted Hugging Face model (this one came from an "
                                "export archive, a fixed-shape graph without a KV cache)")

@@ -354,10 +354,15 @@ class GenerationArtifact:
         """The decode state of an artifact with multi-resolution loops before any token
         (``[Q, 1, 2, D]`` zeros: the open group's partial sum and the last group's update per
         coarse schedule position, :attr:`loopify.generate.export.Layout.spiral`); None without."""
-        coarse = self.gen["layout"].get("spiral") or []
-        if not coarse:
+        if not self.has_state:
             return None
+        coarse = self.gen["layout"]["spiral"]
         return np.zeros((len(coarse), 1, 2, int(self.gen["spiral_dim"])), np.dtype(self.gen.get("dtype", "float32")))
+
+    @property
+    def has_state(self) -> bool:
+        """Whether the entry points take and return a multi-resolution decode state."""
+        return bool(self.gen["layout"].get("spiral"))
 
     def step(self, entry: str, ids, mask, pos, k, v, loops, types=None, pixels=None, last: bool = False,
              state=None):
@@ -368,7 +373,7 @@ class GenerationArtifact:
         its LM head on that row alone). ``state``: the decode state of an artifact with
         multi-resolution loops (:meth:`empty_state` before the prompt); the new one is then
         returned fourth."""
-        if (state is None) != (self.empty_state() is None):
+        if (state is None) == self.has_state:
             raise ArtifactError(f"{self.path}: " + ("this artifact has multi-resolution loops: give their decode "
                                                     "state (empty_state() before a prompt)" if state is None else
                                                     "this artifact has no multi-resolution decode state"))

@@ -406,10 +406,11 @@ def _int_binary(relax_name: str, py_op):
     the multi-resolution pooling's ``position // factor``). Other cases go to TVM's converter."""
 
     def convert(node, importer):
+        from tvm import relax
+
         out = None if node.kwargs else _int_scalar(node, importer, relax_name)
         return out if out is not None else importer._binary_op(getattr(relax.op, relax_name), py_op)(node)
 
-    from tvm import relax
     return convert
 
 
@@ -417,7 +418,7 @@ def _int_clamp(node, importer):
     """``clamp(x, min, max)`` of an integer tensor with Python-int bounds, one of them None:
     ``maximum`` / ``minimum`` with constants in x's dtype. TVM's converter puts +-inf for the
     missing bound, which the build cannot cast to an integer ("Cannot convert infinity to
-    BigInt": the multi-resolution pooling's ``start.clamp(max=S - 1)``)."""
+    BigInt": the multi-resolution pooling's ``anchor.clamp(min=0)``)."""
     from tvm import relax
 
     x = importer.env.get(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
@@ -634,7 +635,7 @@ def _grid_sampler_2d(node, importer):
 
 def _reduce(name: str):
     """``aten.amin`` / ``aten.amax`` (dims, keepdim): TVM's importer has no converter for them
-    (the multi-resolution pooling takes each group's first token with ``amin``)."""
+    (the multi-resolution pooling takes each group's last real token with ``amax``)."""
     def convert(node, importer):
         from tvm import relax
 
@@ -685,9 +686,8 @@ def custom_convert_map() -> dict[str, Callable]:
 def _wrap_negative(x, indices, axis):
     """``indices + n`` where negative, ``n`` the gathered axis' size (TVM's ``take`` clips or
     reads out of bounds where torch counts from the end). Constant non-negative indices and
-    float inputs pass unchanged. A symbolic size is read off the shape at run time (before,
-    ``pos[-1]`` over a symbolic token count read index 0: a multi-resolution decode step's last
-    token)."""
+    float inputs pass unchanged. A symbolic size is added as its size variable (before, ``x[:, -1]``
+    over a symbolic token count read index 0)."""
     from tvm import relax
 
     try:

@@ -33,12 +33,9 @@ class TVMDecoder:
         self.state = None  # multi-resolution loops' decode state (None without)
 
     def _call(self, entry: str, ids, mask, pos, types=None, pixels=None, last: bool = True):
-        if self.state is None:
-            logits, self.k, self.v = self.art.step(entry, ids, mask, pos, self.k, self.v, self.loops, types, pixels,
-                                                   last)
-        else:
-            logits, self.k, self.v, self.state = self.art.step(entry, ids, mask, pos, self.k, self.v, self.loops,
-                                                               types, pixels, last, state=self.state)
+        logits, self.k, self.v, *state = self.art.step(entry, ids, mask, pos, self.k, self.v, self.loops, types,
+                                                        pixels, last, state=self.state)
+        self.state = state[0] if state else None
         return logits[:, -1] if last else logits
 
     def prefill(self, batch: dict, last: bool = True):

@@ -342,11 +342,11 @@ def _spiral_groups(rec, h, side, leaves, spec, tensor_at, where, s, cache, n):
         idx = sorted({cache.index_of(kv.slot(cache.lay.policy, d, 0).key) for d in group})
         ops = (h, *side, cache.past_k, cache.past_v)
         ctx = (rec, group, idx, [], leaves, spec, tensor_at, where, s, cache)
+        runs = n > len(sched) - 1 - j
         if sched[j] == 1:
-            out = torch.cond(n > len(sched) - 1 - j, _Run(ctx), _Skip(len(side), len(idx)), ops)
+            out = torch.cond(runs, _Run(ctx), _Skip(len(side), len(idx)), ops)
         else:
             q, r = cache.lay.spiral.index((rec.key, j, sched[j])), sched[j]
-            runs = n > len(sched) - 1 - j
             # a call in which no group ends (most decoded tokens) needs no block: only the
             # previous group's update and the open group's sum (a second, cheap branch)
             # ((P + T) // r > P // r, from the sizes: a reduction over the positions here made TVM
@@ -539,12 +539,12 @@ class _CoarseRun(_Run):
         the model's mask form (bool, or additive in ``dtype``)."""
         keys = torch.arange(pos.shape[0] + p, device=pos.device)
         ok = (((keys + 1) % r == 0).view(1, -1) & (keys.view(1, -1) <= pos.view(-1, 1))) | (keys.view(1, -1) == pos.view(-1, 1))
-        model_mask = next((x for x in side if isinstance(x, torch.Tensor) and x.dim() == 4), None)
-        if model_mask is not None and model_mask.dtype == torch.bool:
-            return ok.view(1, 1, *ok.shape)
-        from loopify.nn.routing import _additive
+        from loopify.nn.spiral import _form
 
-        return _additive(ok.unsqueeze(0), model_mask.dtype if model_mask is not None else dtype)
+        model_mask = next((x for x in side if isinstance(x, torch.Tensor) and x.dim() == 4), None)
+        if model_mask is None:
+            return _form(ok.unsqueeze(0), dtype, additive=True)
+        return _form(ok.unsqueeze(0), model_mask.dtype, additive=model_mask.dtype != torch.bool)
 
 
 class _CoarseOpen:

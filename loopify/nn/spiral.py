@@ -47,10 +47,10 @@ program saves the compute too. With image positions the group count depends on w
 image is; an exported program (torch.export) then runs each coarse step over S group slots
 (the unused ones empty and masked), which computes the same outputs at full-resolution cost.
 A compiled artifact runs each schedule position as its own stage (:mod:`loopify.staging`: a
-body per position, of its own static shapes, chosen by the run-time count). Not supported yet
-(refused in one line): generation artifacts (the decode state above as artifact inputs and
-outputs), and decoding a batch of several rows, image positions or the KV policies that share
-slots between recursions.
+body per position, of its own static shapes, chosen by the run-time count); a generation
+artifact carries the decode state above as an input and an output of its entry points
+(:mod:`loopify.generate.export`). Not supported yet (refused in one line): decoding a batch of
+several rows, image positions or the KV policies that share slots between recursions.
 """
 
 from __future__ import annotations
@@ -199,6 +199,7 @@ class Pooling:
 
 
 def _form(allowed: torch.Tensor, dtype, additive: bool) -> torch.Tensor:
+    """[B, q, k] allowed -> a [B, 1, q, k] attention mask: bool, or additive in ``dtype``."""
     if not additive:
         return allowed.unsqueeze(1)
     from loopify.nn.routing import _additive
@@ -220,16 +221,20 @@ def _coarse_args(values, names: list[str], pooling: Pooling, causal: bool, dtype
     seq = pooling.seq
 
     def one(k, v):
-        if k == skip:
-            return v
         is_mask = isinstance(v, torch.Tensor) and v.dim() == 4 and tuple(v.shape[-2:]) == (seq, seq)
         if is_mask or (k == "attention_mask" and v is None):
             return pooling.mask(v, causal, dtype)
         return _gather_tokens(v, pooling.anchor, pooling.batch, seq)
 
+    return _each_arg(values, names, skip, one)
+
+
+def _each_arg(values, names: list[str], skip, one):
+    """``one(name, value)`` of every call argument but the hidden state's (``skip``: its
+    keyword, or its index among positional arguments), which passes as it is. Positional
+    arguments are named by the block's parameter names (BERT passes its mask second)."""
     if isinstance(values, dict):
-        return {k: one(k, v) for k, v in values.items()}
-    # positional arguments: by the block's parameter name (BERT passes its mask second), the state by index
+        return {k: v if k == skip else one(k, v) for k, v in values.items()}
     return [v if i == skip else one(names[i] if i < len(names) else i, v) for i, v in enumerate(values)]
 
 
@@ -403,7 +408,7 @@ def _cached_args(args, kwargs, names, ends, seq, g0, n, dtype, skip_arg, skip_kw
     sequence tensors gathered there, the attention mask over the coarse slot's ``g0`` cached
     groups and the new ones (causal over groups, in the model's mask form), ``cache_position``
     the groups' indices."""
-    from loopify.nn.routing import _additive, _gather_tokens
+    from loopify.nn.routing import _gather_tokens
 
     idx = ends.view(1, -1)
     allowed = torch.arange(g0 + n, device=ends.device).view(1, -1) <= (g0 + torch.arange(n, device=ends.device)).view(-1, 1)
@@ -413,14 +418,11 @@ def _cached_args(args, kwargs, names, ends, seq, g0, n, dtype, skip_arg, skip_kw
             return torch.arange(g0, g0 + n, device=ends.device)
         is_mask = k == "attention_mask" or (isinstance(v, torch.Tensor) and v.dim() == 4 and v.shape[-2] == seq)
         if is_mask:
-            if isinstance(v, torch.Tensor) and v.dtype == torch.bool:
-                return allowed.view(1, 1, n, g0 + n)
-            return _additive(allowed.unsqueeze(0), v.dtype if isinstance(v, torch.Tensor) else dtype)
+            given = isinstance(v, torch.Tensor)
+            return _form(allowed.unsqueeze(0), v.dtype if given else dtype, additive=not given or v.dtype != torch.bool)
         return _gather_tokens(v, idx, 1, seq)
 
-    c_kwargs = {k: (v if k == skip_kw else one(k, v)) for k, v in kwargs.items()}
-    c_args = [v if i == skip_arg else one(names[i] if i < len(names) else i, v) for i, v in enumerate(args)]
-    return c_args, c_kwargs
+    return _each_arg(args, names, skip_arg, one), _each_arg(kwargs, names, skip_kw, one)
 
 
 def spirals(module: nn.Module) -> dict[str, Spiral]:
