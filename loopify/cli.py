@@ -373,13 +373,15 @@ def _loops_option(value):
 @click.option("--embedding-weights", type=click.Choice(["int8", "int4", "int4asym"]), default=None,
               help="With --weights: the embeddings and a tied head in this scheme instead (a mixed scheme, "
                    "e.g. --weights int4asym --embedding-weights int8); implies --quantize-embeddings.")
+@click.option("--lora-weights", type=click.Choice(["float32", "int8"]), default="float32", show_default=True,
+              help="With --weights: the per-depth LoRA (merged matrices and factors) as int8 per output row.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Weights, activations and KV cache in float16 (float32 accumulation in the matmuls): for CUDA "
                    "and arm64 CPUs with half arithmetic. A converted model or a generation artifact.")
 @capture_options
 def compile_cmd(model, out, target, arch, mcpu, tune, trials, tuning_db, rpc, schedule, no_validate, max_context,
-                kv_policy, lora_form, weights, quantize_embeddings, embedding_weights, dtype, inputs, trust_pickle,
-                allow_export_mismatch, seq_len, batch):
+                kv_policy, lora_form, weights, quantize_embeddings, embedding_weights, lora_weights, dtype, inputs,
+                trust_pickle, allow_export_mismatch, seq_len, batch):
     """Compile MODEL (any model `convert` takes, or its OUT.pt2) with TVM into an artifact directory:
     lib.so, params.safetensors (shared weights once), manifest.json. A converted model compiles into
     a prologue, a loop body per loop and an epilogue; the loop count is a run-time argument."""
@@ -387,7 +389,8 @@ def compile_cmd(model, out, target, arch, mcpu, tune, trials, tuning_db, rpc, sc
 
     gen = f" generation: max_context={max_context} kv_policy={kv_policy}" if max_context else ""
     emb = f" embeddings={embedding_weights}" if embedding_weights else (" +embeddings" if quantize_embeddings else "")
-    quant = f" weights={weights}{emb}" if weights != "float32" else ""
+    quant = (f" weights={weights}{emb}" + (f" lora={lora_weights}" if lora_weights != "float32" else "")
+             if weights != "float32" else "")
     click.echo(f"compile {model} -> {out}: target={target} arch={arch or '-'} mcpu={mcpu or '-'} schedule={schedule} "
                f"tune={tune} trials={trials if tune else '-'} tuning_db={tuning_db or '-'} rpc={rpc or '-'}{gen}{quant}"
                f"{' dtype=' + dtype if dtype != 'float32' else ''}",
@@ -396,7 +399,7 @@ def compile_cmd(model, out, target, arch, mcpu, tune, trials, tuning_db, rpc, sc
                         tuning_db=str(tuning_db) if tuning_db else None, rpc=rpc, schedule=schedule,
                         validate=not no_validate, max_context=max_context, kv_policy=kv_policy, lora_form=lora_form,
                         weights=weights, quantize_embeddings=quantize_embeddings,
-                        embedding_weights=embedding_weights, dtype=dtype,
+                        embedding_weights=embedding_weights, dtype=dtype, lora_weights=lora_weights,
                         capture_options=dict(inputs=inputs, trust_pickle=trust_pickle,
                                              allow_export_mismatch=allow_export_mismatch, seq_len=seq_len, batch=batch))
     m = res.manifest
@@ -785,8 +788,10 @@ def plan_cmd(model, budget, data, tokens, metric, tokenizer, threads, json_out, 
 @click.option("--quantize-embeddings", is_flag=True, help="With --weights: the embeddings and a tied head too.")
 @click.option("--embedding-weights", type=click.Choice(["int8", "int4", "int4asym"]), default=None,
               help="With --weights: the embeddings and a tied head in this scheme (as `compile --embedding-weights`).")
+@click.option("--lora-weights", type=click.Choice(["float32", "int8"]), default="float32", show_default=True,
+              help="With --weights: the per-depth LoRA as int8 (as `compile --lora-weights`).")
 def eval_cmd(model, data, loops, reference, tokenizer, seq_len, limit, threads, json_out, weights,
-             quantize_embeddings, embedding_weights):
+             quantize_embeddings, embedding_weights, lora_weights):
     """Fidelity of MODEL (an original, a converted .pt2 or a generation artifact) on the texts of
     --data, at every loop count, against the original: perplexity and next-token agreement (top-1,
     top-5 overlap, KL) for causal LMs and VLMs; sentence-embedding cosine and the Spearman
@@ -802,7 +807,8 @@ def eval_cmd(model, data, loops, reference, tokenizer, seq_len, limit, threads, 
                err=True)
     rep = evaluate(model, data, loops=list(loops) or None, reference=reference, tokenizer_choice=tokenizer,
                    seq_len=seq_len, limit=limit, progress=sys.stderr.isatty(), weights=weights,
-                   quantize_embeddings=quantize_embeddings, embedding_weights=embedding_weights)
+                   quantize_embeddings=quantize_embeddings, embedding_weights=embedding_weights,
+                   lora_weights=lora_weights)
     click.echo(format_report(rep))
     _write(json_out, lambda p: write_json(p, rep))
 

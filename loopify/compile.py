@@ -62,7 +62,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
                   capture_options: dict | None = None, max_context: int | None = None,
                   kv_policy: str = "per-depth", lora_form: str = "auto", weights: str = "float32",
                   quantize_embeddings: bool = False, embedding_weights: str | None = None,
-                  dtype: str = "float32") -> CompiledModel:
+                  dtype: str = "float32", lora_weights: str = "float32") -> CompiledModel:
     """Compile ``model`` for ``target`` into the artifact directory ``out`` (written atomically).
 
     ``max_context``: compile for generation instead (``prefill`` / ``decode`` entry points with a
@@ -78,6 +78,9 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
     ``embedding_weights`` (a mixed scheme: e.g. int4asym matrices, an int8 table). The
     artifact is validated against the PyTorch model with the same dequantised weights.
 
+    ``lora_weights``: ``int8`` also quantises the per-depth LoRA (merged matrices and factors,
+    per output row; :func:`loopify.nn.quant.quantize_lora_`); needs ``weights``.
+
     ``dtype``: ``float16`` converts the weights, activations and KV cache to half precision
     (float16 kernels with float32 accumulation in the matmuls; for CUDA, and arm64 CPUs with
     half arithmetic); validated against the same model in float16 PyTorch
@@ -89,13 +92,13 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
     from loopify.io import check_output
 
     check_output(out, directory=True, what="artifact")  # before the work, not after it
-    qconfig = quant_config(weights, quantize_embeddings, target, embedding_weights)
+    qconfig = quant_config(weights, quantize_embeddings, target, embedding_weights, lora_weights)
     if dtype not in DTYPES:
         raise LoopifyError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if max_context is not None:
         return compile_generation(model, out, target=target, arch=arch, mcpu=mcpu, schedule=schedule,
                                   validate=validate, max_context=max_context, kv_policy=kv_policy,
-                                  quant=qconfig, dtype=dtype)
+                                  quant=qconfig, dtype=dtype, lora_form=lora_form)
     from loopify.backends import tvm as tvm_backend
     from loopify.backends.tvm.build import CompileOptions
     from loopify.backends.tvm.targets import target_for
@@ -182,19 +185,22 @@ def _forward_source(model: Path, opts: dict, lora_form: str, qconfig, dtype: str
         captured, {}, qplan
 
 
-def quant_config(weights: str, embeddings: bool, target: str, embedding_weights: str | None = None):
+def quant_config(weights: str, embeddings: bool, target: str, embedding_weights: str | None = None,
+                 lora_weights: str | None = None):
     """The :class:`loopify.nn.quant.QuantConfig` of ``--weights`` (None for float32): float16
     scales on CUDA, float32 on CPUs. Bad values are one line."""
     from loopify.nn.quant import QuantConfig
 
+    lora = None if lora_weights in (None, "float32") else lora_weights
     if weights in (None, "float32"):
-        if embeddings or embedding_weights:
-            flag = "--embedding-weights" if embedding_weights else "--quantize-embeddings"
+        if embeddings or embedding_weights or lora:
+            flag = ("--lora-weights" if lora else "--embedding-weights" if embedding_weights
+                    else "--quantize-embeddings")
             raise LoopifyError(f"{flag} needs --weights int8, int4 or int4asym")
         return None
     try:
         return QuantConfig(weights, embeddings=embeddings, scale_dtype="float16" if target == "cuda" else "float32",
-                           embedding_weights=embedding_weights)
+                           embedding_weights=embedding_weights, lora=lora)
     except ValueError as e:
         raise LoopifyError(str(e)) from None
 
@@ -206,7 +212,12 @@ def _plan(config, model, module=None, program=None):
         return None
     from loopify.nn import quant
 
-    plan = quant.plan_module(module, config) if module is not None else quant.plan_program(program, config)
+    if program is not None and config.lora:
+        raise LoopifyError(f"{model}: --lora-weights int8: the model has no per-depth LoRA (convert with --rank R)")
+    try:
+        plan = quant.plan_module(module, config) if module is not None else quant.plan_program(program, config)
+    except ValueError as e:
+        raise LoopifyError(f"{model}: {e}") from None
     if not plan.registry:
         why = "; ".join(f"{n}: {r}" for n, r in list(plan.skipped.items())[:3])
         raise LoopifyError(f"{model}: --weights {config.weights}: no weight to quantise "
@@ -290,11 +301,13 @@ def _generation_source(model: Path):
 def compile_generation(model: str | Path, out: str | Path, *, target: str = "x86", arch: str | None = None,
                        mcpu: str | None = None, schedule: str = "loopify", validate: bool = True,
                        max_context: int = 512, kv_policy: str = "per-depth", quant=None,
-                       dtype: str = "float32") -> CompiledModel:
+                       dtype: str = "float32", lora_form: str = "auto") -> CompiledModel:
     """Compile a causal LM (original or converted) for generation: ``prefill`` and ``decode``
     entry points over one set of weights, every prompt length up to ``max_context``, the loop
     count a run-time input. Validated on the host: prefill logits and a few greedy decode steps
-    against the eager model with the same KV policy."""
+    against the eager model with the same KV policy. ``lora_form``: each relaxed matrix merged
+    per depth or factored (``auto``: :func:`loopify.generate.export.lora_form_of`), recorded in
+    the manifest's ``lora``."""
     from loopify.backends.tvm.build import CompileOptions
     from loopify.backends.tvm.generation import compile_generation as build
     from loopify.backends.tvm.targets import target_for
@@ -315,9 +328,14 @@ def compile_generation(model: str | Path, out: str | Path, *, target: str = "x86
     if dtype != "float32":
         wrapper.to(getattr(torch, dtype))
         inputs = {k: _floats_to(v, dtype) for k, v in inputs.items()}
+    from loopify.generate.export import deploy
+    try:
+        deploy(wrapper, lora_form)  # before quantising: merged matrices are weights like any other
+    except ValueError as e:
+        raise LoopifyError(str(e)) from None
     qplan = _plan(quant, model, module=wrapper)
     try:
-        exported = export_step(wrapper, inputs, kv_policy, max_context, source.get("image_token_id"))
+        exported = export_step(wrapper, inputs, kv_policy, max_context, source.get("image_token_id"), lora_form)
     except NotImplementedError as e:
         raise LoopifyError(f"{model}: {e}") from None
     with atomic_path(out, directory=True) as tmp:

@@ -215,6 +215,8 @@ def compile_generation(exported, target="x86", out=None, *, options=None, assets
                                + (["spiral_state"] if exported.layout.spiral else []),
                                "outputs": ["logits", "new_k", "new_v"] + (["spiral_state"] if exported.layout.spiral else []),
                                **({"spiral_dim": exported.spiral_dim} if exported.layout.spiral else {})}}
+    if exported.lora:
+        manifest["lora"] = exported.lora
     if qinfo is not None:
         manifest["quantization"] = qinfo
     if out is None:

@@ -68,16 +68,20 @@ class Subject:
 
 
 def open_subject(path: str | Path, weights: str | None = None, *, quantize_embeddings: bool = False,
-                 embedding_weights: str | None = None) -> Subject:
+                 embedding_weights: str | None = None, lora_weights: str = "float32") -> Subject:
     """A :class:`Subject` for an original, a converted ``.pt2`` or a generation artifact.
 
     ``weights``: ``int8`` / ``int4``: an original or converted model with its weights
     fake-quantised (:func:`loopify.nn.quant.quantize_module_`): exactly what a ``compile
     --weights`` artifact computes (validated against it to 1e-4); ``quantize_embeddings`` /
-    ``embedding_weights``: the embeddings and a tied head too, as ``compile`` does."""
+    ``embedding_weights``: the embeddings and a tied head too, as ``compile`` does;
+    ``lora_weights`` ``int8``: the per-depth LoRA too, in the forms ``compile`` gives it
+    (:func:`loopify.nn.deploy_lora`, ``auto``: a causal LM's as its generation artifact's)."""
     path = Path(path)
-    if (quantize_embeddings or embedding_weights) and not weights:
-        flag = "--embedding-weights" if embedding_weights else "--quantize-embeddings"
+    lora = lora_weights == "int8"
+    if (quantize_embeddings or embedding_weights or lora) and not weights:
+        flag = ("--lora-weights" if lora else "--embedding-weights" if embedding_weights
+                else "--quantize-embeddings")
         raise EvalError(f"{flag} needs --weights int8, int4 or int4asym")
     if not path.exists():
         raise EvalError(f"{path}: no such file or directory")
@@ -92,8 +96,14 @@ def open_subject(path: str | Path, weights: str | None = None, *, quantize_embed
         from loopify.nn import quant
 
         try:
+            if lora:
+                from loopify.nn import deploy_lora
+
+                causal = subject.task == "causal"  # as a generation artifact deploys it
+                deploy_lora(subject.module, "auto", rule="decode" if causal else "forward", linear_only=causal)
             plan = quant.plan_module(subject.module, quant.QuantConfig(
-                weights, embeddings=quantize_embeddings, embedding_weights=embedding_weights))
+                weights, embeddings=quantize_embeddings, embedding_weights=embedding_weights,
+                lora="int8" if lora else None))
         except ValueError as e:
             raise EvalError(str(e)) from None
         if not plan.registry:

@@ -50,15 +50,16 @@ def read_texts(path: str | Path) -> list[str]:
 def evaluate(model: str | Path, data: str | Path, *, loops: list[int] | None = None, reference: str | Path | None = None,
              tokenizer_choice: str = "auto", seq_len: int | None = None, limit: int | None = None,
              progress: bool = False, weights: str | None = None, quantize_embeddings: bool = False,
-             embedding_weights: str | None = None) -> dict:
+             embedding_weights: str | None = None, lora_weights: str = "float32") -> dict:
     """Fidelity of ``model`` on ``data`` at each loop count (default: every count), against
     ``reference`` (default: the original the model records as its source; none for an original,
     whose own perplexity is then reported alone). ``weights``: measure the model with its
     weights fake-quantised (``int8`` / ``int4``, see :func:`open_subject`); an original is then
     compared with itself in float32. ``quantize_embeddings`` / ``embedding_weights``: the
-    embeddings and a tied head too (``compile``'s options of the same names)."""
+    embeddings and a tied head too; ``lora_weights`` ``int8``: the per-depth LoRA too
+    (``compile``'s options of the same names)."""
     subject = open_subject(model, weights=weights, quantize_embeddings=quantize_embeddings,
-                           embedding_weights=embedding_weights)
+                           embedding_weights=embedding_weights, lora_weights=lora_weights)
     counts = subject.counts(loops)
     texts = read_texts(data)
     if seq_len is not None and subject.max_len is not None and seq_len > subject.max_len:
@@ -71,6 +72,7 @@ def evaluate(model: str | Path, data: str | Path, *, loops: list[int] | None = N
     if weights:
         emb = (f" --embedding-weights {embedding_weights}" if embedding_weights
                else " --quantize-embeddings" if quantize_embeddings else "")
+        emb += " --lora-weights int8" if lora_weights == "int8" else ""
         notes.append(f"weights {weights}: fake-quantised in PyTorch, what a `compile --weights {weights}{emb}` artifact "
                      "computes (validated against it to 1e-4)")
     if why:

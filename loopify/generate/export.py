@@ -18,14 +18,14 @@ slots belong to depths that did not run).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.utils._pytree as pytree
 from transformers.cache_utils import Cache
 
 from loopify.nn import kv, lora
-from loopify.nn.recursion import _CURRENT, Depth, Recursion, _capture_begin, recursions, unkey
+from loopify.nn.recursion import _CURRENT, Depth, Recursion, _capture_begin, _slot, recursions, unkey
 
 
 @dataclass(frozen=True)
@@ -574,27 +574,90 @@ class _CoarseSkip(_Skip):
 
 
 def _overrides(rec: Recursion, d: Depth) -> dict:
-    """A depth's parameter overrides inside an unrolled step: its own vectors (slices), its
-    premerged matrices where the step holds them, else the merge ``W + s * B @ A`` in the graph
-    (cheap at low rank; at full rank a rank-576 product per matrix and depth made decoding take
-    seconds per token, hence the premerge)."""
-    names = dict(rec.blocks[d.block].named_parameters())
-    store, keys = rec.__dict__.get("_premerged", (None, {}))
-    merged = {name: store[key] for name, key in keys.get(d.depth, {}).items()}  # looked up now: see premerge
+    """A depth's parameter overrides inside an unrolled step, under the loop's deployed LoRA
+    (:func:`deploy`): its own vectors (slices), its merged matrices (``premerged``, parameters of
+    the loop), and for each factored matrix the depth's factors in the placeholders of its
+    :class:`_FactoredLinear` (``x @ W.T + s * (x @ A.T) @ B.T``: an override, not the
+    torch-function mode of forward artifacts, which a ``cond`` branch may not enter). Before
+    2026-12-07 a low-rank matrix was merged in the graph, ``W + s * B @ A`` per matrix, depth and
+    token: a rank-r product over the whole matrix, r times the work of its decode GEMV."""
     over = {unkey(k): st[d.depth] for k, st in rec.depth_params.items()}
+    # slot names looked up, not formatted: inside a branch the depth may be symbolic
+    for name, slot in rec.__dict__.get("_merged_at", {}).get(d.depth, {}).items():
+        over[name] = rec.premerged[slot]
     for key in rec.lora_A.keys():
-        name = unkey(key)
-        over[name] = merged[name] if name in merged else lora.merged(
-            names[name], rec.lora_A[key][d.depth], rec.lora_B[key][d.depth], rec.lora_scales.get(name, 1.0))
+        if rec.lora_forms.get(unkey(key)) == "factored":
+            owner = unkey(key).rpartition(".")[0]
+            pick = lambda stacked: stacked[d.depth]  # noqa: E731
+            over[f"{owner}.lora_A"], over[f"{owner}.lora_B"] = rec.factor(key, "A", pick), rec.factor(key, "B", pick)
     return over
 
 
-def _worth_premerging(weight: torch.Tensor, A: torch.Tensor) -> bool:
-    """Premerge when the factors are at least half the matrix's size: the artifact then grows by
-    at most twice the factors, and no rank-r product runs per token; below that the factors stay
-    (an adapter at rank 8 keeps the artifact small, and its merge costs ~r/in of a matmul)."""
-    r, (out_f, in_f) = A.shape[-2], weight.shape
-    return r * (in_f + out_f) * 2 >= in_f * out_f
+def deploy(wrapper, policy: str = "auto") -> dict:
+    """Fix how each relaxed matrix of ``wrapper``'s loops runs in the steps (unless it already is):
+    :func:`loopify.nn.deploy_lora` with the ``decode`` rule (merged only when the factors are at
+    least half the matrix), factored only through ``nn.Linear`` layers. Returns the manifest's
+    ``lora`` ({} without LoRA): ``{"policy", "rule", "loops": {loop: {matrix: {"form", "rank",
+    "shape", "overhead"}}}}``."""
+    from loopify.nn import deploy_lora
+
+    loops = {p: r for p, r in recursions(wrapper).items() if r.lora_A}
+    if not loops:
+        return {}
+    if not all(r.lora_forms for r in loops.values()):
+        deploy_lora(wrapper, policy, rule="decode", linear_only=True)
+    report = {}
+    for path, rec in loops.items():
+        rec.__dict__["_merged_at"] = {depth: {unkey(k): _slot(depth, k) for k in rec.lora_A.keys()
+                                              if rec.lora_forms[unkey(k)] == "merged"}
+                                      for depth in range(rec.spec.layers)}
+        for key, A in rec.lora_A.items():
+            name = unkey(key)
+            shape, rank = (int(rec.lora_B[key].shape[1]), int(A.shape[2])), int(A.shape[1])
+            report.setdefault(path, {})[name] = {"form": rec.lora_forms[name], "rank": rank, "shape": list(shape),
+                                                 "overhead": round(lora.factored_overhead(shape, rank), 4)}
+    return {"policy": policy, "rule": "decode", "loops": report}
+
+
+class _FactoredLinear(torch.nn.Module):
+    """An ``nn.Linear`` of a shared block with a factored per-depth LoRA, while a step is
+    exported: the block's own weight and bias (the same parameters), and placeholders for the
+    depth's factors that every call overrides (:func:`_overrides`)."""
+
+    def __init__(self, linear: torch.nn.Linear, rank: int, scale: float):
+        super().__init__()
+        self.weight, self.bias, self.scale = linear.weight, linear.bias, float(scale)
+        w = linear.weight
+        self.register_buffer("lora_A", w.new_zeros(rank, w.shape[1]), persistent=False)
+        self.register_buffer("lora_B", w.new_zeros(w.shape[0], rank), persistent=False)
+
+    def forward(self, x):
+        F = torch.nn.functional
+        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+
+@contextlib.contextmanager
+def _factored_linears(wrapper):
+    """Swap every factored matrix's ``nn.Linear`` for a :class:`_FactoredLinear` in each block of
+    its loop while the steps are exported."""
+    swapped = []
+    try:
+        for rec in recursions(wrapper).values():
+            for key, A in rec.lora_A.items():
+                name = unkey(key)
+                if rec.lora_forms.get(name) != "factored":
+                    continue
+                owner = name.rpartition(".")[0]
+                parent_path, _, attr = owner.rpartition(".")
+                for block in rec.blocks:
+                    parent = block.get_submodule(parent_path) if parent_path else block
+                    lin = getattr(parent, attr)
+                    setattr(parent, attr, _FactoredLinear(lin, int(A.shape[1]), rec.lora_scales.get(name, 1.0)))
+                    swapped.append((parent, attr, lin))
+        yield
+    finally:
+        for parent, attr, lin in reversed(swapped):
+            setattr(parent, attr, lin)
 
 
 class Step(torch.nn.Module):
@@ -605,32 +668,6 @@ class Step(torch.nn.Module):
         self.wrapper = wrapper
         self.lay = lay
         self.keys = [r.key for r in recursions(wrapper).values()]  # one count per loop, KV or not
-        self.merged = torch.nn.ParameterDict()
-        self.premerge()
-
-    def premerge(self) -> None:
-        """High-rank LoRA'd depths' merged matrices as parameters of the step (stored in the
-        artifact as per-depth full matrices: the original's size at full rank)."""
-        for i, rec in enumerate(recursions(self.wrapper).values()):
-            rec.__dict__["_premerged"] = (self.merged, {})  # this step's (a loop can be exported twice)
-            if not rec.lora_A:
-                continue
-            for depth in range(rec.spec.layers):
-                b = rec.block_for_depth(depth)
-                names = dict(rec.blocks[b].named_parameters())
-                keys = [k for k in rec.lora_A.keys() if _worth_premerging(names[unkey(k)], rec.lora_A[k])]
-                with torch.no_grad():
-                    merged = {unkey(k): lora.merged(names[unkey(k)], rec.lora_A[k][depth], rec.lora_B[k][depth],
-                                                    rec.lora_scales.get(unkey(k), 1.0)) for k in keys}
-                entry = {}
-                for name, w in merged.items():
-                    key = f"loop{i}_depth{depth}_{name.replace('.', '_')}"
-                    self.merged[key] = torch.nn.Parameter(w, requires_grad=False)
-                    entry[name] = key
-                # a plain attribute (not a submodule): the step owns the parameters, the loop
-                # finds them by key in the step's dict at trace time (export swaps parameters
-                # by attribute: a reference kept to the tensor would be baked in as a constant)
-                rec.__dict__["_premerged"][1][depth] = entry
 
     @property
     def head(self):
@@ -712,6 +749,7 @@ class Exported:
     pixel_shape: list | None = None
     dtype: str = "float32"                         # of the weights, activations and KV cache
     spiral_dim: int = 0                            # width of the multi-resolution decode state
+    lora: dict = field(default_factory=dict)  # each relaxed matrix's form (:func:`deploy`)
 
 
 def float_dtype(module) -> torch.dtype:
@@ -732,7 +770,8 @@ def kv_shape(wrapper, inputs: dict, lay: Layout, image_token_id=None) -> tuple[i
     return int(k.shape[1]), int(k.shape[3])
 
 
-def export_step(wrapper, inputs: dict, policy: str, max_context: int, image_token_id: int | None = None) -> Exported:
+def export_step(wrapper, inputs: dict, policy: str, max_context: int, image_token_id: int | None = None,
+                lora_form: str = "auto") -> Exported:
     """torch.export of the decode step (see :class:`Step`) with symbolic token count T in
     [1, max_context] and past length P in [0, max_context - 1] (one program serves prefill and
     decode: the compiler binds T = 1 or P = 0 to specialise), batch 1. A vision-language model
@@ -747,6 +786,7 @@ def export_step(wrapper, inputs: dict, policy: str, max_context: int, image_toke
     outside, cached = kv_users(wrapper, inputs, image_token_id)
     lay = layout(wrapper, policy, outside, cached)
     heads, hd = kv_shape(wrapper, inputs, lay, image_token_id)
+    lora_info = deploy(wrapper, lora_form)
     step = Step(wrapper, lay).eval()
     loops = [{"key": r.key, "min": 0 if r.deepen else 1, "max": r.spec.max_loops, "default": r.loops}
              for r in recursions(wrapper).values()]
@@ -772,14 +812,16 @@ def export_step(wrapper, inputs: dict, policy: str, max_context: int, image_toke
                                       "generation yet (groups that stop at the image's boundary)")
         kw["spiral_state"] = torch.zeros(len(lay.spiral), 1, 2, spiral_dim(wrapper), dtype=dt)
         ds["spiral_state"] = None
-    with torch.no_grad():
+    with torch.no_grad(), _factored_linears(wrapper):
         ep = torch.export.export(step, example, kw, dynamic_shapes=ds, strict=False)
         logits = step(*example, **kw)[0]
     out = Exported(ep, lay, heads, hd, int(logits.shape[-1]), loops, max_context, example + tuple(kw.values()),
                    token_types, logit_rows="logit_rows" in kw, dtype=str(dt).replace("torch.", ""),
-                   spiral_dim=spiral_dim(wrapper) if lay.spiral else 0)
+                   spiral_dim=spiral_dim(wrapper) if lay.spiral else 0,
+                   lora=lora_info)
     if "pixel_values" in inputs:
-        _export_image_step(out, step, inputs, image_token_id, counts)
+        with _factored_linears(wrapper):
+            _export_image_step(out, step, inputs, image_token_id, counts)
     return out
 
 

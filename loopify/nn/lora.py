@@ -88,12 +88,24 @@ def factored_overhead(shape, rank: int) -> float:
     return rank * (in_f + out_f) / (in_f * out_f)
 
 
-def choose_form(shape, rank: int, policy: str = "auto") -> str:
+#: ``auto``'s rule per use: ``forward`` (forward artifacts, bench) factors a matrix while the
+#: factors add at most :data:`FACTORED_MAX_OVERHEAD` of its work; ``decode`` (generation
+#: artifacts) merges only when the factors are at least half the matrix's size, so the artifact
+#: grows by at most twice the factors. A decode step reads every weight once per token, so a
+#: merged matrix per depth costs its full bytes where the factors cost ``r * (in + out)``; the
+#: factored form costs that same fraction in time (``factored_overhead``).
+RULES = ("forward", "decode")
+
+
+def choose_form(shape, rank: int, policy: str = "auto", rule: str = "forward") -> str:
     """``"merged"`` or ``"factored"`` for one matrix of ``shape`` ([out, in]) at LoRA ``rank``."""
     if policy not in FORMS:
         raise ValueError(f"LoRA form must be one of {', '.join(FORMS)}, got {policy!r}")
     if policy != "auto":
         return policy
+    if rule == "decode":
+        out_f, in_f = int(shape[0]), int(shape[1])
+        return "merged" if rank * (in_f + out_f) * 2 >= in_f * out_f else "factored"
     return "factored" if factored_overhead(shape, rank) <= FACTORED_MAX_OVERHEAD else "merged"
 
 

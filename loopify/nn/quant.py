@@ -51,12 +51,14 @@ class QuantConfig:
         scale_dtype: ``float32``, or ``float16`` (CUDA).
         embedding_weights: the embeddings' own scheme (a *mixed* scheme, e.g. int4asym matrices
             and an int8 table); implies ``embeddings``. Default: the same as ``weights``.
+        lora: ``int8``: the per-depth LoRA too (:func:`quantize_lora_`); None: it stays float.
     """
 
     weights: str
     embeddings: bool = False
     scale_dtype: str = "float32"
     embedding_weights: str | None = None
+    lora: str | None = None
 
     def __post_init__(self):
         if self.weights not in SCHEMES:
@@ -65,6 +67,8 @@ class QuantConfig:
             if self.embedding_weights not in SCHEMES:
                 raise ValueError(f"--embedding-weights must be one of {', '.join(SCHEMES)}, got {self.embedding_weights!r}")
             object.__setattr__(self, "embeddings", True)
+        if self.lora not in (None, "int8"):
+            raise ValueError(f"--lora-weights must be float32 or int8, got {self.lora!r}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"quantisation scale dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
 
@@ -85,7 +89,7 @@ class QuantConfig:
         used = {self.weights} | ({self.embedding_scheme} if self.embeddings else set())
         return {"weights": self.weights, "group_size": self.group, "scale_dtype": self.scale_dtype,
                 "symmetric": self.weights != "int4asym", "embeddings": self.embeddings,
-                "embedding_weights": self.embedding_scheme,
+                "embedding_weights": self.embedding_scheme, "lora_weights": self.lora or "float32",
                 "int4_packing": "low nibble = element j, high nibble = element j+16 of each group of 32"
                 if used & set(INT4) else None,
                 **({"int4_value": "code * scale + min (scale [N, K/32, 2] = (scale, min))"}
@@ -101,7 +105,7 @@ class Quantized:
     scale: torch.Tensor   # [N] or [N, K/32]
     shape: tuple
     names: list = field(default_factory=list)  # every module name of this tensor (ties)
-    role: str = "linear"  # "linear" or "embedding"
+    role: str = "linear"  # "linear", "embedding" or "lora-merged" (a depth's merged W + s B @ A)
     dtype: str = "float32"  # of the dequantised weight (the model's)
 
 
@@ -273,11 +277,12 @@ class QuantPlan:
     config: QuantConfig
     registry: dict
     skipped: dict
+    factors: dict = field(default_factory=dict)  # int8 LoRA factors (:func:`quantize_lora_`), by name
 
     def manifest(self, report: dict, param_bytes: int) -> dict:
         """The manifest's ``quantization``: the scheme, per tensor (codes, scales, scheme,
         granularity, shape, bytes) and the weights kept in float with the reason."""
-        tensors = report.get("tensors", {})
+        tensors = {**report.get("tensors", {}), **self.factors}
         return {**self.config.to_dict(), "tensors": tensors,
                 "float": {**self.skipped, **report.get("float", {})},
                 "bytes": {"params": param_bytes,
@@ -287,7 +292,56 @@ class QuantPlan:
 
 def plan_module(module: nn.Module, config: QuantConfig) -> QuantPlan:
     registry, skipped = quantize_module_(module, config)
-    return QuantPlan(config, registry, skipped)
+    factors = quantize_lora_(module, config, registry) if config.lora else {}
+    return QuantPlan(config, registry, skipped, factors)
+
+
+def quantize_lora_(module: nn.Module, config: QuantConfig, registry: dict) -> dict:
+    """int8 per-depth LoRA (``--lora-weights int8``), per output row, after the LoRA form of each
+    matrix is fixed (:func:`loopify.nn.deploy_lora`):
+
+    * a *merged* matrix (every depth's ``W + s * B @ A``, a parameter of the loop) is a weight
+      like any other: fake-quantised in place and added to ``registry`` (role ``lora-merged``), so
+      the compiler stores its codes and fuses the dequantisation into its matmul;
+    * a *factored* matrix's stacked factors ``A [L, r, in]`` and ``B [L, out, r]`` become int8
+      codes with a scale per depth and row, which the loop dequantises where it takes a depth's
+      slice (:meth:`loopify.nn.Recursion.factor`): the artifact stores the codes, and its graph
+      computes ``codes * scale`` before the rank-r products.
+
+    Returns the manifest entries of the factors (the merged matrices' come from the compiler).
+    Raises ValueError when the model has no per-depth LoRA."""
+    from loopify.nn.recursion import recursions, unkey
+
+    loops = {p: r for p, r in recursions(module).items() if r.lora_A}
+    if not loops:
+        raise ValueError("--lora-weights int8: the model has no per-depth LoRA (convert with --rank R)")
+    factors = {}
+    with torch.no_grad():
+        for path, rec in loops.items():
+            if not rec.lora_forms:
+                raise ValueError(f"loop {path}: the LoRA form is not fixed (deploy_lora) before quantising it")
+            for slot, p in rec.premerged.items():
+                if content_key(p) in registry:
+                    continue  # the very values of a weight quantised already: read as that one
+                q, s = quantize(p, "int8", config.scale_dtype)
+                p.copy_(dequantize(q, s, "int8", p.dtype))
+                registry[content_key(p)] = Quantized("int8", q, s, tuple(p.shape), [f"{path}.premerged.{slot}"],
+                                                     "lora-merged", str(p.dtype).replace("torch.", ""))
+            for k in rec.lora_A.keys():
+                if rec.lora_forms.get(unkey(k)) != "factored":
+                    continue
+                for which, stacked in (("A", rec.lora_A[k]), ("B", rec.lora_B[k])):
+                    q, s = quantize(stacked.reshape(-1, stacked.shape[-1]), "int8", config.scale_dtype)
+                    q, s = q.reshape(stacked.shape), s.reshape(stacked.shape[:-1])
+                    stacked.copy_(q.to(stacked.dtype) * s.to(stacked.dtype).unsqueeze(-1))
+                    rec.set_factor_codes(k, which, q, s)
+                    name = f"{path}.lora_{which}.{k}"
+                    factors[name] = {"scheme": "int8", "group_size": None, "granularity": "output channel per depth",
+                                     "shape": list(stacked.shape), "role": "lora-factor",
+                                     "scale_dtype": str(s.dtype).replace("torch.", ""), "modules": [name],
+                                     "bytes": q.numel() + s.numel() * s.element_size(),
+                                     "float32_bytes": stacked.numel() * 4}
+    return factors
 
 
 def plan_program(program, config: QuantConfig) -> QuantPlan:

@@ -228,18 +228,23 @@ class Recursion(nn.Module):
 
     # -- inference forms of the relaxation (see lora.FORMS) ---------------------------------------
 
-    def deploy_lora(self, policy: str = "auto") -> dict[str, dict]:
+    def deploy_lora(self, policy: str = "auto", rule: str = "forward", linear_only: bool = False) -> dict[str, dict]:
         """Fix how each relaxed matrix is applied at inference, per matrix by
         :func:`lora.choose_form`: a *merged* matrix gets every depth's ``W + s * B @ A`` computed
         once, now, as a parameter of the loop (``premerged``), which the loop (and any program
         exported from it) then reads as a plain weight; a *factored* one runs as
         ``x @ W.T + s * (x @ A.T) @ B.T`` (:class:`lora.FactoredMode`). Returns the choice per
-        matrix. For frozen weights: training afterwards would not update the merged copies."""
+        matrix. For frozen weights: training afterwards would not update the merged copies.
+        ``rule``: ``auto``'s rule (:data:`lora.RULES`); ``linear_only``: a matrix that is not an
+        ``nn.Linear``'s weight in every block is merged (generation artifacts factor through
+        the linear layers, see :mod:`loopify.generate.export`)."""
         report, store = {}, nn.ParameterDict()
         for key in self.lora_A.keys():
             name, A, B = unkey(key), self.lora_A[key], self.lora_B[key]
             shape, rank = (int(B.shape[1]), int(A.shape[2])), int(A.shape[1])
-            form = lora.choose_form(shape, rank, policy)
+            form = lora.choose_form(shape, rank, policy, rule)
+            if form == "factored" and linear_only and not self._linear_weight(name):
+                form = "merged"
             report[name] = {"form": form, "rank": rank, "shape": list(shape),
                             "overhead": round(lora.factored_overhead(shape, rank), 4)}
             if form == "merged":
@@ -253,6 +258,14 @@ class Recursion(nn.Module):
         self.lora_forms = {name: r["form"] for name, r in report.items()}
         return report
 
+    def _linear_weight(self, name: str) -> bool:
+        """Whether matrix ``name`` is an ``nn.Linear``'s weight in every block."""
+        owner, _, p = name.rpartition(".")
+        try:
+            return p == "weight" and all(isinstance(b.get_submodule(owner), nn.Linear) for b in self.blocks)
+        except AttributeError:
+            return False
+
     def deployed_overrides(self, block_index: int, pick, depth: int) -> dict[str, torch.Tensor]:
         """Overrides under :meth:`deploy_lora`: per-depth vectors by ``pick``, and the merged
         matrices of depth ``depth`` (factored ones are left to :meth:`lora_factors`)."""
@@ -264,8 +277,27 @@ class Recursion(nn.Module):
 
     def lora_factors(self, pick) -> dict[str, tuple]:
         """``{matrix: (A, B, scale)}`` of the factored matrices, one depth's slice by ``pick``."""
-        return {unkey(k): (pick(self.lora_A[k]), pick(self.lora_B[k]), self.lora_scales.get(unkey(k), 1.0))
+        return {unkey(k): (self.factor(k, "A", pick), self.factor(k, "B", pick), self.lora_scales.get(unkey(k), 1.0))
                 for k in self.lora_A.keys() if self.lora_forms.get(unkey(k)) == "factored"}
+
+    def factor(self, key: str, which: str, pick) -> torch.Tensor:
+        """One depth's slice (by ``pick``) of factor ``which`` ("A" or "B") of matrix ``key``:
+        dequantised from its int8 codes where :func:`loopify.nn.quant.quantize_lora_` stored
+        them (``codes * scale`` of the slice only), else the float factor's."""
+        stacked = self.lora_A[key] if which == "A" else self.lora_B[key]
+        codes = self._modules.get("lora_codes")
+        if codes is None or f"{which}_{key}" not in codes:
+            return pick(stacked)
+        q, s = pick(codes[f"{which}_{key}"]), pick(codes[f"{which}_{key}_scale"])
+        return q.to(stacked.dtype) * s.to(stacked.dtype).unsqueeze(-1)
+
+    def set_factor_codes(self, key: str, which: str, q: torch.Tensor, scale: torch.Tensor) -> None:
+        """Store int8 codes ``q`` ([L, rows, cols]) and scales ([L, rows]) for factor ``which`` of
+        matrix ``key`` (read by :meth:`factor`)."""
+        if "lora_codes" not in self._modules:
+            self.lora_codes = nn.ParameterDict()
+        self.lora_codes[f"{which}_{key}"] = nn.Parameter(q, requires_grad=False)
+        self.lora_codes[f"{which}_{key}_scale"] = nn.Parameter(scale, requires_grad=False)
 
     def step_variants(self, piece: sharing.Piece, prefix: str = "") -> dict[str, list[tuple[str, torch.Tensor]]]:
         """For a staged loop body (one program for every step): each merged matrix the body reads
@@ -510,10 +542,11 @@ def _slot(depth: int, key: str) -> str:
     return f"d{depth}_{key}"
 
 
-def deploy_lora(module: nn.Module, policy: str = "auto") -> dict[str, dict]:
+def deploy_lora(module: nn.Module, policy: str = "auto", rule: str = "forward",
+                linear_only: bool = False) -> dict[str, dict]:
     """:meth:`Recursion.deploy_lora` on every relaxed loop of ``module``: ``{loop path: {matrix:
     {"form", "rank", "shape", "overhead"}}}`` (what the manifests record)."""
-    return {path: r.deploy_lora(policy) for path, r in recursions(module).items() if r.lora_A}
+    return {path: r.deploy_lora(policy, rule, linear_only) for path, r in recursions(module).items() if r.lora_A}
 
 
 def _tracing() -> bool:

@@ -47,6 +47,38 @@ def test_artifact_decodes_the_eager_models_tokens_at_every_loop_count(gen_artifa
     assert m["generation"]["layout"]["slots"] == 4 and sorted(m["generation"]["entries"]) == ["decode", "prefill"]
 
 
+@pytest.mark.parametrize("form", ["auto", "merged"])
+def test_per_depth_lora_is_never_merged_per_token(gen_artifact, form):
+    """The decode step applies a low-rank LoRA factored (``auto`` at rank 4: x @ W.T + s (x @ A.T)
+    @ B.T) or reads premerged per-depth matrices (``merged``): no product over a whole matrix,
+    W + s B @ A, is left in the step (it was, per matrix, depth and token: r times a decode
+    GEMV's work). Checked on every graph of the exported step, the cond branches included."""
+    from loopify.compile import _generation_source
+    from loopify.generate.export import export_step
+    from loopify.nn import recursions
+
+    pt2, _, res = gen_artifact
+    forms = {m["form"] for loop in res.manifest["lora"]["loops"].values() for m in loop.values()}
+    assert res.manifest["lora"]["policy"] == "auto" and res.manifest["lora"]["rule"] == "decode"
+    assert forms == {"factored"}
+    wrapper, inputs, _, _ = _generation_source(pt2)
+    shapes = {tuple(rec.blocks[0].get_parameter(k.replace("__", ".")).shape)
+              for rec in recursions(wrapper).values() for k in rec.lora_A.keys()}
+    assert shapes
+    ex = export_step(wrapper, inputs, "per-depth", 32, None, lora_form=form)
+    assert {m["form"] for loop in ex.lora["loops"].values() for m in loop.values()} == {
+        "factored" if form == "auto" else "merged"}
+    products = [n for gm in ex.program.graph_module.modules() if isinstance(gm, torch.fx.GraphModule)
+                for n in gm.graph.nodes if n.op == "call_function"
+                and str(n.target).startswith(("aten.mm", "aten.matmul", "aten.bmm"))
+                and tuple(getattr(n.meta.get("val"), "shape", ())) in shapes]
+    assert products == []
+    linears = [n for gm in ex.program.graph_module.modules() if isinstance(gm, torch.fx.GraphModule)
+               for n in gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target)]
+    # positive control of the walk: the factored step has three linears per relaxed matrix
+    assert len(linears) > 3 * len(shapes)
+
+
 def test_the_loop_count_is_a_run_time_input(gen_artifact):
     """One artifact, both counts: prefill logits at one loop equal the eager model's at one loop
     and differ from two loops (the count really changes the depth run)."""

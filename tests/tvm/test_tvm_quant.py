@@ -298,6 +298,8 @@ def test_the_int4_generation_artifact_decodes_the_eager_tokens_of_the_same_dequa
     (["--quantize-embeddings"], "--quantize-embeddings needs --weights int8, int4 or int4asym"),
     (["--quantize-embeddings", "--max-context", "32"], "--quantize-embeddings needs --weights int8, int4 or int4asym"),
     (["--embedding-weights", "int8"], "--embedding-weights needs --weights int8, int4 or int4asym"),
+    (["--lora-weights", "int8"], "--lora-weights needs --weights int8, int4 or int4asym"),
+    (["--weights", "int8", "--lora-weights", "int8"], "the model has no per-depth LoRA (convert with --rank R)"),
 ])
 def test_bad_quantisation_options_are_one_line(llama_pt2, tmp_path, args, message):
     r = CliRunner().invoke(cli, ["compile", str(llama_pt2), "-o", str(tmp_path / "x"), *args])
@@ -305,6 +307,58 @@ def test_bad_quantisation_options_are_one_line(llama_pt2, tmp_path, args, messag
     errs = [l for l in r.output.splitlines() if l.startswith("loopify:")]
     assert len(errs) == 1 and message in errs[0], r.output
     assert "Traceback" not in r.output and not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def relaxed_pt2(written, tmp_path_factory):
+    """The zoo Llama converted with per-depth LoRA at rank 4."""
+    pt2 = tmp_path_factory.mktemp("qlora") / "llama-r4.pt2"
+    conv.convert(written["llama"]["hf"], conv.ConvertConfig(rank=4), pt2)
+    return pt2
+
+
+def _stored(art_dir) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(art_dir / "params.safetensors"), "pt") as f:
+        return {n: f.get_slice(n).get_dtype() for n in f.keys()}
+
+
+@pytest.mark.parametrize("form", ["merged", "factored"])
+def test_int8_lora_is_stored_as_codes_and_the_artifact_matches_its_dequantised_model(relaxed_pt2, tmp_path, form):
+    """``--lora-weights int8``: merged per-depth matrices become int8 weights of the fused kernels,
+    factored ones int8 codes with a scale per depth and row; no float copy of either is stored,
+    the params shrink, and the artifact matches the PyTorch model with the same dequantised LoRA
+    at both loop counts (validated at compile time, ARTIFACT_RTOL)."""
+    res = compile_model(relaxed_pt2, tmp_path / form, weights="int8", lora_form=form, lora_weights="int8")
+    assert res.ok and {tuple(c["loops"]) for c in res.checks} == {(1,), (2,)}
+    q = res.manifest["quantization"]
+    assert q["lora_weights"] == "int8"
+    role = "lora-merged" if form == "merged" else "lora-factor"
+    mine = [t for t in q["tensors"].values() if t["role"] == role]
+    # 7 relaxed matrices at each of 4 depths: merged, one matrix per depth; factored, each
+    # matrix's A and B stacked over the depths ([4, r, in], [4, out, r])
+    assert len(mine) == (4 * 7 if form == "merged" else 2 * 7)
+    stored = _stored(res.path)
+    floats = [n for n in stored if "lora_A" in n or "lora_B" in n
+              or ("premerged" in n and not n.endswith((".q8", ".scale")))]
+    assert floats == []
+    codes = [n for n in stored if "lora_codes" in n or "premerged" in n]
+    assert codes and {stored[n] for n in codes if not n.endswith("scale")} == {"I8"}
+    ref = compile_model(relaxed_pt2, tmp_path / f"{form}.f", weights="int8", lora_form=form, validate=False)
+    size = lambda r: (r.path / "params.safetensors").stat().st_size  # noqa: E731
+    assert size(res) < size(ref)
+
+
+def test_an_int8_lora_generation_artifact_decodes_its_dequantised_models_tokens(relaxed_pt2, tmp_path):
+    """A generation artifact with its factored LoRA in int8: prefill and greedy decode validated
+    against the eager model with the same dequantised factors, at both loop counts."""
+    res = compile_model(relaxed_pt2, tmp_path / "gen", max_context=32, weights="int8", lora_weights="int8")
+    assert res.checks and all(c["ok"] for c in res.checks)
+    assert {tuple(c["loops"]) for c in res.checks} == {(1,), (2,)}
+    assert {m["form"] for loop in res.manifest["lora"]["loops"].values() for m in loop.values()} == {"factored"}
+    assert any(t["role"] == "lora-factor" for t in res.manifest["quantization"]["tensors"].values())
+    assert not any("lora_A" in n or "lora_B" in n for n in _stored(res.path))
 
 
 def test_an_unknown_weight_format_is_refused_by_the_cli(llama_pt2, tmp_path):
@@ -357,6 +411,25 @@ def test_eval_quantises_the_embedding_table_in_its_own_scheme(written, tmp_path)
     assert any("--embedding-weights int8" in n for n in rep["notes"])
     r = CliRunner().invoke(cli, ["eval", str(written["minilm"]["hf"]), "--data", str(data), "--embedding-weights", "int8"])
     assert r.exit_code == 2 and "--embedding-weights needs --weights" in r.output and "Traceback" not in r.output
+
+
+def test_eval_with_int8_lora_measures_what_the_generation_artifact_computes(relaxed_pt2, tmp_path):
+    """eval --weights int8 --lora-weights int8 on a relaxed causal LM: its perplexity is the int8
+    generation artifact's own (same forms, same codes: the artifact's eval scores its prefill
+    logits), within the float32 reordering of TVM's sums, and differs from the float-LoRA model's."""
+    from loopify.fidelity.report import evaluate
+
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(["the cat sat on the mat and the dog ran in the park " * 3,
+                               "compilers turn programs into machine code that runs fast " * 3]))
+    kw = dict(loops=[2], seq_len=24, limit=2, tokenizer_choice="bytes")
+    q = evaluate(relaxed_pt2, data, weights="int8", lora_weights="int8", **kw)["results"][0]
+    f = evaluate(relaxed_pt2, data, weights="int8", **kw)["results"][0]
+    res = compile_model(relaxed_pt2, tmp_path / "gen", max_context=32, weights="int8", lora_weights="int8",
+                        validate=False)
+    a = evaluate(res.path, data, **kw)["results"][0]
+    assert abs(a["perplexity"] - q["perplexity"]) <= 1e-4 * q["perplexity"]
+    assert q["perplexity"] != f["perplexity"]
 
 
 def test_eval_refuses_weights_for_an_artifact(artifacts, tmp_path):
