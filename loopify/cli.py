@@ -614,6 +614,9 @@ def _bench_generate(original, converted, artifacts, backends, loops, threads, ro
 @click.option("--beta", type=float, default=2.0, show_default=True, help="MRL weight of a depth worse than the previous one (>= 1).")
 @click.option("--train", "groups", default="base,lora,connector,router,spiral", show_default=True,
               help="Parameter groups to train (spiral: the gates of multi-resolution loops).")
+@click.option("--lr-scale", "lr_scale", multiple=True, metavar="GROUP=X",
+              help="A group's learning rate is X times --lr (repeatable; e.g. spiral=30 for the zero-initialised "
+                   "gates of multi-resolution loops).")
 @click.option("--router", type=click.Choice(["none", "expert", "token"]), default="none", show_default=True,
               help="Add a Mixture-of-Recursions router to every loop and train it (router losses beside distillation).")
 @click.option("--capacity", metavar="C0,C1,...", default=None,
@@ -645,7 +648,7 @@ def _bench_generate(original, converted, artifacts, backends, loops, threads, ro
 @click.option("--tokenizer", default="auto", show_default=True, help="auto (the model's own), bytes, or a tokenizer directory.")
 @click.option("--max-seconds", type=float, default=0.0, help="Stop training after this long and write the output (0: no limit).")
 @click.option("--threads", type=int, default=0)
-def train_cmd(converted, teacher, data, out, groups, capacity, **kw):
+def train_cmd(converted, teacher, data, out, groups, capacity, lr_scale, **kw):
     """Uptrain CONVERTED (a `loopify convert` output) by distillation from the original, with
     RecursiveVLM's Monotonic Recursion Loss over every recursion depth. Writes OUT.pt2 + OUT.json
     like `convert`, with the training report. Runs under torchrun (DDP, gloo on CPU)."""
@@ -653,6 +656,7 @@ def train_cmd(converted, teacher, data, out, groups, capacity, **kw):
 
     config = tr.TrainConfig(converted=str(converted), teacher=str(teacher) if teacher else None, data=str(data),
                             out=str(out), train=groups, capacity=_capacity_option(capacity),
+                            lr_scale=_lr_scale_option(lr_scale),
                             **{k: (str(v) if isinstance(v, Path) else v) for k, v in kw.items()})
     click.echo("train: " + " ".join(f"{k}={v}" for k, v in config.to_dict().items() if v not in (None, "", ())), err=True)
     res = tr.train(config, progress=tr.ConsoleProgress())
@@ -811,6 +815,19 @@ def eval_cmd(model, data, loops, reference, tokenizer, seq_len, limit, threads, 
                    lora_weights=lora_weights)
     click.echo(format_report(rep))
     _write(json_out, lambda p: write_json(p, rep))
+
+
+def _lr_scale_option(values) -> dict:
+    out = {}
+    for v in values:
+        g, sep, x = v.partition("=")
+        try:
+            out[g.strip()] = float(x)
+        except ValueError:
+            raise LoopifyError(f"--lr-scale {v!r}: give GROUP=X, e.g. spiral=30") from None
+        if not sep:
+            raise LoopifyError(f"--lr-scale {v!r}: give GROUP=X, e.g. spiral=30")
+    return out
 
 
 def _ids_option(value: str) -> list[int]:

@@ -61,6 +61,9 @@ class TrainConfig:
         beta: the MRL weight of a unit whose loss rose from the previous depth (>= 1).
         train: parameter groups to train: base, lora, connector, router, spiral (the gates of
             multi-resolution loops).
+        lr_scale: ``{group: factor}``: a group's learning rate is ``factor * lr`` (e.g. the
+            zero-initialised gates of multi-resolution loops, ``spiral``, which move by about
+            ``lr`` per step at most); the others ``lr``.
         objective: ``auto`` (KL for logits, cosine for hidden states), ``kl``, ``cosine``, ``mse``, or
             ``ce`` (next-token cross-entropy on the data: no teacher needed).
         schedule: ``cosine`` (to 10% of lr at the last step, or at ``max_seconds`` where that comes
@@ -108,6 +111,7 @@ class TrainConfig:
     loss: Literal["mrl", "last"] = "mrl"
     beta: float = 2.0
     train: tuple[str, ...] = GROUPS
+    lr_scale: tuple[tuple[str, float], ...] = ()
     objective: Literal["auto", "kl", "cosine", "mse", "token-cosine", "ce"] = "auto"
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup: int = 0
@@ -147,6 +151,13 @@ class TrainConfig:
         bad = [g for g in self.train if g not in GROUPS]
         if bad or not self.train:
             raise TrainError(f"train must name one or more of {', '.join(GROUPS)}, not {','.join(self.train) or 'nothing'!r}")
+        scale = dict(self.lr_scale) if not isinstance(self.lr_scale, dict) else self.lr_scale
+        for g, f in scale.items():
+            if g not in GROUPS:
+                raise TrainError(f"lr_scale names {g!r}: groups are {', '.join(GROUPS)}")
+            if not (isinstance(f, (int, float)) and math.isfinite(f) and f > 0):
+                raise TrainError(f"lr_scale of {g} must be a positive number, not {f!r}")
+        object.__setattr__(self, "lr_scale", tuple(sorted((g, float(f)) for g, f in scale.items())))
         if len(set(self.train)) != len(self.train):
             raise TrainError(f"train names a group twice: {','.join(self.train)}")
         _choice("loss", self.loss, LOSSES)
@@ -188,6 +199,7 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["train"] = list(self.train)
         d["capacity"] = list(self.capacity)
+        d["lr_scale"] = dict(self.lr_scale)
         return d
 
     @classmethod

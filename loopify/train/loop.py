@@ -235,6 +235,17 @@ def _trainable(config: TrainConfig, student: nn.Module) -> tuple[dict, list]:
     return groups, trainable
 
 
+def _param_groups(config: TrainConfig, groups: dict, trainable: list) -> list[dict]:
+    """The optimizer's parameter groups: one per learning-rate factor (``config.lr_scale``), in
+    the trainable parameters' order; each carries its ``scale`` (see :func:`_one_step`)."""
+    scale = dict(config.lr_scale)
+    of = {id(p): scale.get(g, 1.0) for g in config.train for _, p in groups[g]}
+    by: dict[float, list] = {}
+    for _, p in trainable:
+        by.setdefault(of.get(id(p), 1.0), []).append(p)
+    return [{"params": ps, "scale": s} for s, ps in by.items()]
+
+
 def _setup(config: TrainConfig, progress, dist: Dist) -> Run:
     from loopify.convert import load_converted
 
@@ -252,7 +263,7 @@ def _setup(config: TrainConfig, progress, dist: Dist) -> Run:
                          f"length {captured_len} ({why_not})")
     train_ex, eval_ex, train_recs = _examples(config, encoder)
     groups, trainable = _trainable(config, student)
-    opt = torch.optim.AdamW([p for _, p in trainable], lr=config.lr, weight_decay=config.weight_decay)
+    opt = torch.optim.AdamW(_param_groups(config, groups, trainable), lr=config.lr, weight_decay=config.weight_decay)
     n = max_depth(student)
     depths = list(range(1, n + 1))
     run = Run(config, dist, progress, student, inputs, manifest, teacher, objective, encoder, train_ex, eval_ex,
@@ -377,7 +388,7 @@ def _one_step(run: Run, lr: float) -> tuple[list[float], list[float]]:
     config, dist = run.config, run.dist
     idx = example_indices(run.pos + dist.rank * config.batch, config.batch, len(run.train_ex), config.seed)
     for g in run.opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("scale", 1.0)
     run.opt.zero_grad(set_to_none=True)
     sums = [0.0] * (len(run.run_depths) + 1)
     worse = [0.0] * len(run.run_depths)

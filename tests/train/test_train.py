@@ -134,6 +134,7 @@ def test_token_kl_and_pooled_losses():
     (dict(lr=-1.0), "lr must be a positive number"),
     (dict(version=9), "version 9 is not supported"),
     (dict(holdout=1.0), "holdout must be in [0, 1)"),
+    (dict(lr_scale={"spiral": 0}), "lr_scale of spiral must be a positive number"),
 ])
 def test_config_refuses_bad_values(kw, message):
     base = dict(converted="m.pt2", data="d.txt", out="o.pt2")
@@ -143,8 +144,9 @@ def test_config_refuses_bad_values(kw, message):
 
 
 def test_config_round_trips():
-    c = tr.TrainConfig(converted="m.pt2", data="d.txt", out="o.pt2", train="base,lora", loss="last")
-    assert c.train == ("base", "lora")
+    c = tr.TrainConfig(converted="m.pt2", data="d.txt", out="o.pt2", train="base,lora", loss="last",
+                       lr_scale={"lora": 3})
+    assert c.train == ("base", "lora") and c.lr_scale == (("lora", 3.0),)
     assert tr.TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     assert c.checkpoint_path == Path("o.ckpt")
     with pytest.raises(tr.TrainError, match="unknown train config field 'stepz'"):
