@@ -80,7 +80,8 @@ def bandwidth_gbs(threads: int = 1, mb: int = 512, repeat: int = 3) -> float:
 def weight_bytes_per_token(module, loops=None, stored: dict | None = None) -> int:
     """Bytes of weights one decoded token reads: every weight outside loops once (an embedding
     table only when a linear layer reads it too: tied heads), a loop's block weights once per
-    recursion that runs, and each running depth's own LoRA factors and vectors. ``stored``:
+    recursion that runs (a multi-resolution step of factor r: once per r tokens, on average),
+    and each running depth's own LoRA factors and vectors. ``stored``:
     ``{id(parameter): bytes}`` for weights stored otherwise (quantised codes and scales)."""
     stored = stored or {}
 
@@ -97,12 +98,17 @@ def weight_bytes_per_token(module, loops=None, stored: dict | None = None) -> in
         for rec in recursions(module).values():
             runs = {}
             sched = rec.depth_schedule()
-            for d in sched:
-                runs[rec.block_for_depth(d)] = runs.get(rec.block_for_depth(d), 0) + 1
+            # a multi-resolution step of factor r runs once per r decoded tokens (when a group ends)
+            per = ([1 / r for _, r in rec.spiral.spec.factors(len(rec.steps()))] if rec.spiral is not None
+                   else None)
+            for i, step in enumerate(rec.steps()):
+                for d in step:
+                    b = rec.block_for_depth(d)
+                    runs[b] = runs.get(b, 0) + (per[i] if per else 1)
             for b, block in enumerate(rec.blocks):
                 for p in block.parameters():
                     loop_params.add(id(p))
-                    total += nbytes(p) * runs.get(b, 0)
+                    total += int(nbytes(p) * runs.get(b, 0))
             for d in (rec.lora_A, rec.lora_B, rec.depth_params):
                 for p in d.values():
                     loop_params.add(id(p))

@@ -371,3 +371,17 @@ def test_bench_reports_flops_per_token_of_each_resolution(llama, tmp_path):
     f = {k: rows[k]["flops_per_unit"] for k in (None, 1, 2, 3)}
     assert f[1] == pytest.approx(f[None], rel=1e-6)  # one full-resolution pass: the original's work
     assert 1.6 < (f[2] - f[1]) / (f[3] - f[2]) < 2.6
+
+
+def test_decode_weight_bytes_count_a_coarse_step_once_per_group(llama):
+    """The generation bench's bandwidth bound: a decoded token reads a factor-r step's block
+    weights once per r tokens on average (the step runs when a group ends), so a deepened 4:2:1
+    loop adds (1/2 + 1/4) of its blocks' bytes over its full-resolution pass, not two passes."""
+    from loopify.bench_generate import weight_bytes_per_token
+
+    res = conv.convert_captured(llama, conv.ConvertConfig(mode="deepen", repeat=3, schedule=(4, 2, 1)))
+    (rec,) = recursions(res.module).values()
+    blocks = sum(p.numel() * p.element_size() for b in rec.blocks for p in b.parameters())
+    w = {k: weight_bytes_per_token(res.module, k) for k in (1, 2, 3)}
+    assert w[2] - w[1] == blocks // 2
+    assert w[3] - w[2] == blocks // 4
