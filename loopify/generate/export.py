@@ -24,7 +24,7 @@ import torch
 import torch.utils._pytree as pytree
 from transformers.cache_utils import Cache
 
-from loopify.nn import kv, lora
+from loopify.nn import kv
 from loopify.nn.recursion import _CURRENT, Depth, Recursion, _capture_begin, _slot, recursions, unkey
 
 
@@ -606,17 +606,11 @@ def deploy(wrapper, policy: str = "auto") -> dict:
         return {}
     if not all(r.lora_forms for r in loops.values()):
         deploy_lora(wrapper, policy, rule="decode", linear_only=True)
-    report = {}
-    for path, rec in loops.items():
+    for rec in loops.values():
         rec.__dict__["_merged_at"] = {depth: {unkey(k): _slot(depth, k) for k in rec.lora_A.keys()
                                               if rec.lora_forms[unkey(k)] == "merged"}
                                       for depth in range(rec.spec.layers)}
-        for key, A in rec.lora_A.items():
-            name = unkey(key)
-            shape, rank = (int(rec.lora_B[key].shape[1]), int(A.shape[2])), int(A.shape[1])
-            report.setdefault(path, {})[name] = {"form": rec.lora_forms[name], "rank": rank, "shape": list(shape),
-                                                 "overhead": round(lora.factored_overhead(shape, rank), 4)}
-    return {"policy": policy, "rule": "decode", "loops": report}
+    return {"policy": policy, "rule": "decode", "loops": {p: r.lora_report() for p, r in loops.items()}}
 
 
 class _FactoredLinear(torch.nn.Module):

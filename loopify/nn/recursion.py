@@ -238,15 +238,14 @@ class Recursion(nn.Module):
         ``rule``: ``auto``'s rule (:data:`lora.RULES`); ``linear_only``: a matrix that is not an
         ``nn.Linear``'s weight in every block is merged (generation artifacts factor through
         the linear layers, see :mod:`loopify.generate.export`)."""
-        report, store = {}, nn.ParameterDict()
+        forms, store = {}, nn.ParameterDict()
         for key in self.lora_A.keys():
             name, A, B = unkey(key), self.lora_A[key], self.lora_B[key]
             shape, rank = (int(B.shape[1]), int(A.shape[2])), int(A.shape[1])
             form = lora.choose_form(shape, rank, policy, rule)
             if form == "factored" and linear_only and not self._linear_weight(name):
                 form = "merged"
-            report[name] = {"form": form, "rank": rank, "shape": list(shape),
-                            "overhead": round(lora.factored_overhead(shape, rank), 4)}
+            forms[name] = form
             if form == "merged":
                 scale = self.lora_scales.get(name, 1.0)
                 for depth in range(self.spec.layers):
@@ -255,8 +254,18 @@ class Recursion(nn.Module):
                         store[_slot(depth, key)] = nn.Parameter(lora.merged(W, A[depth], B[depth], scale),
                                                                 requires_grad=False)
         self.premerged = store
-        self.lora_forms = {name: r["form"] for name, r in report.items()}
-        return report
+        self.lora_forms = forms
+        return self.lora_report()
+
+    def lora_report(self) -> dict[str, dict]:
+        """Each relaxed matrix's deployed form, as the manifests record it: ``{matrix: {"form",
+        "rank", "shape", "overhead"}}``."""
+        out = {}
+        for key, A in self.lora_A.items():
+            shape, rank = (int(self.lora_B[key].shape[1]), int(A.shape[2])), int(A.shape[1])
+            out[unkey(key)] = {"form": self.lora_forms[unkey(key)], "rank": rank, "shape": list(shape),
+                               "overhead": round(lora.factored_overhead(shape, rank), 4)}
+        return out
 
     def _linear_weight(self, name: str) -> bool:
         """Whether matrix ``name`` is an ``nn.Linear``'s weight in every block."""
