@@ -126,9 +126,13 @@ def original_capture_options(spec: BenchSpec, manifest: dict) -> dict:
     """Capture options that give the original the inputs the converted model was captured
     with: ``--seq``/``--batch`` when given, else (when ORIGINAL is the recorded Hugging Face
     source) the recorded text length and batch."""
+    from loopify.converted import source_text_len
+
     src = manifest["source"]
     hf_same = Path(spec.original).resolve() == Path(src["path"]) and src.get("format") == "hf-dir"
-    return {"seq_len": spec.seq or (src.get("text_len") if hf_same else None),
+    # (before 2026-12-07 only "text_len" was read, which a text-only source does not record: a model
+    # converted with --seq-len 64 met its original at the default length, an "internal error")
+    return {"seq_len": spec.seq or (source_text_len(src) if hf_same else None),
             "batch": spec.batch or (src.get("batch") if hf_same else None)}
 
 
@@ -380,10 +384,14 @@ def _run(spec: BenchSpec, progress, man: dict, max_loops: int, notes: list[str])
 
 
 def _fidelity(reference, outs, manifest) -> dict:
-    from loopify.verify import report
+    from loopify.verify import ShapeMismatch, report
 
     names = manifest.get("source", {}).get("output_names")
-    v = report(list(reference), list(outs), names)
+    try:
+        v = report(list(reference), list(outs), names)
+    except ShapeMismatch as e:
+        raise LoopifyError(f"the original and the converted model ran on inputs of different shapes ({e}); give "
+                           "--seq / --batch to run both at one shape") from None
     return {"cosine": v["cosine"], "max_abs_err": v["max_abs_err"], "kl": v["kl"],
             **{k: v[k] for k in ("top1_agreement", "top5_overlap") if k in v}}
 

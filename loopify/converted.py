@@ -284,6 +284,13 @@ class Loaded:
     bundle: Bundle
 
 
+def source_text_len(src: dict) -> int | None:
+    """The text length the source was captured at (the manifest's ``source``): ``text_len``
+    (without image tokens) where recorded, else ``seq_len`` when the text came from a tokenizer
+    (a text-only sentence records only that), else None (the default length)."""
+    return src.get("text_len") or (src.get("seq_len") if src.get("text") == "tokenizer" else None)
+
+
 def rebuild(path: str | Path, *, seq_len: int | None = None, batch: int | None = None) -> Loaded:
     """The converted model at ``path`` as an eager module with adjustable loop counts, and
     example inputs (recorded ones, or made at ``seq_len`` / ``batch`` for Hugging Face sources)."""
@@ -325,7 +332,7 @@ def _hf_module(b: Bundle, manifest: dict, seq_len, batch):
         raise ConvertedError(str(e).replace(str(b.assets), str(b.program))) from None
     wrapper.modality_token = manifest.get("wrapper", {}).get("modality_token")
     info = {k: v for k, v in src.items() if k not in ("path", "sha256", "format")}
-    n_text = seq_len or src.get("text_len") or (src.get("seq_len") if src.get("text") == "tokenizer" else None)
+    n_text = seq_len or source_text_len(src)
     with torch.no_grad():
         kwargs = example_inputs(b.assets, wrapper, arch["class"], n_text, batch or src.get("batch") or 1, info)
     info["assets_dir"] = str(b.assets)

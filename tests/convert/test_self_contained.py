@@ -101,3 +101,21 @@ def test_ties_survive_the_round_trip(written, tmp_path):
     module, _, manifest = conv.load_converted(out)
     assert manifest["ties"] == {"model.lm_head.weight": "model.wte.weight"}
     assert module.model.lm_head.weight is module.model.wte.weight
+
+
+def test_bench_runs_the_original_at_the_length_the_model_was_converted_at(written, tmp_path):
+    """The real MiniLM converted with --seq-len 40 (a sentence from its tokenizer records its
+    length as seq_len, not text_len): bench runs the original at 40 tokens too. It ran it at the
+    default length and stopped with an internal ShapeMismatch."""
+    import json as _json
+
+    out = tmp_path / "m40.pt2"
+    src = written["minilm"]["hf"]
+    r = CliRunner().invoke(cli, ["convert", str(src), "-o", str(out), "--seq-len", "40"])
+    assert r.exit_code == 0, r.output
+    assert "text_len" not in _json.loads(out.with_suffix(".json").read_text())["source"]
+    r = CliRunner().invoke(cli, ["bench", str(src), str(out), "--backends", "eager", "--loops", "1",
+                                 "--rounds", "1", "--per-round", "1", "--warmup", "0", "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 0 and "internal error" not in r.output, r.output
+    rows = _json.loads((tmp_path / "b.json").read_text())["results"]
+    assert len(rows) == 2 and all(x["units_per_call"] == 40 for x in rows)
