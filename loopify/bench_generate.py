@@ -99,9 +99,9 @@ def weight_bytes_per_token(module, loops=None, stored: dict | None = None) -> in
             runs = {}
             sched = rec.depth_schedule()
             # a multi-resolution step of factor r runs once per r decoded tokens (when a group ends)
-            per = ([1 / r for _, r in rec.spiral.spec.factors(len(rec.steps()))] if rec.spiral is not None
-                   else None)
-            for i, step in enumerate(rec.steps()):
+            steps = rec.steps()
+            per = [1 / r for _, r in rec.spiral.spec.factors(len(steps))] if rec.spiral is not None else None
+            for i, step in enumerate(steps):
                 for d in step:
                     b = rec.block_for_depth(d)
                     runs[b] = runs.get(b, 0) + (per[i] if per else 1)

@@ -191,11 +191,12 @@ def quant_config(weights: str, embeddings: bool, target: str, embedding_weights:
     scales on CUDA, float32 on CPUs. Bad values are one line."""
     from loopify.nn.quant import QuantConfig
 
+    from loopify.nn.quant import needs_weights
+
     lora = None if lora_weights in (None, "float32") else lora_weights
     if weights in (None, "float32"):
-        if embeddings or embedding_weights or lora:
-            flag = ("--lora-weights" if lora else "--embedding-weights" if embedding_weights
-                    else "--quantize-embeddings")
+        flag = needs_weights(embeddings, embedding_weights, lora)
+        if flag:
             raise LoopifyError(f"{flag} needs --weights int8, int4 or int4asym")
         return None
     try:
@@ -306,8 +307,8 @@ def compile_generation(model: str | Path, out: str | Path, *, target: str = "x86
     entry points over one set of weights, every prompt length up to ``max_context``, the loop
     count a run-time input. Validated on the host: prefill logits and a few greedy decode steps
     against the eager model with the same KV policy. ``lora_form``: each relaxed matrix merged
-    per depth or factored (``auto``: :func:`loopify.generate.export.lora_form_of`), recorded in
-    the manifest's ``lora``."""
+    per depth or factored (``auto``: the decode rule of :func:`loopify.generate.export.deploy`),
+    recorded in the manifest's ``lora``."""
     from loopify.backends.tvm.build import CompileOptions
     from loopify.backends.tvm.generation import compile_generation as build
     from loopify.backends.tvm.targets import target_for

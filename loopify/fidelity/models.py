@@ -78,10 +78,11 @@ def open_subject(path: str | Path, weights: str | None = None, *, quantize_embed
     ``lora_weights`` ``int8``: the per-depth LoRA too, in the forms ``compile`` gives it
     (:func:`loopify.nn.deploy_lora`, ``auto``: a causal LM's as its generation artifact's)."""
     path = Path(path)
+    from loopify.nn.quant import needs_weights
+
     lora = lora_weights == "int8"
-    if (quantize_embeddings or embedding_weights or lora) and not weights:
-        flag = ("--lora-weights" if lora else "--embedding-weights" if embedding_weights
-                else "--quantize-embeddings")
+    flag = needs_weights(quantize_embeddings, embedding_weights, lora_weights)
+    if flag and not weights:
         raise EvalError(f"{flag} needs --weights int8, int4 or int4asym")
     if not path.exists():
         raise EvalError(f"{path}: no such file or directory")
@@ -96,11 +97,14 @@ def open_subject(path: str | Path, weights: str | None = None, *, quantize_embed
         from loopify.nn import quant
 
         try:
-            if lora:
+            if lora and subject.task == "causal":  # as its generation artifact deploys it
+                from loopify.generate.export import deploy
+
+                deploy(subject.module, "auto")
+            elif lora:
                 from loopify.nn import deploy_lora
 
-                causal = subject.task == "causal"  # as a generation artifact deploys it
-                deploy_lora(subject.module, "auto", rule="decode" if causal else "forward", linear_only=causal)
+                deploy_lora(subject.module, "auto")
             plan = quant.plan_module(subject.module, quant.QuantConfig(
                 weights, embeddings=quantize_embeddings, embedding_weights=embedding_weights,
                 lora="int8" if lora else None))

@@ -182,6 +182,24 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, scheme: str, dtype=torch.fl
     return ((codes - 8.0) * s[..., None]).reshape(n, -1).to(dtype)
 
 
+def _fake_quantize_(t: torch.Tensor, scheme: str, scale_dtype: str, names: list, role: str) -> Quantized:
+    """Quantise ``t`` in place to its dequantisation (what the artifact computes) and return
+    its codes and scales, to be registered under the new values' :func:`content_key`."""
+    q, s = quantize(t, scheme, scale_dtype)
+    t.copy_(dequantize(q, s, scheme, t.dtype))
+    return Quantized(scheme, q, s, tuple(t.shape), names, role, str(t.dtype).replace("torch.", ""))
+
+
+def needs_weights(quantize_embeddings: bool, embedding_weights: str | None, lora_weights: str | None) -> str | None:
+    """The option given without ``--weights`` that needs it (None when none is): the message of
+    ``compile`` and ``eval`` alike."""
+    if lora_weights not in (None, "float32"):
+        return "--lora-weights"
+    if embedding_weights:
+        return "--embedding-weights"
+    return "--quantize-embeddings" if quantize_embeddings else None
+
+
 def _selected(module: nn.Module, config: QuantConfig) -> dict[int, tuple[nn.Parameter, list[str], str]]:
     """The weights to quantise, each once (by identity): id -> (parameter, names, role)."""
     out: dict[int, tuple] = {}
@@ -222,10 +240,7 @@ def quantize_module_(module: nn.Module, config: QuantConfig) -> tuple[dict, dict
                 for n in names:
                     skipped[n] = why
                 continue
-            q, s = quantize(p, scheme, config.scale_dtype)
-            p.copy_(dequantize(q, s, scheme, p.dtype))
-            registry[content_key(p)] = Quantized(scheme, q, s, tuple(p.shape), names, role,
-                                                 str(p.dtype).replace("torch.", ""))
+            registry[content_key(p)] = _fake_quantize_(p, scheme, config.scale_dtype, names, role)
     return registry, skipped
 
 
@@ -260,10 +275,7 @@ def quantize_program_(program, config: QuantConfig) -> tuple[dict, dict]:
             if why:
                 skipped[pname] = why
                 continue
-            q, s = quantize(t, scheme, config.scale_dtype)
-            t.copy_(dequantize(q, s, scheme, t.dtype))
-            ent = Quantized(scheme, q, s, tuple(t.shape), [pname], role,
-                            str(t.dtype).replace("torch.", ""))
+            ent = _fake_quantize_(t, scheme, config.scale_dtype, [pname], role)
             registry[content_key(t)] = ent
             done[key] = ent
     return registry, skipped
@@ -323,23 +335,20 @@ def quantize_lora_(module: nn.Module, config: QuantConfig, registry: dict) -> di
             for slot, p in rec.premerged.items():
                 if content_key(p) in registry:
                     continue  # the very values of a weight quantised already: read as that one
-                q, s = quantize(p, "int8", config.scale_dtype)
-                p.copy_(dequantize(q, s, "int8", p.dtype))
-                registry[content_key(p)] = Quantized("int8", q, s, tuple(p.shape), [f"{path}.premerged.{slot}"],
-                                                     "lora-merged", str(p.dtype).replace("torch.", ""))
+                registry[content_key(p)] = _fake_quantize_(p, "int8", config.scale_dtype,
+                                                           [f"{path}.premerged.{slot}"], "lora-merged")
             for k in rec.lora_A.keys():
                 if rec.lora_forms.get(unkey(k)) != "factored":
                     continue
                 for which, stacked in (("A", rec.lora_A[k]), ("B", rec.lora_B[k])):
-                    q, s = quantize(stacked.reshape(-1, stacked.shape[-1]), "int8", config.scale_dtype)
-                    q, s = q.reshape(stacked.shape), s.reshape(stacked.shape[:-1])
-                    stacked.copy_(q.to(stacked.dtype) * s.to(stacked.dtype).unsqueeze(-1))
-                    rec.set_factor_codes(k, which, q, s)
+                    rows = stacked.view(-1, stacked.shape[-1])  # every depth's rows: one scale each
+                    e = _fake_quantize_(rows, "int8", config.scale_dtype, [], "lora-factor")
+                    rec.set_factor_codes(k, which, e.q.reshape(stacked.shape), e.scale.reshape(stacked.shape[:-1]))
                     name = f"{path}.lora_{which}.{k}"
                     factors[name] = {"scheme": "int8", "group_size": None, "granularity": "output channel per depth",
                                      "shape": list(stacked.shape), "role": "lora-factor",
-                                     "scale_dtype": str(s.dtype).replace("torch.", ""), "modules": [name],
-                                     "bytes": q.numel() + s.numel() * s.element_size(),
+                                     "scale_dtype": config.scale_dtype, "modules": [name],
+                                     "bytes": stored_bytes(rows.shape, "int8", config.scale_dtype),
                                      "float32_bytes": stacked.numel() * 4}
     return factors
 

@@ -151,7 +151,7 @@ class TrainConfig:
         bad = [g for g in self.train if g not in GROUPS]
         if bad or not self.train:
             raise TrainError(f"train must name one or more of {', '.join(GROUPS)}, not {','.join(self.train) or 'nothing'!r}")
-        scale = dict(self.lr_scale) if not isinstance(self.lr_scale, dict) else self.lr_scale
+        scale = dict(self.lr_scale)
         for g, f in scale.items():
             if g not in GROUPS:
                 raise TrainError(f"lr_scale names {g!r}: groups are {', '.join(GROUPS)}")
