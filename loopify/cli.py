@@ -364,6 +364,10 @@ def _loops_option(value):
 @click.option("--lora-form", type=click.Choice(["auto", "merged", "factored"]), default="auto", show_default=True,
               help="Per-depth LoRA: each depth's merged matrix precomputed, or factored x@W.T + s*(x@A.T)@B.T; "
                    "auto: per matrix, factored while the factors add at most 5% to its matmul.")
+@click.option("--route-bucket", type=float, default=0.25, show_default=True,
+              help="With --max-context, routed loops: a routed step's prefill runs its blocks on its kept tokens "
+                   "gathered into the smallest bucket of j * ceil(T * this) rows that holds them (buckets below T; "
+                   "0: every token, masked).")
 @click.option("--weights", type=click.Choice(["float32", "int8", "int4", "int4asym"]), default="float32", show_default=True,
               help="Linear weights stored as int8 (per output channel), int4 (groups of 32, one scale; two per byte) "
                    "or int4asym (groups of 32, a scale and a minimum: llama.cpp Q4_1), dequantised inside the matmul "
@@ -380,8 +384,8 @@ def _loops_option(value):
                    "and arm64 CPUs with half arithmetic. A converted model or a generation artifact.")
 @capture_options
 def compile_cmd(model, out, target, arch, mcpu, tune, trials, tuning_db, rpc, schedule, no_validate, max_context,
-                kv_policy, lora_form, weights, quantize_embeddings, embedding_weights, lora_weights, dtype, inputs,
-                trust_pickle, allow_export_mismatch, seq_len, batch):
+                kv_policy, lora_form, route_bucket, weights, quantize_embeddings, embedding_weights, lora_weights, dtype,
+                inputs, trust_pickle, allow_export_mismatch, seq_len, batch):
     """Compile MODEL (any model `convert` takes, or its OUT.pt2) with TVM into an artifact directory:
     lib.so, params.safetensors (shared weights once), manifest.json. A converted model compiles into
     a prologue, a loop body per loop and an epilogue; the loop count is a run-time argument."""
@@ -400,7 +404,7 @@ def compile_cmd(model, out, target, arch, mcpu, tune, trials, tuning_db, rpc, sc
                         validate=not no_validate, max_context=max_context, kv_policy=kv_policy, lora_form=lora_form,
                         weights=weights, quantize_embeddings=quantize_embeddings,
                         embedding_weights=embedding_weights, dtype=dtype, lora_weights=lora_weights,
-                        capture_options=dict(inputs=inputs, trust_pickle=trust_pickle,
+                        route_bucket=route_bucket, capture_options=dict(inputs=inputs, trust_pickle=trust_pickle,
                                              allow_export_mismatch=allow_export_mismatch, seq_len=seq_len, batch=batch))
     m = res.manifest
     loops = m.get("loops", [])

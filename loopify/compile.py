@@ -56,13 +56,18 @@ def loop_counts_to_check(loops: list[dict]) -> list[list[int]]:
     return [[r[min(i, len(r) - 1)] for r in ranges] for i in range(depth)]
 
 
+#: default gathered bucket of routed prefill steps (a fraction of the prompt's tokens)
+ROUTE_BUCKET = 0.25
+
+
 def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", arch: str | None = None,
                   mcpu: str | None = None, tune: bool = False, trials: int = 64, tuning_db: str | None = None,
                   rpc: str | None = None, schedule: str = "loopify", validate: bool = True,
                   capture_options: dict | None = None, max_context: int | None = None,
                   kv_policy: str = "per-depth", lora_form: str = "auto", weights: str = "float32",
                   quantize_embeddings: bool = False, embedding_weights: str | None = None,
-                  dtype: str = "float32", lora_weights: str = "float32") -> CompiledModel:
+                  dtype: str = "float32", lora_weights: str = "float32",
+                  route_bucket: float = ROUTE_BUCKET) -> CompiledModel:
     """Compile ``model`` for ``target`` into the artifact directory ``out`` (written atomically).
 
     ``max_context``: compile for generation instead (``prefill`` / ``decode`` entry points with a
@@ -81,6 +86,11 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
     ``lora_weights``: ``int8`` also quantises the per-depth LoRA (merged matrices and factors,
     per output row; :func:`loopify.nn.quant.quantize_lora_`); needs ``weights``.
 
+    ``route_bucket`` (generation, routed loops): a routed step's prefill gathers its kept
+    tokens into ``max(2, ceil(T * route_bucket))`` rows when they fit there (its blocks then run
+    on those rows only), else runs every token with the recursion-wise mask; 0: always the
+    latter. See :func:`loopify.generate.export.export_step`.
+
     ``dtype``: ``float16`` converts the weights, activations and KV cache to half precision
     (float16 kernels with float32 accumulation in the matmuls; for CUDA, and arm64 CPUs with
     half arithmetic); validated against the same model in float16 PyTorch
@@ -98,7 +108,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "x86", ar
     if max_context is not None:
         return compile_generation(model, out, target=target, arch=arch, mcpu=mcpu, schedule=schedule,
                                   validate=validate, max_context=max_context, kv_policy=kv_policy,
-                                  quant=qconfig, dtype=dtype, lora_form=lora_form)
+                                  quant=qconfig, dtype=dtype, lora_form=lora_form, route_bucket=route_bucket)
     from loopify.backends import tvm as tvm_backend
     from loopify.backends.tvm.build import CompileOptions
     from loopify.backends.tvm.targets import target_for
@@ -228,15 +238,16 @@ def _plan(config, model, module=None, program=None):
 
 
 def refuse_routers(module, model) -> None:
-    """Routed loops (the route pass) run in PyTorch only: TVM compilation of per-token depth is
-    not built yet. (Multi-resolution loops compile; what their generation artifacts cannot
-    serve, :func:`loopify.generate.export.layout` refuses.)"""
+    """Routed loops (the route pass) compile into generation artifacts (``--max-context``), where
+    a token's depth is decided per token; a forward artifact (fixed shapes, stages) of a routed
+    model is not built: its staged loop bodies run every token."""
     from loopify.nn import recursions
 
     routed = [p for p, r in recursions(module).items() if r.router is not None]
     if routed:
-        raise LoopifyError(f"{model}: {routed[0]} has a Mixture-of-Recursions router; routed loops run in PyTorch "
-                           "only for now (generate, eval, bench --backends eager), not in a TVM artifact")
+        raise LoopifyError(f"{model}: {routed[0]} has a Mixture-of-Recursions router: compile it for generation "
+                           "(--max-context N), where each token takes its own depth; a forward artifact of a routed "
+                           "model is not built")
 
 
 def lora_manifest(module, lora_form: str) -> dict:
@@ -284,7 +295,6 @@ def _generation_source(model: Path):
         from loopify.convert import load_converted
 
         module, inputs, manifest = load_converted(model)
-        refuse_routers(module, model)
         if manifest.get("architecture", {}).get("kind") != "hf":
             raise LoopifyError(f"{model}: generation needs a converted Hugging Face model (this one came from an "
                                "export archive, a fixed-shape graph without a KV cache)")
@@ -302,7 +312,8 @@ def _generation_source(model: Path):
 def compile_generation(model: str | Path, out: str | Path, *, target: str = "x86", arch: str | None = None,
                        mcpu: str | None = None, schedule: str = "loopify", validate: bool = True,
                        max_context: int = 512, kv_policy: str = "per-depth", quant=None,
-                       dtype: str = "float32", lora_form: str = "auto") -> CompiledModel:
+                       dtype: str = "float32", lora_form: str = "auto",
+                       route_bucket: float = ROUTE_BUCKET) -> CompiledModel:
     """Compile a causal LM (original or converted) for generation: ``prefill`` and ``decode``
     entry points over one set of weights, every prompt length up to ``max_context``, the loop
     count a run-time input. Validated on the host: prefill logits and a few greedy decode steps
@@ -323,6 +334,8 @@ def compile_generation(model: str | Path, out: str | Path, *, target: str = "x86
         raise LoopifyError(f"--kv-policy must be one of {', '.join(kv.POLICIES)}")
     if max_context < 2:
         raise LoopifyError("--max-context must be at least 2")
+    if not 0 <= route_bucket < 1:
+        raise LoopifyError(f"--route-bucket must be in [0, 1) (a fraction of the prompt's tokens), got {route_bucket:g}")
     model, out = Path(model), Path(out)
     tgt = target_for(target, arch=arch, mcpu=mcpu)  # bad target options before the work
     wrapper, inputs, assets, source = _generation_source(model)
@@ -336,7 +349,8 @@ def compile_generation(model: str | Path, out: str | Path, *, target: str = "x86
         raise LoopifyError(str(e)) from None
     qplan = _plan(quant, model, module=wrapper)
     try:
-        exported = export_step(wrapper, inputs, kv_policy, max_context, source.get("image_token_id"), lora_form)
+        exported = export_step(wrapper, inputs, kv_policy, max_context, source.get("image_token_id"), lora_form,
+                               route_bucket=route_bucket)
     except NotImplementedError as e:
         raise LoopifyError(f"{model}: {e}") from None
     with atomic_path(out, directory=True) as tmp:
@@ -388,9 +402,12 @@ def validate_generation(path: Path, wrapper, inputs: dict, policy: str, new_toke
         d = diff(ref, got)
         rows.append({"what": "prefill logits", "loops": counts, "ok": d.rel_err <= rtol,
                      "max_abs_err": d.max_abs_err, "rel_err": d.rel_err, "detail": f"rel err {d.rel_err:.3g}"})
-        a = run(EagerDecoder(wrapper, policy), [prompt], s, extra=extra).tokens[0]
-        b = run(TVMDecoder(art, policy, counts or None), [prompt], s, extra=extra).tokens[0]
-        rows.append({"what": "greedy tokens", "loops": counts, "ok": a == b, "detail": f"{b} vs eager {a}",
-                     "max_abs_err": 0.0, "rel_err": 0.0})
+        a = run(EagerDecoder(wrapper, policy), [prompt], s, extra=extra)
+        b = run(TVMDecoder(art, policy, counts or None), [prompt], s, extra=extra)
+        rows.append({"what": "greedy tokens", "loops": counts, "ok": a.tokens[0] == b.tokens[0],
+                     "detail": f"{b.tokens[0]} vs eager {a.tokens[0]}", "max_abs_err": 0.0, "rel_err": 0.0})
+        if a.depth:  # routed loops: every token took the depth it takes in PyTorch
+            rows.append({"what": "depths", "loops": counts, "ok": a.depth == b.depth,
+                         "detail": f"{b.depth} vs eager {a.depth}", "max_abs_err": 0.0, "rel_err": 0.0})
     set_loops(wrapper, None)
     return rows

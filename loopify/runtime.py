@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import platform
 import time
@@ -364,19 +365,37 @@ class GenerationArtifact:
         """Whether the entry points take and return a multi-resolution decode state."""
         return bool(self.gen["layout"].get("spiral"))
 
+    @property
+    def routed(self) -> list[str]:
+        """The loops with a Mixture-of-Recursions router (the entry points then take and return
+        each KV slot's validity per token, and return each token's depth per routed loop)."""
+        return list(self.gen["layout"].get("routed") or [])
+
+    def empty_valid(self) -> np.ndarray | None:
+        """Slot validity of no token, ``[S, 1, 0]``, for a routed artifact; None without."""
+        if not self.routed:
+            return None
+        return np.zeros((self.gen["layout"]["slots"], 1, 0), np.dtype(self.gen.get("dtype", "float32")))
+
     def step(self, entry: str, ids, mask, pos, k, v, loops, types=None, pixels=None, last: bool = False,
-             state=None):
+             state=None, valid=None):
         """One call of ``entry`` on numpy (or torch) inputs and the cache ``k``, ``v``; returns
         ``(logits [B, T, V], k, v)`` with the new tokens' keys and values appended. ``types``:
         token types of prefix-LMs (default 0); ``loops``: one count per loop; ``last``: the
         logits of the last token only (``[B, 1, V]``: an artifact with ``logit_rows`` then runs
         its LM head on that row alone). ``state``: the decode state of an artifact with
         multi-resolution loops (:meth:`empty_state` before the prompt); the new one is then
-        returned fourth."""
+        returned fourth. ``valid``: the slots' validity per cached token of an artifact with
+        routed loops (:meth:`empty_valid` before the prompt); the extended one and the call's
+        tokens' depths ``[R, B, T]`` (one row per routed loop) are then returned last."""
         if (state is None) == self.has_state:
             raise ArtifactError(f"{self.path}: " + ("this artifact has multi-resolution loops: give their decode "
                                                     "state (empty_state() before a prompt)" if state is None else
                                                     "this artifact has no multi-resolution decode state"))
+        if (valid is None) == bool(self.routed):
+            raise ArtifactError(f"{self.path}: " + ("this artifact has routed loops: give the slots' validity "
+                                                    "(empty_valid() before a prompt)" if valid is None else
+                                                    "this artifact has no routed loops"))
         args = [self.tensor(ids, "int64"), self.tensor(mask, "int64"), self.tensor(pos, "int64"),
                 self.tensor(k), self.tensor(v), self.tensor(loops, "int64")]
         if self.gen.get("token_types"):
@@ -388,11 +407,22 @@ class GenerationArtifact:
             args.append(self.tensor(np.arange(t - 1 if last else 0, t), "int64"))
         if state is not None:
             args.append(self.tensor(state))
-        logits, nk, nv, *new_state = (o.numpy() for o in self.run(entry, *args))
+        if valid is not None:
+            args.append(self.tensor(valid))
+            bucket = self.gen.get("route_bucket")
+            for j in range(1, int(self.gen.get("route_levels", 0)) + 1):  # the gathered buckets' rows
+                args.append(self.tensor(np.zeros(max(2, j * math.ceil(t * bucket)), np.float32)))  # (lengths only)
+        logits, nk, nv, *rest = (o.numpy() for o in self.run(entry, *args))
         if logits.dtype != np.float32:  # a float16 artifact: sampling and scores in float32
             logits = logits.astype(np.float32)
         k, v = np.concatenate([k, nk], axis=3), np.concatenate([v, nv], axis=3)
-        return (logits, k, v, new_state[0]) if state is not None else (logits, k, v)
+        out = (logits, k, v)
+        if state is not None:
+            out += (rest.pop(0),)
+        if valid is not None:
+            new_valid, depth = rest
+            out += (np.concatenate([valid, new_valid], axis=2), depth)
+        return out
 
 
 def load(path, *, device_id: int = 0, verify: bool = True, num_threads: int | None = None):

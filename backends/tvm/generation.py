@@ -212,9 +212,14 @@ def compile_generation(exported, target="x86", out=None, *, options=None, assets
                                "kv_heads": exported.heads, "head_dim": exported.head_dim, "vocab": exported.vocab,
                                "dtype": exported.dtype,
                                "inputs": ["input_ids", "attention_mask", "position_ids", "past_k", "past_v", "loops"]
-                               + (["spiral_state"] if exported.layout.spiral else []),
-                               "outputs": ["logits", "new_k", "new_v"] + (["spiral_state"] if exported.layout.spiral else []),
-                               **({"spiral_dim": exported.spiral_dim} if exported.layout.spiral else {})}}
+                               + (["spiral_state"] if exported.layout.spiral else [])
+                               + (["route_valid"] if exported.layout.routed else [])
+                               + [f"route_rows{j}" for j in range(exported.route_levels)],
+                               "outputs": ["logits", "new_k", "new_v"] + (["spiral_state"] if exported.layout.spiral else [])
+                               + (["new_valid", "depth"] if exported.layout.routed else []),
+                               **({"spiral_dim": exported.spiral_dim} if exported.layout.spiral else {}),
+                               **({"route_bucket": exported.route_bucket, "route_levels": exported.route_levels}
+                                  if exported.route_levels else {})}}
     if exported.lora:
         manifest["lora"] = exported.lora
     if qinfo is not None:

@@ -31,12 +31,33 @@ class TVMDecoder:
         self.loops = counts
         self.k = self.v = None
         self.state = None  # multi-resolution loops' decode state (None without)
+        self.valid = None  # routed loops: each slot's validity per cached token (None without)
+        self.depths: dict[str, list[np.ndarray]] = {k: [] for k in art.routed}
 
     def _call(self, entry: str, ids, mask, pos, types=None, pixels=None, last: bool = True):
-        logits, self.k, self.v, *state = self.art.step(entry, ids, mask, pos, self.k, self.v, self.loops, types,
-                                                        pixels, last, state=self.state)
-        self.state = state[0] if state else None
+        logits, self.k, self.v, *rest = self.art.step(entry, ids, mask, pos, self.k, self.v, self.loops, types,
+                                                       pixels, last, state=self.state, valid=self.valid)
+        self.state = rest.pop(0) if self.state is not None else None
+        if self.valid is not None:
+            self.valid, depth = rest
+            real = np.asarray(mask)[:, -depth.shape[-1]:] > 0
+            for key, d in zip(self.art.routed, depth):
+                self.depths[key].append(d[real])
         return logits[:, -1] if last else logits
+
+    def depth_stats(self) -> dict[str, dict] | None:
+        """Per routed loop: average recursion depth per token and its distribution (prompt and
+        decoded tokens), as :meth:`loopify.generate.eager.EagerDecoder.depth_stats`."""
+        if not self.depths:
+            return None
+        import torch
+
+        from loopify.nn.routing import depth_stats
+
+        counts = dict(zip([l["key"] for l in self.art.loops], self.loops))
+        return {k: depth_stats(torch.from_numpy(np.concatenate(v)) if v else torch.zeros(0, dtype=torch.long),
+                               int(counts.get(k, 0)))
+                for k, v in self.depths.items()}
 
     def prefill(self, batch: dict, last: bool = True):
         import torch
@@ -51,6 +72,8 @@ class TVMDecoder:
             raise GenerateError(f"{self.art.path}: a text-only model takes no --image")
         self.k, self.v = self.art.empty_cache()
         self.state = self.art.empty_state()
+        self.valid = self.art.empty_valid()
+        self.depths = {k: [] for k in self.art.routed}
         entry = "prefill" if pixels is None else "prefill_image"
         return torch.from_numpy(self._call(entry, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
                                            batch.get("token_type_ids"), pixels, last).copy())

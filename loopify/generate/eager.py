@@ -55,8 +55,8 @@ class EagerDecoder:
 
         if not self.routed:
             return None
-        return {k: depth_stats(torch.cat(v) if v else torch.zeros(0, dtype=torch.long), self.routed[k].loops)
-                for k, v in self.depths.items()}
+        # (a loop that ran over no text token, a vision tower's, has no depth per token to report)
+        return {k: depth_stats(torch.cat(v), self.routed[k].loops) for k, v in self.depths.items() if v}
 
     def prefill(self, batch: dict) -> torch.Tensor:
         self.cache = LoopCache(self.policy)

@@ -18,6 +18,7 @@ slots belong to depths that did not run).
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,9 @@ class Layout:
     #: the coarse schedule positions of multi-resolution loops, (loop key, position, factor): each
     #: has a decode state (the open group's partial sum, the last group's update) in ``spiral_state``
     spiral: tuple[tuple[str, int, int], ...] = ()
+    #: loops with a Mixture-of-Recursions router: the steps take and return each slot's validity
+    #: per token (``route_valid``, recursion-wise KV caching) and return each token's depth
+    routed: tuple[str, ...] = ()
 
     @property
     def slots(self) -> int:
@@ -53,7 +57,7 @@ class Layout:
 
     def to_dict(self) -> dict:
         return {"outside": list(self.outside), "loops": [list(l) for l in self.loops], "policy": self.policy,
-                "slots": self.slots, "spiral": [list(c) for c in self.spiral]}
+                "slots": self.slots, "spiral": [list(c) for c in self.spiral], "routed": list(self.routed)}
 
 
 def layout(module, policy: str, outside: list[int], cached: set[str] | None = None) -> Layout:
@@ -61,17 +65,37 @@ def layout(module, policy: str, outside: list[int], cached: set[str] | None = No
     are not in loops (as the attention modules' ``layer_idx`` says); each loop that uses the
     cache (``cached``: their keys; default all) then has a slot per depth it runs at its maximum
     count (per-depth) or per block (shared policies)."""
-    loops, first, coarse = [], len(outside), []
+    loops, first, coarse, routed = [], len(outside), [], []
     for rec in recursions(module).values():
         if cached is not None and rec.key not in cached:
             continue
+        if rec.router is not None:
+            _routed_decodable(rec, policy)
+            routed.append(rec.key)
         n = len(rec.depth_schedule(rec.spec.max_loops)) if policy == "per-depth" else len(rec.blocks)
         loops.append((rec.key, first, n))
         first += n
         if rec.spiral is not None:
             _spiral_decodable(rec, policy)
             coarse += [(rec.key, j, r) for j, r in enumerate(rec.spiral.spec.schedule) if r > 1]
-    return Layout(tuple(outside), tuple(loops), policy, tuple(coarse))
+    return Layout(tuple(outside), tuple(loops), policy, tuple(coarse), tuple(routed))
+
+
+def _routed_decodable(rec: Recursion, policy: str) -> None:
+    """A routed loop in a generation artifact: a decode-safe decision (token-choice, or
+    expert-choice by threshold), KV policy per-depth or share-first, no connector. Else
+    NotImplementedError (one line at the CLI)."""
+    why = None
+    if policy == "last":
+        why = "KV policy 'last' rewrites entries a routed depth does not hold for every token: use per-depth or share-first"
+    elif rec.router.kind == "expert" and rec.router.select != "threshold":
+        why = "top-k selection reads the whole sequence (not decode-safe): calibrate thresholds (loopify train does)"
+    elif rec.connector is not None:
+        why = "routers with connectors are not combined"
+    elif rec.spiral is not None:
+        why = "routers with a resolution schedule are not combined"
+    if why:
+        raise NotImplementedError(f"loop {rec.key}: a routed generation artifact: {why}")
 
 
 def _spiral_decodable(rec: Recursion, policy: str) -> None:
@@ -97,9 +121,18 @@ class ExportKV(Cache):
     are kept in ``new`` (index -> (keys, values)) to be returned."""
 
     def __init__(self, past_k: torch.Tensor, past_v: torch.Tensor, lay: Layout, index_of=None, plan=None,
-                 state: torch.Tensor | None = None):
+                 state: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                 attn: torch.Tensor | None = None):
         super().__init__(layers=[])
         self.past_k, self.past_v, self.lay = past_k, past_v, lay
+        # routed loops: each slot's validity per past token [S, B, P] (1 where the token ran the
+        # slot's depth), the call's new validity per slot and each routed loop's depth per token;
+        # ``attn``: the step's 2-D attention mask [B, P + T]
+        self.valid, self.attn = valid, attn
+        self.rows: list | None = None  # routed loops' gathered buckets (Step's route_rows)
+        self.levels = 0
+        self.new_valid: dict[int, torch.Tensor] = {}
+        self.depths: dict[str, torch.Tensor] = {}
         self.state = state  # [Q, B, 2, D] multi-resolution decode states (see Layout.spiral)
         self.new_state: dict[int, torch.Tensor] = {}
         self.new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -199,7 +232,8 @@ def _cond_forward(rec: Recursion, *args, **kwargs):
     h = (boxes[0][0] if where == "arg" else boxes[0][1])[s]
     for a, kw in boxes:
         (a if where == "arg" else kw)[s] = _STATE_SLOT
-    leaves, spec = pytree.tree_flatten(boxes)
+    paths, spec = pytree.tree_flatten_with_path(boxes)
+    leaves = [x for _, x in paths]
     # the cache (by keyword, or positional as nanoGPT passes it): replaced by a local one in branches
     caches = [x for x in leaves if isinstance(x, ExportKV)]
     cache = caches[0] if caches else None
@@ -207,13 +241,22 @@ def _cond_forward(rec: Recursion, *args, **kwargs):
         cache = None
     leaves = [_CACHE_SLOT if isinstance(x, ExportKV) else x for x in leaves]
     tensor_at = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+    # the side operands that run along the tokens (a routed step gathers them with its tokens)
+    along = [j for j, i in enumerate(tensor_at)
+             if {getattr(k, "key", None) for k in paths[i][0]} & {"position_embeddings", "position_ids"}]
     h, *side = _pin_data_dependent_sizes(rec, [h, *[leaves[i] for i in tensor_at]])
     # branches get every tensor as an operand: none may hide in what they close over
     leaves = [None if isinstance(x, torch.Tensor) else x for x in leaves]
     capture = _capture_begin()
     h_in = h
+    from loopify.nn.routing import mask_position
+
+    for block in rec.blocks:  # (outside the branches, which cannot run inspect)
+        mask_position(block)
     with _without_capture_hooks(rec):
-        if rec.spiral is not None:
+        if rec.router is not None:
+            h, after = _routed_groups(rec, h, side, leaves, spec, tensor_at, where, s, cache, n, along)
+        elif rec.spiral is not None:
             h, after = _spiral_groups(rec, h, side, leaves, spec, tensor_at, where, s, cache, n)
         else:
             h, after = _cond_groups(rec, h, side, leaves, spec, tensor_at, where, s, cache, n)
@@ -366,6 +409,170 @@ def _spiral_groups(rec, h, side, leaves, spec, tensor_at, where, s, cache, n):
     return h, after
 
 
+def _routed_units(rec: Recursion) -> list[tuple[int | None, list[Depth]]]:
+    """The loop's routed units (:func:`loopify.nn.routing.units`) at its maximum count, each as
+    (recursion step or None for straight depths, its depths)."""
+    from loopify.nn.routing import units
+
+    saved = rec.loops
+    rec.loops = rec.spec.max_loops
+    try:
+        us = units(rec)
+    finally:
+        rec.loops = saved
+    runs = [0] * len(rec.blocks)
+    out = []
+    for u in us:
+        ds = []
+        for depth, index in zip(u.depths, u.indices):
+            b = rec.block_for_depth(depth)
+            ds.append(Depth(rec.key, index, u.step if u.step is not None else 0, b, depth, runs[b]))
+            runs[b] += 1
+        out.append((u.step, ds))
+    return out
+
+
+
+
+def _routed_groups(rec, h, side, leaves, spec, tensor_at, where, s, cache, n, along=()):
+    """A routed loop (Mixture-of-Recursions) unrolled over its maximum count, batch 1.
+
+    Each routed unit (recursion step r) takes the router's decision from the state entering it,
+    exactly as :func:`loopify.nn.routing.run` does (token-choice: every token's depth at the
+    first step, its argmax over the first n logits; expert-choice: ``z_r >= threshold[r]`` among
+    the tokens still active), and runs under ``cond(n > r and any token kept)``: a decoded token
+    the router stops runs none of the step's blocks (the compute saved). Inside, the blocks run
+    on the call's tokens with the recursion-wise attention mask: a key is a token the step kept
+    (its slot's validity: ``route_valid`` for the past, the decision for the call's tokens) at or
+    before the query; a kept token gets ``h + s (f(h) - h)``, the others keep ``h``. The slot's
+    validity for the call's tokens is an output (``new_valid``), and each token's depth (the
+    steps it took) too. Straight units (middle-* first and last layers) run as unrouted groups."""
+    router = rec.router
+    after: dict[int, torch.Tensor] = {}
+    b, t = h.shape[0], h.shape[1]
+    active_box = [torch.ones(b, t, dtype=torch.bool, device=h.device)]
+    taken = torch.zeros(b, t, dtype=torch.long, device=h.device)
+    token_plan_box, decided, taken_at = [None], {}, set()
+    for r, group in _routed_units(rec):
+        runs = n > (r if r is not None else 0)
+        if cache is None:  # a loop without KV (a vision tower): the call's tokens are all there is
+            keep, scale = _decide(router, r, h, n, decided, token_plan_box, active_box)
+            if r is not None and r not in taken_at:
+                taken_at.add(r)
+                taken = taken + (keep & runs).long()
+            pred = runs if r is None else runs & (keep.long().sum() > 0)
+            ar = torch.arange(t, device=h.device)
+            ok = (keep.unsqueeze(1) & (ar.view(1, -1) <= ar.view(-1, 1))) | (ar.view(1, -1) == ar.view(-1, 1))
+            # as eager: when every token is kept the blocks see the model's own mask (a vision
+            # tower attends both ways), else the kept tokens at or before the query
+            every = keep.long().sum() == b * t
+            mask = _mask_form(ok | every, side, h.dtype)
+            model_mask = next((x for x in side if isinstance(x, torch.Tensor) and x.dim() == 4), None)
+            if model_mask is not None:
+                mask = torch.where(every, model_mask, mask)
+            ops = (h, *side, mask, keep,
+                   scale if scale is not None else torch.ones(b, t, dtype=h.dtype, device=h.device))
+            ctx = (rec, group, None, [], leaves, spec, tensor_at, where, s, None)
+            h = torch.cond(pred, _RoutedRun(ctx, routed=r is not None), _Skip(len(side) + 3, 0), ops)
+            after.update({d.depth: h for d in group})
+            continue
+        slots = [kv.slot(cache.lay.policy, d, 0) for d in group]
+        idx = sorted({cache.index_of(sk.key) for sk in slots})
+        if idx != list(range(idx[0], idx[-1] + 1)):
+            raise ValueError(f"loop {rec.key}: the slots of one step are not contiguous ({idx})")
+        reads = sorted({cache.index_of(sk.key) for sk in slots if sk.mode == "read"})
+        keep, scale = _decide(router, r, h, n, decided, token_plan_box, active_box)
+        if r is not None and r not in taken_at:
+            taken_at.add(r)
+            taken = taken + (keep & runs).long()
+        pred = runs if r is None else runs & (keep.long().sum() > 0)  # (TVM imports no aten.any)
+        # the keys' validity: the slot's past entries, and for the call's tokens what this step
+        # kept (a slot this step only reads: what its writer kept)
+        first = cache.index_of(slots[0].key)
+        cur = cache.new_valid[first] if slots[0].mode == "read" else keep
+        mask = _routed_mask(cache, first, cur, t, side, h.dtype)
+        ops = (h, *side, mask, keep, scale if scale is not None else torch.ones(b, t, dtype=h.dtype, device=h.device),
+               cache.past_k, cache.past_v,
+               *[cache.new[j][0].clone() for j in reads], *[cache.new[j][1].clone() for j in reads])
+        ctx = (rec, group, idx, reads, leaves, spec, tensor_at, where, s, cache)
+        skip = _Skip(len(side) + 3, len(idx), 2 * len(reads))
+        if r is not None and cache.rows is not None:
+            h, nk, nv = _bucketed(ctx, list(along), cache.levels, pred, keep, ops, skip,
+                                  (cache.valid[first], cur, cache.rows))
+        else:
+            out = torch.cond(pred, _RoutedRun(ctx, routed=r is not None), skip, ops)
+            h, nk, nv = out[0], out[1], out[2]
+        after.update({d.depth: h for d in group})
+        for q, j in enumerate(idx):
+            if j not in reads:
+                cache.new[j] = (nk[q], nv[q])
+                cache.new_valid[j] = keep & runs
+    if cache is not None:
+        cache.depths[rec.key] = taken
+    return h, after
+
+
+def _decide(router, r, h, n, decided: dict, token_plan_box: list, active_box: list):
+    """(keep [B, T] bool, scale [B, T] or None) of routed unit step ``r`` (None: a straight
+    unit, every token), as :class:`loopify.nn.routing._Decisions` decides: token-choice every
+    token's depth at the first step (argmax over the first n logits, ties to the deepest),
+    expert-choice ``z_r >= threshold[r]`` among the tokens still active; a step of sequence
+    sharing (several units) is decided at its first unit."""
+    b, t = h.shape[0], h.shape[1]
+    N = router.spec.steps
+    if r is None:
+        return torch.ones(b, t, dtype=torch.bool, device=h.device), None
+    if r in decided:
+        return decided[r]
+    if router.kind == "token":
+        if token_plan_box[0] is None:
+            z = router.logits(h)                                            # [B, T, N]
+            j = torch.arange(N, device=h.device)
+            zc = (z + router.balance_bias.to(z.dtype)).masked_fill(j >= n, float("-inf"))
+            best = zc.amax(-1, keepdim=True)
+            # the deepest index at the maximum (the eager argmax of the flipped logits)
+            choice = torch.where(zc == best, j, torch.zeros_like(j) - 1).amax(-1)
+            token_plan_box[0] = (choice + 1, router.scale(z.gather(-1, choice.unsqueeze(-1)).squeeze(-1)))
+        depth, scale = token_plan_box[0]
+        keep = depth > r
+    else:
+        z = router.logits(h)[..., min(r, N - 1)]
+        keep = active_box[0] & (z >= router.threshold[min(r, N - 1)])
+        active_box[0] = keep
+        scale = router.scale(z)
+    decided[r] = (keep, scale)
+    return keep, scale
+
+
+def _routed_mask(cache, slot: int, current: torch.Tensor, t: int, side, dtype) -> torch.Tensor:
+    """[B, 1, T, P + T] attention mask of a routed unit in the model's mask form: query i sees
+    the past keys valid in ``slot`` (``route_valid``: every past token is before every query),
+    and the call's key j <= i when it is valid (``current`` [B, T]: what the step kept, or its
+    writer kept); a query also sees its own key, so that a token the step did not keep has no
+    empty softmax row (its result is discarded); padding (the step's 2-D mask) never. Built
+    without the past length as a value (``arange(T) + P`` in a kernel broke TVM 0.27's FuseTIR,
+    see :class:`_CoarseRun`)."""
+    past = cache.valid[slot] > 0.5                                        # [B, P]
+    ar = torch.arange(t, device=current.device)
+    causal = ar.view(1, -1) <= ar.view(-1, 1)                             # [T, T]: key j <= query i
+    own = ar.view(1, -1) == ar.view(-1, 1)
+    now = (current.unsqueeze(1) & causal) | own                           # [B, T, T]
+    ok = torch.cat([past.unsqueeze(1).expand(-1, t, -1), now], -1)        # [B, T, P + T]
+    if cache.attn is not None:
+        ok = ok & (cache.attn > 0).unsqueeze(1)
+    return _mask_form(ok, side, dtype)
+
+
+def _mask_form(ok: torch.Tensor, side, dtype) -> torch.Tensor:
+    """[B, q, k] allowed -> the model's 4-D mask form (bool, or additive in its dtype)."""
+    from loopify.nn.spiral import _form
+
+    model_mask = next((x for x in side if isinstance(x, torch.Tensor) and x.dim() == 4), None)
+    if model_mask is None:
+        return _form(ok, dtype, additive=True)
+    return _form(ok, model_mask.dtype, additive=model_mask.dtype != torch.bool)
+
+
 def _record_after(after: dict, group, out, taps: int) -> torch.Tensor:
     """Note the state after each depth of a group (the per-depth states a connector's taps need,
     else the group's output for each) and return the group's output."""
@@ -446,8 +653,12 @@ class _Run:
         for d in group:
             a, kw = phases[d.depth % len(phases)]
             box = a if where == "arg" else kw
-            if mask is not None and "attention_mask" in kw and not isinstance(kw["attention_mask"], torch.Tensor):
-                kw["attention_mask"] = mask  # the model passed None (its attention's causal flag)
+            from loopify.nn.routing import mask_position, put_mask
+
+            if mask is not None and (mask_position(rec.blocks[d.block]) >= 0 or "attention_mask" in kw):
+                a = list(a)  # (the model may have passed None: its attention's causal flag)
+                put_mask(rec.blocks[d.block], a, kw, mask)
+                box = a if where == "arg" else kw
             box[s] = h
             out = rec.call_block(d.block, _overrides(rec, d), tuple(a), kw)
             h = out[0] if isinstance(out, tuple) else out
@@ -477,6 +688,162 @@ class _Skip:
         ks = [keys[q].clone() if q in keys else pk.new_zeros(shape) for q in range(self.n_slots)]
         vs = [vals[q].clone() if q in vals else pk.new_zeros(shape) for q in range(self.n_slots)]
         return h.clone(), torch.stack(ks), torch.stack(vs), *states
+
+
+class _RoutedRun(_Run):
+    """A routed unit's true branch: the unit's depths on every token of the call with the
+    recursion-wise mask, then the scaled update of the kept tokens (:func:`_routed_groups`)."""
+
+    def __init__(self, ctx, routed: bool):
+        super().__init__(ctx)
+        self.routed = routed
+
+    def __call__(self, h, *rest):
+        rec, group, idx, reads, leaves, spec, tensor_at, where, s, cache = self.ctx
+        nt = len(tensor_at)
+        side = rest[:nt]
+        if cache is None:  # no KV: the state alone
+            mask, keep, scale = rest[nt:nt + 3]
+            y, _states = self._blocks(h, side, None, mask if self.routed else None)
+            return self._update(h, y, keep, scale)
+        mask, keep, scale, pk, pv = rest[nt:nt + 5]
+        prev = rest[nt + 5:nt + 5 + 2 * len(reads)]
+        plan = [kv.slot(cache.lay.policy, d, 0) for d in group]
+        local = ExportKV(pk, pv, cache.lay, index_of=cache.index_of, plan=plan)
+        for j, k_, v_ in zip(reads, prev[:len(reads)], prev[len(reads):]):
+            local.new[j] = (k_, v_)
+        y, _states = self._blocks(h, side, local, mask if self.routed else None)
+        y = self._update(h, y, keep, scale)
+        zero = pk.new_zeros((pk.shape[1], pk.shape[2], h.shape[-2], pk.shape[4]))
+        got = [None if j in reads else local.new.get(j) for j in idx]
+        return (y, torch.stack([g[0] if g is not None else zero for g in got]),
+                torch.stack([g[1] if g is not None else zero for g in got]))
+
+    def _update(self, h, y, keep, scale):
+        """A kept token gets ``h + s (f(h) - h)``, the others keep ``h`` (a straight unit: f(h))."""
+        if not self.routed:
+            return y
+        upd = y + (scale.unsqueeze(-1).to(y.dtype) - 1) * (y - h)
+        return torch.where(keep.unsqueeze(-1), upd, h)
+
+
+class _GatheredRun(_Run):
+    """A routed unit on the kept tokens only, gathered into the bucket's m rows (``route_rows``'
+    length; taken when no more than m tokens are kept): the blocks run on ``[B, m, D]``, not on
+    the call's T tokens. Selection is by 0/1 matrices over the call's tokens (kept tokens first,
+    in order; gathers and a cumsum inside a branch made TVM 0.27's FuseTIR fail on the
+    multi-resolution steps, see :class:`_CoarseRun`): the rows' states, their rotary embeddings
+    and positions, and the new keys and values scattered back to their token's place (a token
+    not kept gets zeros, and its slot validity is 0). A row sees the past keys valid in its slot
+    and the kept rows of tokens at or before its own, as :func:`_routed_mask`."""
+
+    def __init__(self, ctx, gathered: list[int]):
+        super().__init__(ctx)
+        self.gathered = gathered  # side operands that run along the tokens
+
+    def __call__(self, h, *rest):
+        valid_past, valid_now, rows, rest = rest[-3], rest[-2], rest[-1], rest[:-3]
+        rec, group, idx, reads, leaves, spec, tensor_at, where, s, cache = self.ctx
+        nt = len(tensor_at)
+        side = list(rest[:nt])
+        _mask, keep, scale, pk, pv = rest[nt:nt + 5]
+        prev = rest[nt + 5:nt + 5 + 2 * len(reads)]
+        f = h.dtype
+        b, t = h.shape[0], h.shape[1]
+        m = rows.shape[0]  # the bucket's rows (rows past the call's tokens select nothing)
+        # rank of each token among the kept ones (kept first, in order), then the others
+        # (prefix counts as a matmul with a triangular 0/1 matrix: a cumsum in a branch broke FuseTIR)
+        kept = keep.to(f)
+        ar = torch.arange(t, device=h.device)
+        upper = (ar.view(-1, 1) <= ar.view(1, -1)).to(f)                                   # [T, T]: j <= i
+        before = torch.matmul(kept.unsqueeze(1), upper).squeeze(1)                         # kept at or before i
+        rank = torch.where(keep, before - 1, kept.sum(-1, keepdim=True) + (ar + 1).to(f) - before - 1)
+        sel = (rank.unsqueeze(1) == torch.arange(m, device=h.device).to(f).view(1, -1, 1)).to(f)   # [B, m, T]
+        x = torch.matmul(sel, h)                                                          # [B, m, D]
+        gkeep = torch.matmul(sel, kept.unsqueeze(-1)).squeeze(-1) > 0.5                   # [B, m]
+        tok = torch.matmul(sel, ar.to(f).view(1, -1, 1).expand(b, -1, -1)).squeeze(-1)   # [B, m]: each row's token
+        for i in self.gathered:
+            side[i] = _select_rows(side[i], sel)
+        plan = [kv.slot(cache.lay.policy, d, 0) for d in group]
+        local = ExportKV(pk, pv, cache.lay, index_of=cache.index_of, plan=plan)
+        for j, k_, v_ in zip(reads, prev[:len(reads)], prev[len(reads):]):
+            local.new[j] = (k_, v_)
+        # keys: the past (valid in the slot; before every query), then the call's: the gathered
+        # rows (their tokens' order decides causality; a row also sees itself) or, for a slot
+        # this step only reads, the writer's entries of every token of the call
+        first = plan[0]
+        past = valid_past > 0.5                                                            # [B, P]
+        if first.mode == "read":  # valid_now: what the writer kept, [B, T]
+            kt = ar.to(f).view(1, 1, -1)
+            now = (valid_now.unsqueeze(1) & (kt <= tok.unsqueeze(-1))) | (kt == tok.unsqueeze(-1))
+        else:
+            rows_ = torch.arange(m, device=h.device)
+            own = (rows_.view(1, -1) == rows_.view(-1, 1)).unsqueeze(0)
+            now = (gkeep.unsqueeze(1) & (tok.unsqueeze(1) <= tok.unsqueeze(-1))) | own
+        ok = torch.cat([past.unsqueeze(1).expand(-1, m, -1), now], -1)
+        mask = _mask_form(ok, side, f)
+        y, _states = self._blocks(x, side, local, mask)
+        sc = torch.matmul(sel, scale.to(f).unsqueeze(-1))                                  # [B, m, 1]
+        upd = torch.where(gkeep.unsqueeze(-1), y + (sc - 1) * (y - x), x)
+        back = sel.transpose(1, 2)                                                        # [B, T, m]
+        out = h + torch.matmul(back, upd - x)
+        zero = pk.new_zeros((b, pk.shape[2], t, pk.shape[4]))
+        ks, vs = [], []
+        for j in idx:
+            g = None if j in reads else local.new.get(j)
+            if g is None:
+                ks.append(zero), vs.append(zero)
+                continue
+            # [B, H, m, D] -> [B, H, T, D]: each gathered row back at its token's place
+            ks.append(torch.matmul(back.unsqueeze(1), g[0]))
+            vs.append(torch.matmul(back.unsqueeze(1), g[1]))
+        return out, torch.stack(ks), torch.stack(vs)
+
+
+def _select_rows(x, sel):
+    """``x`` ([B or 1, T, ...]: rotary embeddings, positions; tuples of them) at the selected rows
+    (``sel`` [B, m, T] 0/1)."""
+    if isinstance(x, (tuple, list)):
+        return type(x)(_select_rows(v, sel) for v in x)
+    if x.is_floating_point():
+        flat = x.expand(sel.shape[0], *x.shape[1:]).reshape(sel.shape[0], x.shape[1], -1)
+        return torch.matmul(sel.to(x.dtype), flat).reshape(sel.shape[0], sel.shape[1], *x.shape[2:])
+    got = torch.matmul(sel, x.expand(sel.shape[0], *x.shape[1:]).to(sel.dtype).unsqueeze(-1)).squeeze(-1)
+    return got.round().to(x.dtype)
+
+
+def _bucketed(ctx, gathered: list[int], levels: int, pred, keep, ops: tuple, skip, extra: tuple):
+    """A routed unit with gathered buckets (``route_rows``: one tensor per bucket, whose length is
+    its rows, ``j * ceil(T * fraction)`` for j = 1 .. levels: the caller computes them, each its
+    own symbolic size: ``j * M`` in the graph broke TVM's iteration-map analysis, "padding factor
+    not divisible"): the smallest bucket that holds
+    the kept tokens and is smaller than T runs :class:`_GatheredRun` on them, else every token
+    runs with the mask (:class:`_RoutedRun`; a decoded token, T = 1, always). One flat ``cond``
+    per bucket, exactly one of which runs: nested ``cond`` branches were traced again at every
+    level (a 15-block SmolLM2 step with three buckets did not finish exporting in 15 minutes).
+    The keys and values are the sum of the branches' (the others return zeros). Returns (h,
+    new keys, new values)."""
+    valid_past, valid_now, rows = extra
+    f = rows[0].dtype
+    count = keep.to(f).sum(-1).max()            # (sizes as tensors: TVM's importer cannot compare
+    t = (keep.to(f) * 0 + 1).sum(-1).max()      # a tensor with a size)
+    h = ops[0]
+    taken = torch.zeros((), dtype=torch.bool, device=keep.device)
+    nk = nv = None
+    branches = []
+    for j in range(levels):
+        size = (rows[j] + 1).sum()
+        here = pred & ~taken & (count <= size) & (size < t)
+        taken = taken | here
+        branches.append((here, _GatheredRun(ctx, gathered), (valid_past, valid_now, rows[j])))
+    branches.append((pred & ~taken, _RoutedRun(ctx, routed=True), ()))
+    for cond, run, more in branches:
+        out = torch.cond(cond, run, lambda h, *r, n=len(more): skip(h, *(r[:len(r) - n] if n else r)),
+                         (h, *ops[1:], *more))
+        h = out[0]
+        nk = out[1] if nk is None else nk + out[1]
+        nv = out[2] if nv is None else nv + out[2]
+    return h, nk, nv
 
 
 class _CoarseRun(_Run):
@@ -657,10 +1024,12 @@ def _factored_linears(wrapper):
 class Step(torch.nn.Module):
     """The decode step (see the module docstring) of a wrapped model (an ExportWrapper)."""
 
-    def __init__(self, wrapper, lay: Layout):
+    def __init__(self, wrapper, lay: Layout, route_bucket: float = 0.0):
         super().__init__()
         self.wrapper = wrapper
         self.lay = lay
+        # routed prefill: gathered buckets of j quanta (route_rows' length) for j * bucket < 1
+        self.route_levels = math.ceil(1 / route_bucket) - 1 if route_bucket else 0
         self.keys = [r.key for r in recursions(wrapper).values()]  # one count per loop, KV or not
 
     @property
@@ -672,13 +1041,21 @@ class Step(torch.nn.Module):
         return head if isinstance(head, torch.nn.Module) else None
 
     def forward(self, input_ids, attention_mask, position_ids, past_k, past_v, loops, token_type_ids=None,
-                pixel_values=None, logit_rows=None, spiral_state=None):
+                pixel_values=None, logit_rows=None, spiral_state=None, route_valid=None, route_rows=None):
         """``logit_rows`` ([L] int64 positions among the T new tokens): the LM head runs on those
         rows only (a prompt's prefill needs the last one; scoring needs all). ``spiral_state``
         ([Q, B, 2, D], multi-resolution loops: :attr:`Layout.spiral`): the decode states in, the
-        new ones a fourth output."""
+        new ones a fourth output. ``route_valid`` ([S, B, P] 0/1, routed loops:
+        :attr:`Layout.routed`): each slot's validity per past token in; the call's tokens'
+        validity ``[S, B, T]`` and each routed loop's depth per token ``[R, B, T]`` (int64) are
+        the last two outputs. ``route_rows`` (a list of ``route_levels`` tensors [M_j], values
+        unused): a routed step whose kept tokens fit in M_j rows (the smallest such bucket, M_j <
+        T) runs its blocks on those rows only (gathered); the caller sizes them, ``M_j = max(2,
+        j * ceil(T * route_bucket))``."""
         torch._check(attention_mask.shape[1] == past_k.shape[3] + input_ids.shape[1])
-        cache = ExportKV(past_k, past_v, self.lay, state=spiral_state)
+        cache = ExportKV(past_k, past_v, self.lay, state=spiral_state, valid=route_valid,
+                         attn=attention_mask if self.lay.routed else None)
+        cache.rows, cache.levels = (list(route_rows) if route_rows is not None else None), self.route_levels
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
@@ -688,6 +1065,14 @@ class Step(torch.nn.Module):
             out = self.wrapper.run_model(inputs, use_cache=True, cache=cache)
         logits = out if isinstance(out, torch.Tensor) else out["logits"]
         new_k, new_v = cache.stacked(input_ids.shape[1], past_k)
+        if self.lay.routed:
+            t = input_ids.shape[1]
+            ones = torch.ones(input_ids.shape[0], t, dtype=past_k.dtype, device=past_k.device)
+            valid = torch.stack([cache.new_valid[i].to(past_k.dtype) if i in cache.new_valid else ones
+                                 for i in range(self.lay.slots)])
+            zero = torch.zeros(input_ids.shape[0], t, dtype=torch.long, device=input_ids.device)
+            depths = torch.stack([cache.depths.get(k, zero) for k in self.lay.routed])
+            return logits, new_k, new_v, valid, depths
         if self.lay.spiral:
             states = [cache.new_state.get(q, spiral_state[q]) for q in range(len(self.lay.spiral))]
             # (one state: unsqueeze, not a one-element stack, whose concat of one input made TVM
@@ -717,9 +1102,48 @@ def kv_users(wrapper, inputs: dict, image_token_id=None) -> tuple[list[int], set
     cache = LoopCache()
     row = inputs["input_ids"][0]
     ids = (row[row != image_token_id] if image_token_id is not None else row)[:4].reshape(1, -1)
-    with torch.no_grad():
+    with torch.no_grad(), _every_token_routed(wrapper):
         wrapper.run_model({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, use_cache=True, cache=cache)
     return sorted(k[1] for k in cache.index if k[0] == "layer"), {k[1] for k in cache.index if k[0] == "loop"}
+
+
+@contextlib.contextmanager
+def _router_parameters(wrapper):
+    """While the steps export: each router's thresholds and balancing bias as (frozen)
+    parameters, so that they are weights of the artifact (``params.safetensors``), not constants
+    folded into its code: a capacity re-calibrated after compiling is a new value of
+    ``...router.threshold``, not a new compile."""
+    saved = []
+    for rec in recursions(wrapper).values():
+        r = rec.router
+        if r is None:
+            continue
+        for name in ("threshold", "balance_bias"):
+            t = r._buffers.pop(name)
+            r.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
+            saved.append((r, name, t))
+    try:
+        yield
+    finally:
+        for r, name, t in saved:
+            del r._parameters[name]
+            r.register_buffer(name, t)
+
+
+@contextlib.contextmanager
+def _every_token_routed(wrapper):
+    """While probing which loops use the cache: every expert router keeps every token (a trained
+    threshold may stop a short probe's tokens before any of the loop's attention runs)."""
+    saved = []
+    for rec in recursions(wrapper).values():
+        if rec.router is not None:
+            saved.append((rec.router, rec.router.threshold.clone()))
+            rec.router.threshold.fill_(float("-inf"))
+    try:
+        yield
+    finally:
+        for router, t in saved:
+            router.threshold.copy_(t)
 
 
 @dataclass
@@ -744,6 +1168,8 @@ class Exported:
     dtype: str = "float32"                         # of the weights, activations and KV cache
     spiral_dim: int = 0                            # width of the multi-resolution decode state
     lora: dict = field(default_factory=dict)  # each relaxed matrix's form (:func:`deploy`)
+    route_bucket: float = 0.0                      # routed prefill's gathered buckets (Step's route_rows) ...
+    route_levels: int = 0                          # ... and how many
 
 
 def float_dtype(module) -> torch.dtype:
@@ -758,14 +1184,14 @@ def kv_shape(wrapper, inputs: dict, lay: Layout, image_token_id=None) -> tuple[i
     cache = LoopCache(lay.policy)
     row = inputs["input_ids"][0]
     ids = (row[row != image_token_id] if image_token_id is not None else row)[:2].reshape(1, -1)
-    with torch.no_grad():
+    with torch.no_grad(), _every_token_routed(wrapper):
         wrapper.run_model({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, use_cache=True, cache=cache)
     k = cache.layers[0].keys
     return int(k.shape[1]), int(k.shape[3])
 
 
 def export_step(wrapper, inputs: dict, policy: str, max_context: int, image_token_id: int | None = None,
-                lora_form: str = "auto") -> Exported:
+                lora_form: str = "auto", route_bucket: float = 0.0) -> Exported:
     """torch.export of the decode step (see :class:`Step`) with symbolic token count T in
     [1, max_context] and past length P in [0, max_context - 1] (one program serves prefill and
     decode: the compiler binds T = 1 or P = 0 to specialise), batch 1. A vision-language model
@@ -777,11 +1203,17 @@ def export_step(wrapper, inputs: dict, policy: str, max_context: int, image_toke
 
     from loopify.nn import recursions
 
+    # a fresh dynamo state: the branches' code is traced again for every export, and what earlier
+    # exports in this process left (code caches of the same branch classes) broke the nested
+    # branches of routed steps ("lift_tracked_freevar_to_input should not be called on root")
+    torch._dynamo.reset()
     outside, cached = kv_users(wrapper, inputs, image_token_id)
     lay = layout(wrapper, policy, outside, cached)
     heads, hd = kv_shape(wrapper, inputs, lay, image_token_id)
     lora_info = deploy(wrapper, lora_form)
-    step = Step(wrapper, lay).eval()
+    if not 0 <= route_bucket < 1:
+        raise ValueError(f"route_bucket must be in [0, 1), got {route_bucket}")
+    step = Step(wrapper, lay, route_bucket if lay.routed else 0.0).eval()
     loops = [{"key": r.key, "min": 0 if r.deepen else 1, "max": r.spec.max_loops, "default": r.loops}
              for r in recursions(wrapper).values()]
     token_types = "token_type_ids" in inspect.signature(wrapper.model.forward).parameters
@@ -806,15 +1238,22 @@ def export_step(wrapper, inputs: dict, policy: str, max_context: int, image_toke
                                       "generation yet (groups that stop at the image's boundary)")
         kw["spiral_state"] = torch.zeros(len(lay.spiral), 1, 2, spiral_dim(wrapper), dtype=dt)
         ds["spiral_state"] = None
-    with torch.no_grad(), _factored_linears(wrapper):
+    if lay.routed:
+        kw["route_valid"] = torch.ones(lay.slots, 1, p, dtype=dt)
+        ds["route_valid"] = {2: P}
+    if lay.routed and step.route_levels:  # (example sizes apart: export must not tie the symbols)
+        kw["route_rows"] = [torch.zeros(2 + j) for j in range(step.route_levels)]
+        ds["route_rows"] = [{0: Dim(f"M{j}", min=2, max=max(max_context, 2 + j))} for j in range(step.route_levels)]
+    with torch.no_grad(), _factored_linears(wrapper), _router_parameters(wrapper):
         ep = torch.export.export(step, example, kw, dynamic_shapes=ds, strict=False)
         logits = step(*example, **kw)[0]
     out = Exported(ep, lay, heads, hd, int(logits.shape[-1]), loops, max_context, example + tuple(kw.values()),
                    token_types, logit_rows="logit_rows" in kw, dtype=str(dt).replace("torch.", ""),
                    spiral_dim=spiral_dim(wrapper) if lay.spiral else 0,
-                   lora=lora_info)
+                   lora=lora_info, route_bucket=float(route_bucket) if "route_rows" in kw else 0.0,
+                   route_levels=step.route_levels if "route_rows" in kw else 0)
     if "pixel_values" in inputs:
-        with _factored_linears(wrapper):
+        with _factored_linears(wrapper), _router_parameters(wrapper):
             _export_image_step(out, step, inputs, image_token_id, counts)
     return out
 
@@ -853,6 +1292,13 @@ def _export_image_step(out: Exported, step: Step, inputs: dict, image_token_id, 
           "loops": None, **({"token_type_ids": {1: T}} if out.token_types else {}), "pixel_values": None}
     if out.logit_rows:
         _with_logit_rows(kw, ds, t, out.max_context)
+    if out.layout.routed:
+        kw["route_valid"] = torch.zeros(out.layout.slots, 1, 0, dtype=getattr(torch, out.dtype))
+        ds["route_valid"] = None
+        if out.route_levels:
+            kw["route_rows"] = [torch.zeros(2 + j) for j in range(out.route_levels)]
+            ds["route_rows"] = [{0: Dim(f"M{j}", min=2, max=max(out.max_context, 2 + j))}
+                                for j in range(out.route_levels)]
     with torch.no_grad(), record_shapes(step.wrapper):
         step(*ex, **kw)  # eager: the loops' argument shapes on the example
     with torch.no_grad():

@@ -44,6 +44,11 @@ that were active there, with their absolute index and validity, so a decoded tok
 exactly the keys it would see in a prefill of the whole text (recursion-wise KV caching,
 policy ``per-depth``). ``share-first`` (MoR's recursive KV sharing) lets later recursions read
 the first recursion's slot: every token active at the first recursion is a key.
+
+Compiled generation (:mod:`loopify.generate.export`, ``_routed_groups``) takes the same
+decisions in the graph, per token: a routed step runs under ``cond`` on them (a decoded token
+the router stops runs none of its blocks), prefill gathers the kept tokens into buckets, and
+each KV slot's validity per token is explicit state.
 """
 
 from __future__ import annotations
@@ -447,11 +452,11 @@ def _call_unit(rec, unit, y, args: list, where: str, s, call_kwargs: dict, route
         d = Depth(rec.key, index, r if r is not None else 0, b, depth, runs[b])
         kw = dict(call_kwargs)
         tok = None
+        a = list(args)
         if routed is not None:
             routed_cache, q_index, valid = routed
-            kw["attention_mask"] = _routed_mask(routed_cache, d, q_index, valid, y.dtype)
+            put_mask(rec.blocks[b], a, kw, _routed_mask(routed_cache, d, q_index, valid, y.dtype))
             tok = _ROUTED.set((q_index, valid))
-        a = list(args)
         if where == "arg":
             a[s] = y
         else:
@@ -468,6 +473,35 @@ def _call_unit(rec, unit, y, args: list, where: str, s, call_kwargs: dict, route
         calls += 1
         y = out[0] if isinstance(out, tuple) else out
     return out, y, calls
+
+
+#: per block class: the position of ``attention_mask`` among its forward's parameters (-1: none)
+_MASK_AT: dict[type, int] = {}
+
+
+def mask_position(block) -> int:
+    """Where ``attention_mask`` is among ``block.forward``'s parameters (-1: not there); cached
+    per class (call it once outside traced code: a ``cond`` branch cannot run ``inspect``)."""
+    import inspect
+
+    cls = type(block)
+    if cls not in _MASK_AT:
+        try:
+            names = list(inspect.signature(block.forward).parameters)
+        except (TypeError, ValueError):
+            names = []
+        _MASK_AT[cls] = names.index("attention_mask") if "attention_mask" in names else -1
+    return _MASK_AT[cls]
+
+
+def put_mask(block, args: list, kwargs: dict, mask) -> None:
+    """Put ``mask`` in a block call's attention-mask argument: in its place among ``args`` where
+    the model passes it positionally (CLIP's encoder layers), else by keyword."""
+    at = _MASK_AT[type(block)] if type(block) in _MASK_AT else mask_position(block)
+    if 0 <= at < len(args):
+        args[at] = mask
+    else:
+        kwargs["attention_mask"] = mask
 
 
 def _update(h, x, y, keep, scale, idx, valid, tracing: bool):

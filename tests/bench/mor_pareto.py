@@ -11,6 +11,15 @@ where the loop time of one step is t(N) - t(N-1).
 
     python tests/bench/mor_pareto.py ROUTED.pt2 --data heldout.txt --calib train.txt \\
         --capacities 1,0.75,0.5,0.25 --windows 8 --seq 64 --threads 1 --json pareto.json --plot pareto.png
+
+With ``--generate``, wall-clock time against average depth for generation too: time to first
+token (prefill of a ``--prompt``-token held-out prompt) and the time per decoded token
+(``--new-tokens`` greedy), in eager PyTorch (the loop KV cache) and, with ``--artifact
+ROUTED.gen`` (``loopify compile ROUTED.pt2 --max-context N``), in the TVM artifact, whose
+thresholds are its weights: each capacity's calibrated thresholds are written into the loaded
+artifact, no compile per capacity. Fixed loop counts in the artifact: every token passes
+(thresholds -inf) at loops 1 .. N. Each phase's saving is compared with its ideal, from the
+average depth of the tokens it ran (the prompt's for prefill, the decoded tokens' for decode).
 """
 
 from __future__ import annotations
@@ -38,6 +47,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json")
     ap.add_argument("--plot")
+    ap.add_argument("--generate", action="store_true", help="also time prefill and decode (eager, and TVM with --artifact)")
+    ap.add_argument("--artifact", help="the routed model's generation artifact (loopify compile --max-context)")
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens for --generate")
+    ap.add_argument("--new-tokens", type=int, default=32)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
 
@@ -113,6 +126,9 @@ def main(argv=None) -> int:
             r["saved_of_ideal"] = r["saved_ms"] / ideal if ideal > 0 else None
     report = {"model": str(a.model), "seq": a.seq, "windows": len(held), "threads": a.threads, "rounds": a.rounds,
               "step_ms": step_ms, "results": [{k: v for k, v in r.items() if k != "times_ms"} for r in rows.values()]}
+    if a.generate:
+        prompt = next(w for w in windows(enc(a.data), a.prompt, 1) if len(w) == a.prompt)
+        report["generate"] = _generation_times(a, module, rs, configs, configure, prompt, n)
     print(f"{'config':<16} {'avg depth':>9} {'perplexity':>11} {'accuracy':>9} {'median ms':>10} {'min ms':>8} "
           f"{'saved/ideal':>11}")
     for r in report["results"]:
@@ -120,6 +136,18 @@ def main(argv=None) -> int:
         soi = r.get("saved_of_ideal")
         print(f"{name:<16} {r['depth']['average']:>9.3f} {r['perplexity']:>11.2f} {r['accuracy']:>9.3f} "
               f"{r['median_ms']:>10.1f} {r['min_ms']:>8.1f} {'' if soi is None else f'{soi:.2f}':>11}")
+    if a.generate:
+        g = report["generate"]
+        print(f"\ngeneration: prompt {a.prompt} tokens, {a.new_tokens} new tokens, {a.threads} thread(s), "
+              f"{a.rounds} interleaved rounds (median)")
+        print(f"{'backend':<8} {'config':<16} {'depth pre':>9} {'TTFT ms':>8} {'saved/ideal':>11} "
+              f"{'depth dec':>9} {'ms/token':>8} {'saved/ideal':>11}")
+        for r in g["results"]:
+            name = f"loops={r['value']}" if r["config"] == "loops" else f"capacity={r['value']:g}"
+            f = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
+            print(f"{r['backend']:<8} {name:<16} {r['prefill_depth']:>9.3f} {r['ttft_ms']:>8.1f} "
+                  f"{f(r.get('prefill_saved_of_ideal')):>11} {r['decode_depth']:>9.3f} {r['ms_per_token']:>8.2f} "
+                  f"{f(r.get('decode_saved_of_ideal')):>11}")
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=1))
     if a.plot:
@@ -128,7 +156,9 @@ def main(argv=None) -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        gen = report.get("generate")
+        fig, axes = plt.subplots(2 if gen else 1, 2, figsize=(10, 8 if gen else 4))
+        a1, a2 = axes[0] if gen else axes
         for kind, marker in (("loops", "s"), ("routed", "o")):
             rs_ = [r for r in report["results"] if r["config"] == kind]
             label = "fixed loop count" if kind == "loops" else "expert router (capacity)"
@@ -137,9 +167,96 @@ def main(argv=None) -> int:
         a1.set_xlabel("average recursion depth per token"), a1.set_ylabel("perplexity (held out)"), a1.set_yscale("log")
         a2.set_xlabel("average recursion depth per token"), a2.set_ylabel("eager forward, median ms")
         a1.legend(), a2.legend()
+        if gen:
+            for ax, key, depth, what in ((axes[1][0], "ttft_ms", "prefill_depth", f"prefill of {gen['prompt']} tokens, ms"),
+                                         (axes[1][1], "ms_per_token", "decode_depth", "decode, ms per token")):
+                for b, color in (("eager", "tab:green"), ("tvm", "tab:red")):
+                    for kind, marker, style in (("loops", "s", "-"), ("routed", "o", "--")):
+                        rs_ = sorted((r for r in gen["results"] if r["backend"] == b and r["config"] == kind),
+                                     key=lambda r: r[depth])
+                        if rs_:
+                            ax.plot([r[depth] for r in rs_], [r[key] for r in rs_], marker=marker, linestyle=style,
+                                    color=color, label=f"{b}, {'fixed loop count' if kind == 'loops' else 'router'}")
+                ax.set_xlabel("average recursion depth of the tokens run"), ax.set_ylabel(what)
+                ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(a.plot, dpi=120)
     return 0
+
+
+def _generation_times(a, module, rs, configs, configure, prompt: list[int], n: int) -> dict:
+    """Per backend and configuration: median time to first token and per decoded token, with the
+    average depth of the prompt's and the decoded tokens (see the module doc)."""
+    import numpy as np
+
+    from loopify.generate import Sampling
+    from loopify.generate.eager import EagerDecoder
+    from loopify.generate.engine import run
+
+    backends = {"eager": None}
+    art = None
+    if a.artifact:
+        from loopify import runtime
+        from loopify.generate.compiled import TVMDecoder
+
+        art = runtime.load(a.artifact, num_threads=a.threads)
+        names = art.manifest["params"]
+        at = {p: names.index(f"wrapper.{p}.router.threshold") for p in rs}
+        backends["tvm"] = art
+    sampling = Sampling(max_new_tokens=a.new_tokens + 1)  # the first token comes with the prefill
+
+    def thresholds_to_artifact(cfg):
+        for p, r in rs.items():
+            t = r.threshold if cfg[0] == "routed" else torch.full_like(r.threshold, float("-inf"))
+            art.params[at[p]] = art.tensor(t.numpy().astype(np.float32))
+
+    def one(backend, cfg):
+        configure(cfg)
+        loops = None if cfg[0] == "routed" else [cfg[1]] * len(art.loops if art else [1])
+        if backend == "eager":
+            dec = EagerDecoder(module)
+        else:
+            thresholds_to_artifact(cfg)
+            dec = TVMDecoder(art, "per-depth", loops if cfg[0] == "loops" else [n] * len(art.loops))
+        res = run(dec, [prompt], sampling)
+        if cfg[0] == "loops":
+            pre = dec_ = float(cfg[1])
+        else:
+            calls = list(dec.depths.values())[0]
+            to_np = lambda x: x.numpy() if hasattr(x, "numpy") else np.asarray(x)  # noqa: E731
+            pre = float(np.mean(to_np(calls[0])))
+            dec_ = float(np.mean(np.concatenate([to_np(c) for c in calls[1:]]))) if len(calls) > 1 else float("nan")
+        return res.ttft_s * 1e3, res.decode_s * 1e3 / max(res.decoded, 1), pre, dec_
+
+    rows = {(b, cfg): {"backend": b, "config": cfg[0], "value": cfg[1], "ttft": [], "tok": []}
+            for b in backends for cfg in configs}
+    for _ in range(a.rounds):
+        for b in backends:
+            for cfg in configs:
+                with torch.no_grad():
+                    ttft, tok, pre, dec_ = one(b, cfg)
+                r = rows[(b, cfg)]
+                r["ttft"].append(ttft), r["tok"].append(tok)
+                r["prefill_depth"], r["decode_depth"] = pre, dec_
+    out = []
+    for b in backends:
+        full, less = rows[(b, ("loops", n))], rows[(b, ("loops", n - 1))]
+        for key, depth_key, name in (("ttft", "prefill_depth", "prefill"), ("tok", "decode_depth", "decode")):
+            t_full, t_less = statistics.median(full[key]), statistics.median(less[key])
+            for cfg in configs:
+                r = rows[(b, cfg)]
+                r[f"{key}_median"] = t = statistics.median(r[key])
+                if cfg[0] == "routed":
+                    ideal = (1 - r[depth_key] / n) * n * (t_full - t_less)
+                    r[f"{name}_saved_of_ideal"] = (t_full - t) / ideal if ideal > 0 else None
+        for cfg in configs:
+            r = rows[(b, cfg)]
+            out.append({"backend": b, "config": r["config"], "value": r["value"], "ttft_ms": r["ttft_median"],
+                        "ms_per_token": r["tok_median"], "prefill_depth": r["prefill_depth"],
+                        "decode_depth": r["decode_depth"],
+                        **{k: r[k] for k in ("prefill_saved_of_ideal", "decode_saved_of_ideal") if k in r}})
+    configure(configs[-1])
+    return {"prompt": a.prompt, "new_tokens": a.new_tokens, "results": out}
 
 
 if __name__ == "__main__":

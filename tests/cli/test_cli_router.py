@@ -28,10 +28,14 @@ def test_convert_with_a_router_records_it(llama, tmp_path):
     m = json.loads(out.with_suffix(".json").read_text())
     assert m["pipeline"].endswith("route{kind=expert,capacity=1.0:0.5}")
     assert m["config"]["capacity"] == [1.0, 0.5] and m["loops"][0]["router"] == "expert"
-    # routed loops do not compile to TVM yet: one line, before any work
+    # a routed model compiles for generation (tests/generate/test_routed_artifact.py); a forward
+    # artifact (staged fixed-shape bodies that run every token) is refused in one line, before any work
     _error(CliRunner().invoke(cli, ["compile", str(out), "-o", str(tmp_path / "x86")]),
-           "routed loops run in PyTorch only")
+           "compile it for generation (--max-context N)")
     assert not (tmp_path / "x86").exists()
+    _error(CliRunner().invoke(cli, ["compile", str(out), "-o", str(tmp_path / "g"), "--max-context", "32",
+                                    "--route-bucket", "1.5"]), "--route-bucket must be in [0, 1)")
+    assert not (tmp_path / "g").exists()
 
 
 def test_router_option_refusals(llama, tmp_path):
