@@ -1203,12 +1203,13 @@ def export_step(wrapper, inputs: dict, policy: str, max_context: int, image_toke
 
     from loopify.nn import recursions
 
-    # a fresh dynamo state: the branches' code is traced again for every export, and what earlier
-    # exports in this process left (code caches of the same branch classes) broke the nested
-    # branches of routed steps ("lift_tracked_freevar_to_input should not be called on root")
-    torch._dynamo.reset()
     outside, cached = kv_users(wrapper, inputs, image_token_id)
     lay = layout(wrapper, policy, outside, cached)
+    if lay.routed:
+        # a fresh dynamo state: what earlier exports in this process left (code caches of the same
+        # branch classes) broke routed steps' branches ("lift_tracked_freevar_to_input should not
+        # be called on root SubgraphTracer", after the other generation tests in one process)
+        torch._dynamo.reset()
     heads, hd = kv_shape(wrapper, inputs, lay, image_token_id)
     lora_info = deploy(wrapper, lora_form)
     if not 0 <= route_bucket < 1:
