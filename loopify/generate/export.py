@@ -330,6 +330,16 @@ def _without_capture_hooks(rec: Recursion):
             m._forward_hooks[k] = fn
 
 
+def _group_slots(rec, cache, group):
+    """(slot of each depth, the group's slot indices (contiguous), the indices it only reads)."""
+    slots = [kv.slot(cache.lay.policy, d, 0) for d in group]
+    idx = sorted({cache.index_of(sk.key) for sk in slots})
+    if idx != list(range(idx[0], idx[-1] + 1)):
+        raise ValueError(f"loop {rec.key}: the slots of one step are not contiguous ({idx})")
+    reads = sorted({cache.index_of(sk.key) for sk in slots if sk.mode == "read"})
+    return slots, idx, reads
+
+
 def _cond_groups(rec, h, side, leaves, spec, tensor_at, where, s, cache, n):
     """The groups under cond; returns the hidden state and the state after each depth (the
     output of the depth's group: a group that does not run passes its input through)."""
@@ -344,11 +354,7 @@ def _cond_groups(rec, h, side, leaves, spec, tensor_at, where, s, cache, n):
                              (h, *side, *conn))
             h = _record_after(after, group, out, taps)
             continue
-        slots = [kv.slot(cache.lay.policy, d, 0) for d in group]
-        idx = sorted({cache.index_of(sk.key) for sk in slots})
-        if idx != list(range(idx[0], idx[-1] + 1)):
-            raise ValueError(f"loop {rec.key}: the slots of one step are not contiguous ({idx})")
-        reads = sorted({cache.index_of(sk.key) for sk in slots if sk.mode == "read"})
+        slots, idx, reads = _group_slots(rec, cache, group)
         # slots an earlier recursion wrote and this one replaces (Ouro's "last"): when the step
         # does not run, they keep the earlier entries (not zeros)
         held = [j for j in idx if j not in reads and j in cache.new]
@@ -455,44 +461,34 @@ def _routed_groups(rec, h, side, leaves, spec, tensor_at, where, s, cache, n, al
     token_plan_box, decided, taken_at = [None], {}, set()
     for r, group in _routed_units(rec):
         runs = n > (r if r is not None else 0)
+        keep, scale = _decide(router, r, h, n, decided, token_plan_box, active_box)
+        if r is not None and r not in taken_at:
+            taken_at.add(r)
+            taken = taken + (keep & runs).long()
+        pred = runs if r is None else runs & (keep.long().sum() > 0)  # (TVM imports no aten.any)
+        if scale is None:
+            scale = torch.ones(b, t, dtype=h.dtype, device=h.device)
         if cache is None:  # a loop without KV (a vision tower): the call's tokens are all there is
-            keep, scale = _decide(router, r, h, n, decided, token_plan_box, active_box)
-            if r is not None and r not in taken_at:
-                taken_at.add(r)
-                taken = taken + (keep & runs).long()
-            pred = runs if r is None else runs & (keep.long().sum() > 0)
             ar = torch.arange(t, device=h.device)
             ok = (keep.unsqueeze(1) & (ar.view(1, -1) <= ar.view(-1, 1))) | (ar.view(1, -1) == ar.view(-1, 1))
             # as eager: when every token is kept the blocks see the model's own mask (a vision
             # tower attends both ways), else the kept tokens at or before the query
             every = keep.long().sum() == b * t
             mask = _mask_form(ok | every, side, h.dtype)
-            model_mask = next((x for x in side if isinstance(x, torch.Tensor) and x.dim() == 4), None)
-            if model_mask is not None:
-                mask = torch.where(every, model_mask, mask)
-            ops = (h, *side, mask, keep,
-                   scale if scale is not None else torch.ones(b, t, dtype=h.dtype, device=h.device))
+            if _model_mask(side) is not None:
+                mask = torch.where(every, _model_mask(side), mask)
+            ops = (h, *side, mask, keep, scale)
             ctx = (rec, group, None, [], leaves, spec, tensor_at, where, s, None)
             h = torch.cond(pred, _RoutedRun(ctx, routed=r is not None), _Skip(len(side) + 3, 0), ops)
             after.update({d.depth: h for d in group})
             continue
-        slots = [kv.slot(cache.lay.policy, d, 0) for d in group]
-        idx = sorted({cache.index_of(sk.key) for sk in slots})
-        if idx != list(range(idx[0], idx[-1] + 1)):
-            raise ValueError(f"loop {rec.key}: the slots of one step are not contiguous ({idx})")
-        reads = sorted({cache.index_of(sk.key) for sk in slots if sk.mode == "read"})
-        keep, scale = _decide(router, r, h, n, decided, token_plan_box, active_box)
-        if r is not None and r not in taken_at:
-            taken_at.add(r)
-            taken = taken + (keep & runs).long()
-        pred = runs if r is None else runs & (keep.long().sum() > 0)  # (TVM imports no aten.any)
+        slots, idx, reads = _group_slots(rec, cache, group)
         # the keys' validity: the slot's past entries, and for the call's tokens what this step
         # kept (a slot this step only reads: what its writer kept)
         first = cache.index_of(slots[0].key)
         cur = cache.new_valid[first] if slots[0].mode == "read" else keep
         mask = _routed_mask(cache, first, cur, t, side, h.dtype)
-        ops = (h, *side, mask, keep, scale if scale is not None else torch.ones(b, t, dtype=h.dtype, device=h.device),
-               cache.past_k, cache.past_v,
+        ops = (h, *side, mask, keep, scale, cache.past_k, cache.past_v,
                *[cache.new[j][0].clone() for j in reads], *[cache.new[j][1].clone() for j in reads])
         ctx = (rec, group, idx, reads, leaves, spec, tensor_at, where, s, cache)
         skip = _Skip(len(side) + 3, len(idx), 2 * len(reads))
@@ -567,10 +563,15 @@ def _mask_form(ok: torch.Tensor, side, dtype) -> torch.Tensor:
     """[B, q, k] allowed -> the model's 4-D mask form (bool, or additive in its dtype)."""
     from loopify.nn.spiral import _form
 
-    model_mask = next((x for x in side if isinstance(x, torch.Tensor) and x.dim() == 4), None)
+    model_mask = _model_mask(side)
     if model_mask is None:
         return _form(ok, dtype, additive=True)
     return _form(ok, model_mask.dtype, additive=model_mask.dtype != torch.bool)
+
+
+def _model_mask(side):
+    """The model's 4-D attention mask among a block call's tensor arguments (None: it passed none)."""
+    return next((x for x in side if isinstance(x, torch.Tensor) and x.dim() == 4), None)
 
 
 def _record_after(after: dict, group, out, taps: int) -> torch.Tensor:
@@ -906,12 +907,7 @@ class _CoarseRun(_Run):
         the model's mask form (bool, or additive in ``dtype``)."""
         keys = torch.arange(pos.shape[0] + p, device=pos.device)
         ok = (((keys + 1) % r == 0).view(1, -1) & (keys.view(1, -1) <= pos.view(-1, 1))) | (keys.view(1, -1) == pos.view(-1, 1))
-        from loopify.nn.spiral import _form
-
-        model_mask = next((x for x in side if isinstance(x, torch.Tensor) and x.dim() == 4), None)
-        if model_mask is None:
-            return _form(ok.unsqueeze(0), dtype, additive=True)
-        return _form(ok.unsqueeze(0), model_mask.dtype, additive=model_mask.dtype != torch.bool)
+        return _mask_form(ok.unsqueeze(0), side, dtype)
 
 
 class _CoarseOpen:
