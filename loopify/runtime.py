@@ -295,6 +295,39 @@ class Artifact:
                 "repeat": repeat}
 
 
+class KVPool:
+    """Where a decoder's cache lives between calls: per cache tensor, two 64-byte-aligned host
+    buffers, reused. The cache after a call (the one before it with the call's new tokens
+    appended) is written into the buffer the one before it does not occupy, and a CPU artifact
+    reads it in place (DLPack, no copy). Before, each decode step copied the whole cache twice
+    more into freshly allocated memory (the append, then the copy into a TVM tensor): at 512
+    tokens of context, 16.5 of the SmolLM2 artifact's 55 ms per token (1 thread)."""
+
+    ALIGN = 64
+
+    def __init__(self):
+        self._bufs: dict[str, list] = {}
+
+    def append(self, name: str, old: np.ndarray, new: np.ndarray, axis: int) -> np.ndarray:
+        shape = list(old.shape)
+        shape[axis] += new.shape[axis]
+        n = math.prod(shape)
+        bufs = self._bufs.setdefault(name, [None, None])
+        i = 1 if bufs[0] is not None and np.may_share_memory(old, bufs[0]) else 0
+        if bufs[i] is None or bufs[i].size < n or bufs[i].dtype != old.dtype:
+            bufs[i] = _aligned_empty(max(n, n * 3 // 2), old.dtype, self.ALIGN)  # room to grow
+        out = bufs[i][:n].reshape(shape)
+        np.concatenate([old, new], axis=axis, out=out)
+        return out
+
+
+def _aligned_empty(n: int, dtype, align: int) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    raw = np.empty(n * dtype.itemsize + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + n * dtype.itemsize].view(dtype)
+
+
 class GenerationArtifact:
     """A generation artifact: ``prefill`` and ``decode`` entry points over one set of weights
     (see :mod:`loopify.backends.tvm.generation`). Each takes ``(input_ids, attention_mask,
@@ -334,6 +367,11 @@ class GenerationArtifact:
         if hasattr(x, "detach"):
             x = x.detach().cpu().numpy()
         x = np.ascontiguousarray(x if dtype is None else np.asarray(x, dtype=dtype))
+        if self.device.dlpack_device_type() == 1 and x.size and x.ctypes.data % KVPool.ALIGN == 0:
+            try:  # a CPU artifact reads an aligned host array in place (a cache: KVPool)
+                return tvm.runtime.from_dlpack(x)
+            except Exception:  # noqa: BLE001 - copied below
+                pass
         return tvm.runtime.tensor(x, self.device)
 
     def run(self, entry: str, *args):
@@ -378,7 +416,7 @@ class GenerationArtifact:
         return np.zeros((self.gen["layout"]["slots"], 1, 0), np.dtype(self.gen.get("dtype", "float32")))
 
     def step(self, entry: str, ids, mask, pos, k, v, loops, types=None, pixels=None, last: bool = False,
-             state=None, valid=None):
+             state=None, valid=None, pool: KVPool | None = None):
         """One call of ``entry`` on numpy (or torch) inputs and the cache ``k``, ``v``; returns
         ``(logits [B, T, V], k, v)`` with the new tokens' keys and values appended. ``types``:
         token types of prefix-LMs (default 0); ``loops``: one count per loop; ``last``: the
@@ -387,7 +425,8 @@ class GenerationArtifact:
         multi-resolution loops (:meth:`empty_state` before the prompt); the new one is then
         returned fourth. ``valid``: the slots' validity per cached token of an artifact with
         routed loops (:meth:`empty_valid` before the prompt); the extended one and the call's
-        tokens' depths ``[R, B, T]`` (one row per routed loop) are then returned last."""
+        tokens' depths ``[R, B, T]`` (one row per routed loop) are then returned last.
+        ``pool``: where the extended cache is written (:class:`KVPool`; new arrays without)."""
         if (state is None) == self.has_state:
             raise ArtifactError(f"{self.path}: " + ("this artifact has multi-resolution loops: give their decode "
                                                     "state (empty_state() before a prompt)" if state is None else
@@ -415,7 +454,10 @@ class GenerationArtifact:
         logits, nk, nv, *rest = (o.numpy() for o in self.run(entry, *args))
         if logits.dtype != np.float32:  # a float16 artifact: sampling and scores in float32
             logits = logits.astype(np.float32)
-        k, v = np.concatenate([k, nk], axis=3), np.concatenate([v, nv], axis=3)
+        if pool is not None:
+            k, v = pool.append("k", k, nk, 3), pool.append("v", v, nv, 3)
+        else:
+            k, v = np.concatenate([k, nk], axis=3), np.concatenate([v, nv], axis=3)
         out = (logits, k, v)
         if state is not None:
             out += (rest.pop(0),)

@@ -39,6 +39,13 @@ def vector_math_pass():
         inner = c(math.sqrt(2.0 / math.pi), x) * x * (c(1.0, x) + c(0.044715, x) * x * x)
         return c(0.5, x) * x * (c(1.0, x) + topi.fast_tanh(inner))
 
+    def softmax(x, axis):
+        # max, then the sum of fast_exp(x - max), then fast_exp(x - max) / sum: the exponentials
+        # are recomputed in the normalisation (a vector polynomial) instead of stored full size
+        mx = topi.max(x, axis=axis, keepdims=True)
+        e = topi.fast_exp(topi.subtract(x, mx))
+        return topi.divide(e, topi.sum(e, axis=axis, keepdims=True))
+
     fast = {"relax.exp": (topi.fast_exp, "fast_exp"), "relax.sigmoid": (sigmoid, "fast_sigmoid"),
             "relax.tanh": (topi.fast_tanh, "fast_tanh"), "relax.erf": (topi.fast_erf, "fast_erf"),
             "relax.nn.silu": (lambda x: topi.multiply(x, sigmoid(x)), "fast_silu"),
@@ -49,6 +56,10 @@ def vector_math_pass():
         def visit_call_(self, call):
             call = super().visit_call_(call)
             op = getattr(call.op, "name", None)
+            if op == "relax.nn.softmax" and _float32(call.args[0]):
+                ndim = len(call.args[0].ty.shape)
+                if int(call.attrs.axis) % ndim == ndim - 1:  # a row softmax (the row rules' shape)
+                    return self.builder_.call_te(softmax, call.args[0], ndim - 1, primfunc_name_hint="fast_softmax")
             if op in fast and len(call.args) == 1 and _float32(call.args[0]):
                 fn, name = fast[op]
                 return self.builder_.call_te(fn, call.args[0], primfunc_name_hint=name)

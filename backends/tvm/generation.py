@@ -92,6 +92,43 @@ def bound_branches(mod):
     return out
 
 
+def transposed_activations(mod):
+    """``mod`` with each ``matmul(a, permute_dims(b))`` whose ``b`` is an activation (attention's
+    keys) given a materialised transpose: for prefill entries. ``FuseTransposeMatmul`` would
+    make it an NT matmul reading the keys in place, which suits decode (one query row per head
+    group: a GEMV over the cache) but not prefill, where the outer-product kernel on a
+    transposed copy ran the scores of a 512-token prompt 6x faster than the NT dot kernel
+    (whose 64-long rows spend as long in lane sums as in FMAs)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax import PyExprMutator, expr_functor
+
+    matmul, permute = tvm.ir.Op.get("relax.matmul"), tvm.ir.Op.get("relax.permute_dims")
+
+    @expr_functor.mutator
+    class _Materialise(PyExprMutator):
+        params: list = []
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.same_as(matmul)) or not isinstance(call.args[1], relax.Var):
+                return call
+            bound = self.lookup_binding(call.args[1])
+            if (isinstance(bound, relax.Call) and isinstance(bound.op, tvm.ir.Op) and bound.op.same_as(permute)
+                    and not any(bound.args[0].same_as(p) for p in self.params)):
+                dtype = call.args[1].ty.dtype
+                kept = self.builder_.emit(relax.op.astype(call.args[1], dtype))  # (blocks the NT fusion)
+                return relax.Call(call.op, [call.args[0], kept], call.attrs)
+            return call
+
+    rw = _Materialise(mod)
+    for gv, f in mod.functions_items():
+        if isinstance(f, relax.Function):
+            rw.params = list(f.params)
+            rw.builder_.update_func(gv, rw.visit_expr(f))
+    return rw.builder_.get()
+
+
 def used_weights(mod) -> set[int]:
     """Indices (into the weights: ``main``'s inputs after ``num_input``) that ``main`` uses."""
     from tvm import relax
@@ -165,6 +202,8 @@ def build_entries(exported, target: dict, options, timings: dict, quant=None):
         # prefill keeps P symbolic (it also serves a prompt after a cached one): bound to 0,
         # constant folding makes zero-size constants, which TVM 0.27 saves but cannot load back
         m = specialise(m, binds) if binds is not None else m
+        if name != "decode":
+            m = transposed_activations(m)
         if quant is not None:
             # after specialising: each entry's fused dequantise-matmul kernels get its shapes
             # (decode's are GEMVs, M = 1), not the symbolic prefill's

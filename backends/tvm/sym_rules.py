@@ -41,7 +41,7 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .cpu_rules import _buffer, _const, _is_cpu, _lanes, _largest_divisor, _vars_in
+from .cpu_rules import _buffer, _const, _is_cpu, _lanes, _largest_divisor, _split_symbolic, _vars_in
 
 log = logging.getLogger(__name__)
 
@@ -379,15 +379,17 @@ class MatmulLike(ScheduleRule):
         if vl is None or vl < 4:
             return None
         N = _const(sch.get(lj).extent)
-        nj = _largest_divisor(N, [self.nj, 4, 3, 2, 1]) if N is not None else 1
+        nj = _largest_divisor(N, [self.nj, 4, 3, 2, 1]) if N is not None else self.nj
         M = _const(sch.get(li).extent)
         mi = self.mi if M is None else (_largest_divisor(M, [self.mi, 4, 3, 2, 1]) or 1)
         nb = len(batch)
-        if M is None or M % mi:
-            # a symbolic M: pad it to the row tile (A copied into a padded buffer, C written
-            # back from one): the kernel then has no predicate, which kept its accumulators in
-            # memory (a conditional store per FMA)
-            *batch, li, lj, lk = self._pad(sch, block, [1] * nb + [mi, 1, 1], lanes)
+        if M is None or M % mi or N is None:
+            # a symbolic M (or N: attention's scores over the keys, grouped query heads as rows)
+            # padded to the tile (the operand copied into a padded buffer, C written back from
+            # one): the kernel then has no predicate, which kept its accumulators in memory (a
+            # conditional store per FMA); a symbolic N at one column per tile ran 12x slower
+            *batch, li, lj, lk = self._pad(sch, block, [1] * nb + [mi if (M is None or M % mi) else 1,
+                                                                     nj if N is None else 1, 1], lanes)
         self._late(sch, mm)
         io, ii = sch.split(li, [None, mi])
         jo, ji = sch.split(lj, [None, nj])
@@ -488,8 +490,7 @@ def _vectorize_inner(sch, block_rv, lanes: int) -> None:
     inner = loops[-1]
     n = _const(sch.get(inner).extent)
     if n is None:
-        _, v = sch.split(inner, [None, lanes])
-        sch.vectorize(v)
+        _split_symbolic(sch, inner, lanes)
     elif n % lanes == 0 and n > lanes:
         _, v = sch.split(inner, [None, lanes])
         sch.vectorize(v)
@@ -523,7 +524,10 @@ class RowReduction(ScheduleRule):
         # elementwise chains over the full row (x * rsqrt, then * weight) become one block
         kept = []
         for b in infos[:-1]:
-            if b.is_injective() and len(sch.get_loops(b.block_rv)) == len(sch.get_loops(last.block_rv)):
+            # (a block read twice, such as a softmax's exponentials by its sum and its
+            # normalisation, is computed once at the row instead)
+            if (b.is_injective() and len(sch.get_loops(b.block_rv)) == len(sch.get_loops(last.block_rv))
+                    and len(sch.get_consumers(b.block_rv)) <= 1):
                 try:
                     sch.compute_inline(b.block_rv)
                     continue
@@ -553,36 +557,67 @@ class RowReduction(ScheduleRule):
             sch.parallel(row)
         else:
             row = None
+        # reductions as vector partial results first (rfactor wants the reduction at the top of
+        # its own loop nest), then every block at the row before any is split: a producer
+        # computed at a row whose consumer's loop was already split by vectors took the padded,
+        # clamped extent of its region (``min(0, (S + 15) // 16 * 16 - 1)`` terms), whose
+        # predicate nothing could partition
+        partials = {}
+        if row is not None:
+            for n, b in enumerate(infos[:-1]):
+                if not b.is_injective():
+                    partials[n] = _rfactor_lanes(sch, b.block_rv, lanes)
+            for n in reversed(range(len(infos) - 1)):
+                sch.compute_at(infos[n].block_rv, row, preserve_unit_loops=True)
+                if partials.get(n) is not None:
+                    sch.compute_at(partials[n], row, preserve_unit_loops=True)
         _vectorize_inner_safe(sch, last.block_rv, lanes, rows)
-        for b in reversed(infos[:-1]):
-            if row is not None:
-                sch.compute_at(b.block_rv, row, preserve_unit_loops=True)
-            if b.is_injective():
-                _vectorize_inner_safe(sch, b.block_rv, lanes, rows)
-            elif rows > 0:
-                _reduce_in_lanes(sch, b.block_rv, lanes)
+        for n in reversed(range(len(infos) - 1)):
+            if infos[n].is_injective():
+                _vectorize_inner_safe(sch, infos[n].block_rv, lanes, rows)
+            elif partials.get(n) is not None:
+                _vector_partials(sch, partials[n], lanes)
         return sch
 
 
-def _reduce_in_lanes(sch, block_rv, lanes: int) -> None:
-    """A row reduction (sum, max) as ``lanes`` partial results in a vector, then their sum:
-    the exponentials of a softmax's sum (and the squares of a norm) are computed a vector at a
-    time instead of one by one. A row whose length is symbolic runs its last vector under a
-    predicate. Left serial where TVM refuses the rfactor (the reduction is still right)."""
+def _rfactor_lanes(sch, block_rv, lanes: int):
+    """A row reduction (sum, max) as ``lanes`` partial results (the rfactor block, returned),
+    then their reduction (the block itself): the exponentials of a softmax's sum (and the
+    squares of a norm) are computed a vector at a time instead of one by one. None where TVM
+    refuses it (the reduction stays serial, and right)."""
     loops = sch.get_loops(block_rv)
     n = _const(sch.get(loops[-1]).extent)
-    if n is not None and (n % lanes or n <= lanes):
-        return
+    if n is None or n % lanes or n <= lanes:
+        # a symbolic length stays serial: its last vector needs the split's predicate, which
+        # compute_at drops from the partial results' block (it read past the row: measured
+        # wrong at 100 of 128 columns)
+        return None
     try:
-        ko, ki = sch.split(loops[-1], [None, lanes])
+        _, ki = sch.split(loops[-1], [None, lanes])
         rf = sch.rfactor(ki, factor_axis=len(sch.get(block_rv).writes[0].region))
         sch.set_scope(rf, 0, _REGISTERS)
-        rl = sch.get_loops(rf)
-        sch.vectorize(rl[-1])
-        init = sch.decompose_reduction(rf, rl[-2])
-        sch.vectorize(sch.get_loops(init)[-1])
+        return rf
     except Exception as e:  # noqa: BLE001
-        log.debug("row reduction left serial: %s", e)
+        log.debug("row reduction left serial: %s", str(e).splitlines()[-1] if str(e) else e)
+        return None
+
+
+def _vector_partials(sch, rf, lanes: int) -> None:
+    """Schedule the partial results of :func:`_rfactor_lanes` once at their row: the row's
+    vectors (the reduction loop) outside, the lanes inside and vectorised, initialised before
+    the row; a row of symbolic length runs its last vector under a predicate, and only that
+    one (:func:`_split_symbolic`'s partition hint)."""
+    rl = sch.get_loops(rf)
+    red = rl[-1]
+    lane = next((lp for lp in reversed(rl[1:-1]) if _const(sch.get(lp).extent) == lanes), None)
+    if lane is None:
+        return
+    sch.reorder(red, lane)
+    sch.vectorize(lane)
+    if _const(sch.get(red).extent) is None:
+        sch.annotate(red, "pragma_loop_partition_hint", 1)
+    init = sch.decompose_reduction(rf, red)
+    sch.vectorize(sch.get_loops(init)[-1])
 
 
 def _vectorize_inner_safe(sch, block_rv, lanes, rows):

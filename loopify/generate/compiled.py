@@ -30,13 +30,17 @@ class TVMDecoder:
             [loops] * len(art.loops) if isinstance(loops, int) else list(loops))
         self.loops = counts
         self.k = self.v = None
+        from loopify.runtime import KVPool
+
+        self.pool = KVPool()  # the cache's buffers, reused from call to call
         self.state = None  # multi-resolution loops' decode state (None without)
         self.valid = None  # routed loops: each slot's validity per cached token (None without)
         self.depths: dict[str, list[np.ndarray]] = {k: [] for k in art.routed}
 
     def _call(self, entry: str, ids, mask, pos, types=None, pixels=None, last: bool = True):
         logits, self.k, self.v, *rest = self.art.step(entry, ids, mask, pos, self.k, self.v, self.loops, types,
-                                                       pixels, last, state=self.state, valid=self.valid)
+                                                       pixels, last, state=self.state, valid=self.valid,
+                                                       pool=self.pool)
         self.state = rest.pop(0) if self.state is not None else None
         if self.valid is not None:
             self.valid, depth = rest

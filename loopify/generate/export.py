@@ -1241,7 +1241,9 @@ def export_step(wrapper, inputs: dict, policy: str, max_context: int, image_toke
     if lay.routed and step.route_levels:  # (example sizes apart: export must not tie the symbols)
         kw["route_rows"] = [torch.zeros(2 + j) for j in range(step.route_levels)]
         ds["route_rows"] = [{0: Dim(f"M{j}", min=2, max=max(max_context, 2 + j))} for j in range(step.route_levels)]
-    with torch.no_grad(), _factored_linears(wrapper), _router_parameters(wrapper):
+    from loopify.generate.attention import grouped
+
+    with torch.no_grad(), _factored_linears(wrapper), _router_parameters(wrapper), grouped(wrapper):
         ep = torch.export.export(step, example, kw, dynamic_shapes=ds, strict=False)
         logits = step(*example, **kw)[0]
     out = Exported(ep, lay, heads, hd, int(logits.shape[-1]), loops, max_context, example + tuple(kw.values()),
@@ -1250,6 +1252,8 @@ def export_step(wrapper, inputs: dict, policy: str, max_context: int, image_toke
                    lora=lora_info, route_bucket=float(route_bucket) if "route_rows" in kw else 0.0,
                    route_levels=step.route_levels if "route_rows" in kw else 0)
     if "pixel_values" in inputs:
+        # (sdpa's own attention here: with no past the keys' length is T, and the grouped form's
+        # reshapes made export guard on it, "min(T, T*T) == T")
         with _factored_linears(wrapper), _router_parameters(wrapper):
             _export_image_step(out, step, inputs, image_token_id, counts)
     return out
