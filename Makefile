@@ -62,7 +62,7 @@ demo: $(STAMP)
 
 # The test suite (slow cases excluded; LOOPIFY_SLOW=1 includes them).
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not bench" --timeout=900 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not bench" --timeout=900 --durations=20 $(PYTEST_ARGS)
 
 # Everything, slow cases included (the all-sharing-maps sweep, the large benchmark model export).
 test-all: $(STAMP)
