@@ -603,10 +603,9 @@ def _rfactor_lanes(sch, block_rv, lanes: int):
 
 
 def _vector_partials(sch, rf, lanes: int) -> None:
-    """Schedule the partial results of :func:`_rfactor_lanes` once at their row: the row's
-    vectors (the reduction loop) outside, the lanes inside and vectorised, initialised before
-    the row; a row of symbolic length runs its last vector under a predicate, and only that
-    one (:func:`_split_symbolic`'s partition hint)."""
+    """Schedule the partial results of :func:`_rfactor_lanes` once at their row (``compute_at``
+    puts the lanes outermost there): the row's vectors (the reduction loop) outside, the lanes
+    inside and vectorised, initialised before the row."""
     rl = sch.get_loops(rf)
     red = rl[-1]
     lane = next((lp for lp in reversed(rl[1:-1]) if _const(sch.get(lp).extent) == lanes), None)
@@ -614,8 +613,6 @@ def _vector_partials(sch, rf, lanes: int) -> None:
         return
     sch.reorder(red, lane)
     sch.vectorize(lane)
-    if _const(sch.get(red).extent) is None:
-        sch.annotate(red, "pragma_loop_partition_hint", 1)
     init = sch.decompose_reduction(rf, red)
     sch.vectorize(sch.get_loops(init)[-1])
 

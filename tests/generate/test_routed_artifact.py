@@ -43,7 +43,10 @@ def _routed_pt2(written, path, kind: str, rank: int = 4):
     return path
 
 
-@pytest.fixture(scope="module", params=[("expert", "per-depth"), ("token", "share-first")],
+# (token-choice with share-first is a slow case: each artifact's compile is 2.5 minutes of the
+# 30 that make test may take; LOOPIFY_SLOW=1 runs it)
+@pytest.fixture(scope="module", params=[("expert", "per-depth"),
+                                        pytest.param(("token", "share-first"), marks=pytest.mark.slow)],
                 ids=["expert-per-depth", "token-share-first"])
 def routed_artifact(written, tmp_path_factory, request):
     from loopify.compile import compile_model
