@@ -321,6 +321,9 @@ class KVPool:
         return out
 
 
+_DLPACK_CPU = 1  # DLPack's kDLCPU: host memory a CPU artifact can read in place
+
+
 def _aligned_empty(n: int, dtype, align: int) -> np.ndarray:
     dtype = np.dtype(dtype)
     raw = np.empty(n * dtype.itemsize + align, np.uint8)
@@ -367,7 +370,7 @@ class GenerationArtifact:
         if hasattr(x, "detach"):
             x = x.detach().cpu().numpy()
         x = np.ascontiguousarray(x if dtype is None else np.asarray(x, dtype=dtype))
-        if self.device.dlpack_device_type() == 1 and x.size and x.ctypes.data % KVPool.ALIGN == 0:
+        if self.device.dlpack_device_type() == _DLPACK_CPU and x.size and x.ctypes.data % KVPool.ALIGN == 0:
             try:  # a CPU artifact reads an aligned host array in place (a cache: KVPool)
                 return tvm.runtime.from_dlpack(x)
             except Exception:  # noqa: BLE001 - copied below
@@ -426,7 +429,8 @@ class GenerationArtifact:
         returned fourth. ``valid``: the slots' validity per cached token of an artifact with
         routed loops (:meth:`empty_valid` before the prompt); the extended one and the call's
         tokens' depths ``[R, B, T]`` (one row per routed loop) are then returned last.
-        ``pool``: where the extended cache is written (:class:`KVPool`; new arrays without)."""
+        ``pool``: where the extended cache (and validity) is written (:class:`KVPool`; new arrays
+        without)."""
         if (state is None) == self.has_state:
             raise ArtifactError(f"{self.path}: " + ("this artifact has multi-resolution loops: give their decode "
                                                     "state (empty_state() before a prompt)" if state is None else
@@ -463,7 +467,9 @@ class GenerationArtifact:
             out += (rest.pop(0),)
         if valid is not None:
             new_valid, depth = rest
-            out += (np.concatenate([valid, new_valid], axis=2), depth)
+            valid = pool.append("valid", valid, new_valid, 2) if pool is not None else np.concatenate(
+                [valid, new_valid], axis=2)
+            out += (valid, depth)
         return out
 
 
