@@ -51,6 +51,7 @@ class GenBenchSpec:
     rounds: int = 3
     warmup: int = 1
     ggufs: list[str] = field(default_factory=list)        # llama.cpp rows: GGUF files of the original
+    prepack: bool = False    # loopify's eager rows on oneDNN-packed linear weights (loopify.nn.prepack)
 
 
 def llama_cpp_available() -> bool:
@@ -185,8 +186,9 @@ def _open(cfg: GenConfig, spec: GenBenchSpec):
             raise LoopifyError("tvm backend: give the generation artifacts (original, converted)")
         g = open_model(spec.artifacts[idx], threads=spec.threads)
         src = open_model(spec.converted if cfg.model == "converted" else spec.original)
-    else:
-        g = src = open_model(spec.converted if cfg.model == "converted" else spec.original)
+    else:  # (transformers' own generate runs the unpacked layers)
+        g = src = open_model(spec.converted if cfg.model == "converted" else spec.original,
+                             prepack=spec.prepack and cfg.backend == "eager")
     module = src.make_decoder("per-depth", None).wrapper
     wbytes = weight_bytes_per_token(module, cfg.loops, _quantised_bytes(module, g) if cfg.backend == "tvm" else None)
     vocab = int(src.config.get("vocab_size") or 32000)
@@ -339,7 +341,8 @@ def run(spec: GenBenchSpec, progress=None) -> dict:
     rows = [_row(c, n, msgs, workers[c][2]["weight_bytes"], bw) for (c, n), msgs in results.items()]
     return {"machine": {**machine(), "threads": spec.threads, "bandwidth_gbs": bw},
             "method": {"rounds": spec.rounds, "warmup": spec.warmup, "new_tokens": spec.new_tokens,
-                       "prompt_lengths": list(spec.prompt_lengths), "interleaved": True, "process_per_config": True},
+                       "prompt_lengths": list(spec.prompt_lengths), "interleaved": True, "process_per_config": True,
+                       "eager_prepack": spec.prepack},
             "results": rows, "ratios": ratios(rows), "notes": notes}
 
 

@@ -483,8 +483,10 @@ def run_cmd(model, loops_s, inputs, out_file, save_inputs, threads):
                                                "(llama.cpp at loopify's precision).")
 @click.option("--lora-form", type=click.Choice(["auto", "merged", "factored"]), default="auto", show_default=True,
               help="Per-depth LoRA of the converted model in PyTorch (as `compile --lora-form`).")
+@click.option("--prepack", is_flag=True, help="--generate: loopify's eager rows run linear layers on oneDNN-packed "
+                                              "weights (as `generate --prepack`).")
 def bench_cmd(original, converted, artifacts, backends, loops_s, threads, seq, batch, rounds, per_round, warmup, json_out,
-              plot, gen, prompt_lengths, new_tokens, kv_policies, kv_table, ggufs, gguf_f32, lora_form):
+              plot, gen, prompt_lengths, new_tokens, kv_policies, kv_table, ggufs, gguf_f32, lora_form, prepack):
     """Benchmark CONVERTED (a `loopify convert` output) against ORIGINAL, side by side.
 
     ARTIFACTS: the TVM artifact directories of the original and the converted model (compiled
@@ -499,9 +501,11 @@ def bench_cmd(original, converted, artifacts, backends, loops_s, threads, seq, b
     loops = _loops_option(loops_s)
     if ggufs and not gen:
         raise LoopifyError("--gguf is for --generate (llama.cpp rows)")
+    if prepack and not gen:
+        raise LoopifyError("--prepack is for --generate (loopify's eager decoder)")
     if gen:
         return _bench_generate(original, converted, artifacts, backends, loops, threads, rounds, warmup, json_out,
-                               plot, prompt_lengths, new_tokens, kv_policies, kv_table, ggufs, gguf_f32)
+                               plot, prompt_lengths, new_tokens, kv_policies, kv_table, ggufs, gguf_f32, prepack)
     spec = bench.BenchSpec(str(original), str(converted), [str(a) for a in artifacts],
                            tuple(b.strip() for b in backends.split(",") if b.strip()),
                            tuple([loops] if isinstance(loops, int) else loops) if loops is not None else None,
@@ -539,7 +543,7 @@ def _progress(desc: str):
 
 
 def _bench_generate(original, converted, artifacts, backends, loops, threads, rounds, warmup, json_out, plot,
-                    prompt_lengths, new_tokens, kv_policies, kv_table, ggufs=(), gguf_f32=False):
+                    prompt_lengths, new_tokens, kv_policies, kv_table, ggufs=(), gguf_f32=False, prepack=False):
 
     from loopify import bench_generate as bg
     from loopify.nn.kv import POLICIES
@@ -559,7 +563,7 @@ def _bench_generate(original, converted, artifacts, backends, loops, threads, ro
         raise LoopifyError(f"--prompt-lengths {prompt_lengths!r}: give comma-separated integers") from None
     spec = bg.GenBenchSpec(str(original), str(converted), [str(a) for a in artifacts], chosen,
                            tuple([loops] if isinstance(loops, int) else loops) if loops is not None else None,
-                           policies, lengths, new_tokens, threads, rounds, warmup)
+                           policies, lengths, new_tokens, threads, rounds, warmup, prepack=prepack)
     if ggufs:
         if not bg.llama_cpp_available():
             raise LoopifyError("--gguf needs llama-cpp-python (pip install 'loopify[bench-llamacpp]': it builds "
@@ -577,6 +581,7 @@ def _bench_generate(original, converted, artifacts, backends, loops, threads, ro
             spec.ggufs.append(str(write_float_copy(g, Path(tmp.name) / f"{g.stem}.f32.gguf")))
     click.echo(f"bench --generate: backends={','.join(chosen)} loops={spec.loops or 'all'} kv={','.join(policies)} "
                f"prompts={','.join(map(str, lengths))} new_tokens={new_tokens} threads={threads} rounds={rounds} "
+               f"{'prepack ' if prepack else ''}"
                "(interleaved, one process per configuration)", err=True)
     bar, step = _progress("bench")
     try:
@@ -633,6 +638,9 @@ def _bench_generate(original, converted, artifacts, backends, loops, threads, ro
 @click.option("--balance", type=click.Choice(["loss", "bias"]), default="loss", show_default=True,
               help="Token router: the balancing loss, or MoR's loss-free balancing bias.")
 @click.option("--bias-rate", type=float, default=1e-3, show_default=True, help="Loss-free bias update per step.")
+@click.option("--shared-prefix/--no-shared-prefix", default=True, show_default=True,
+              help="Run the deepest depth once and replay each loop's state after k steps for the smaller depths "
+                   "(cycle and deepen loops; the same losses and gradients, fewer block calls).")
 @click.option("--objective", type=click.Choice(["auto", "kl", "cosine", "mse", "token-cosine", "ce"]), default="auto",
               show_default=True,
               help="auto: KL on logits, cosine on pooled embeddings for encoders; token-cosine: every token's hidden "
@@ -686,9 +694,12 @@ def train_cmd(converted, teacher, data, out, groups, capacity, lr_scale, **kw):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--stop", "stops", multiple=True, metavar="TEXT", help="Stop a row when its text contains TEXT (repeatable).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (TVM and PyTorch).")
+@click.option("--prepack", is_flag=True,
+              help="Eager models: run linear layers on oneDNN-packed weights (faster; a second copy of those weights "
+                   "in memory; float results differ in the last bits). Artifacts ignore it.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write tokens, texts, timings as JSON.")
 def generate_cmd(model, prompts, prompt_ids, image, chat, max_new_tokens, loops_s, kv_policy, temperature, top_p, seed,
-                 stops, threads, json_out):
+                 stops, threads, prepack, json_out):
     """Generate from MODEL (a Hugging Face directory, a GGUF file, a converted .pt2 or an artifact
     directory): prefill each prompt, then decode token by token with a KV cache. Streams the text
     of a single prompt as it is decoded, then prints time to first token, decode tokens/s and the
@@ -699,7 +710,7 @@ def generate_cmd(model, prompts, prompt_ids, image, chat, max_new_tokens, loops_
     loops = _loops_option(loops_s)
     if not prompts and not prompt_ids:
         raise LoopifyError("give --prompt TEXT or --prompt-ids I,J,...")
-    g = gen.open_model(model, threads=threads)
+    g = gen.open_model(model, threads=threads, prepack=prepack)
     ids = [g.encode(p, chat) for p in prompts] + [_ids_option(p) for p in prompt_ids]
     extra = {}
     if image is not None:
@@ -712,7 +723,8 @@ def generate_cmd(model, prompts, prompt_ids, image, chat, max_new_tokens, loops_
                      stop=tuple(stops))
     click.echo(f"generate: {g.kind} {model} loops={loops if loops is not None else 'default'} kv={kv_policy} "
                f"prompts={len(ids)} ({', '.join(str(len(p)) for p in ids)} tokens) max_new_tokens={max_new_tokens} "
-               f"temperature={temperature} top_p={top_p} seed={seed}", err=True)
+               f"temperature={temperature} top_p={top_p} seed={seed}"
+               f"{' prepack' if prepack and g.kind != 'artifact' else ''}", err=True)
     single = len(ids) == 1
     res = g.generate(ids, s, loops=loops, policy=kv_policy, extra=extra,
                      stream=(lambda row, text: click.echo(text, nl=False)) if single else None)

@@ -23,8 +23,12 @@ class EagerDecoder:
     """``prefill`` / ``decode`` / ``kv_bytes`` (see :mod:`loopify.generate.engine`) for a wrapped
     model (:class:`loopify.capture.hf.ExportWrapper`)."""
 
-    def __init__(self, wrapper, policy: str = "per-depth"):
+    def __init__(self, wrapper, policy: str = "per-depth", prepack: bool = False):
         self.wrapper = wrapper
+        if prepack:  # oneDNN-packed linear weights (loopify.nn.prepack): faster, last-bit float differences
+            from loopify.nn.prepack import prepack as _prepack
+
+            _prepack(wrapper)
         self.policy = policy
         self.cache: LoopCache | None = None
         from loopify.nn import recursions

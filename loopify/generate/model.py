@@ -142,8 +142,10 @@ def _text_config(cfg: dict) -> dict:
     return cfg.get("text_config") or cfg
 
 
-def open_model(path: str | Path, *, threads: int | None = None) -> Generator:
-    """A :class:`Generator` for ``path`` (original, converted ``.pt2`` or artifact directory)."""
+def open_model(path: str | Path, *, threads: int | None = None, prepack: bool = False) -> Generator:
+    """A :class:`Generator` for ``path`` (original, converted ``.pt2`` or artifact directory).
+    ``prepack``: an eager model runs its linear layers on oneDNN-packed weights
+    (:mod:`loopify.nn.prepack`); an artifact has its own kernels and ignores it."""
     path = Path(path)
     if threads:
         torch.set_num_threads(threads)
@@ -154,16 +156,16 @@ def open_model(path: str | Path, *, threads: int | None = None) -> Generator:
     from loopify.converted import is_converted
 
     if is_converted(path):
-        return _open_converted(path)
-    return _open_original(path)
+        return _open_converted(path, prepack)
+    return _open_original(path, prepack)
 
 
-def _set_loops_decoder(wrapper, policy, loops):
+def _set_loops_decoder(wrapper, policy, loops, prepack: bool = False):
     from loopify.generate.eager import EagerDecoder
     from loopify.nn import set_loops
 
     set_loops(wrapper, loops)
-    return EagerDecoder(wrapper, policy)
+    return EagerDecoder(wrapper, policy, prepack=prepack)
 
 
 def _vision(wrapper, info: dict) -> dict:
@@ -172,7 +174,7 @@ def _vision(wrapper, info: dict) -> dict:
             "model_type": str(info.get("model_type", ""))}
 
 
-def _open_converted(path: Path) -> Generator:
+def _open_converted(path: Path, prepack: bool = False) -> Generator:
     from loopify.convert import load_converted
 
     module, inputs, manifest = load_converted(path)
@@ -190,13 +192,13 @@ def _open_converted(path: Path) -> Generator:
     assets = Path(inputs.info["assets_dir"])
     cfg = _json(assets, "config.json")
     info = {**manifest["source"], "pixel_shape": _pixel_shape(inputs.kwargs)}
-    return Generator(path, "converted", lambda policy, loops: _set_loops_decoder(module, policy, loops),
+    return Generator(path, "converted", lambda policy, loops: _set_loops_decoder(module, policy, loops, prepack),
                      _tokenizer(assets), _text_config(cfg), assets, manifest["loops"], policies=policies,
                      **_vision(module, info), max_context=_text_config(cfg).get("max_position_embeddings"),
                      spiral=spiral_note)
 
 
-def _open_original(path: Path) -> Generator:
+def _open_original(path: Path, prepack: bool = False) -> Generator:
     from loopify.capture.loader import load_source
 
     model = load_source(path, "generation needs a Hugging Face directory, a GGUF file, a converted .pt2 or an "
@@ -205,7 +207,7 @@ def _open_original(path: Path) -> Generator:
     cfg = _json(assets, "config.json")
     info = {**model.info, "image_token_id": model.image_token_id, "model_type": model.model_type,
             "pixel_shape": _pixel_shape(model.inputs)}
-    return Generator(path, "original", lambda policy, loops: _set_loops_decoder(model.module, policy, None),
+    return Generator(path, "original", lambda policy, loops: _set_loops_decoder(model.module, policy, None, prepack),
                      _tokenizer(assets), _text_config(cfg), assets, [], **_vision(model.module, info),
                      max_context=_text_config(cfg).get("max_position_embeddings"))
 

@@ -96,6 +96,48 @@ def current_depth() -> Depth | None:
     return _CURRENT.get()
 
 
+#: Shared-prefix runs (training at several depths, :class:`loopify.train.student.DepthRunner`):
+#: a cycle or deepen loop at count k runs exactly the first k recursion steps of the same loop
+#: at a larger count, so one forward at the largest count can *record* each loop's output after
+#: k steps, and a forward at k can *replay* it instead of running the blocks again.
+_PREFIX = contextvars.ContextVar("loopify_prefix", default=None)
+
+
+class PrefixRun:
+    """The state of one shared-prefix run: ``counts`` (the depths to record), ``taps`` (loop key
+    -> depth -> the loop's output), ``replay`` (the depth being replayed, or None while
+    recording), ``ok`` (False when a loop could not take part: it was called twice in one
+    forward, or Hugging Face collected hidden states from it)."""
+
+    def __init__(self, counts):
+        self.counts = sorted(set(counts))
+        self.taps: dict[str, dict[int, object]] = {}
+        self.calls: dict[str, int] = {}
+        self.replay: int | None = None
+        self.replayed = 0  # loop calls answered from a recording
+        self.ok = True
+
+    def want(self, rec, done: int) -> list[int]:
+        """The requested depths whose output for ``rec`` is its state after ``done`` steps."""
+        return [k for k in self.counts if min(k, rec.spec.max_loops) == done]
+
+
+def prefix_run(counts):
+    """Context for a recording forward: ``with prefix_run([1, 2]) as run: model(...)``, then
+    ``run.replay = k`` and forward again for each other k (see :class:`PrefixRun`)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        run = PrefixRun(counts)
+        token = _PREFIX.set(run)
+        try:
+            yield run
+        finally:
+            _PREFIX.reset(token)
+    return ctx()
+
+
 #: Attributes a model's own layer loop may read of its layers; a loop answers them from its
 #: first block (they are the same for every interchangeable layer).
 LAYER_ATTRIBUTES = ("attention_type", "is_sliding", "sliding_window", "layer_type", "use_sliding_window")
@@ -410,11 +452,23 @@ class Recursion(nn.Module):
                 self._capture_end(capture, len(self.depth_schedule()), {}, final, h)
             self.layer_tail = tuple(t is not None for t in out[1:]) if isinstance(out, tuple) else None
             return (final, *out[1:]) if isinstance(out, tuple) else final
+        prefix = _PREFIX.get()
+        if prefix is not None:
+            n = prefix.calls[self.key] = prefix.calls.get(self.key, 0) + 1
+            if n > 1 or capture is not None:
+                prefix.ok = False
+            elif prefix.replay is not None and prefix.replay in prefix.taps.get(self.key, {}):
+                prefix.replayed += 1
+                return prefix.taps[self.key][prefix.replay]
         taps_prev: list[torch.Tensor] | None = None
         out = None
         index = 0
         last_at: dict[int, torch.Tensor] = {}  # the latest state after each depth position
         runs = [0] * len(self.blocks)  # recursions of each block so far
+        # record (cycle and deepen loops, whose count-k schedule is the first k steps of this one;
+        # a loop that records nothing runs again, in full, when a depth is replayed)
+        record = prefix is not None and prefix.replay is None and prefix.ok and self.stepwise
+        full = self.depth_schedule() if record else None
         for i, step in enumerate(self.steps()):
             if self.connector is not None and i > 0 and taps_prev is not None:
                 h = self.connector(h, taps_prev, i, *extras)
@@ -434,6 +488,10 @@ class Recursion(nn.Module):
                 h = last_at[depth] = out[0] if isinstance(out, tuple) else out
                 taps.append(h)
             taps_prev = taps
+            if record:
+                for k in prefix.want(self, i + 1):  # the loop's output at depth k: this state
+                    if self.depth_schedule(i + 1) == full[:len(self.depth_schedule(i + 1))]:
+                        prefix.taps.setdefault(self.key, {})[k] = (h, *out[1:]) if isinstance(out, tuple) else h
         if capture is not None:
             self._capture_end(capture, index, last_at, h, h_in)
         # What the layers return besides the hidden state (None or a tensor per entry), for

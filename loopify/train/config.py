@@ -94,6 +94,9 @@ class TrainConfig:
             (MoR's loss-free balancing: a per-depth bias on the choice logits, moved by
             ``bias_rate`` per step towards equal loads; no auxiliary loss).
         bias_rate: update of the loss-free bias per step.
+        shared_prefix: run the largest depth once and replay its loops' states for the smaller
+            depths (:class:`loopify.train.student.DepthRunner`): same losses and gradients, fewer
+            block calls; off: every depth runs in full.
     """
 
     converted: str = ""
@@ -134,6 +137,7 @@ class TrainConfig:
     capacity_warmup: int = 0
     balance: Literal["loss", "bias"] = "loss"
     bias_rate: float = 1e-3
+    shared_prefix: bool = True
 
     def __post_init__(self):
         if self.version != TRAIN_CONFIG_VERSION:

@@ -275,7 +275,8 @@ def _setup(config: TrainConfig, progress, dist: Dist) -> Run:
     torch.manual_seed(config.seed)
     if state is not None:
         _restore(run, state)
-    runner = DepthRunner(student)
+    run.tcache = _teacher_cache(run)  # type: ignore[attr-defined]
+    runner = DepthRunner(student, shared_prefix=config.shared_prefix)
     run.model = runner
     if dist.on:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -421,12 +422,64 @@ def _losses(run: Run, tgt, outs, mask) -> tuple[torch.Tensor, dict]:
     return loss, info
 
 
+#: The most memory the teacher's cached hidden states may take (see :func:`_targets`).
+TEACHER_CACHE_BYTES = 1 << 30
+
+
+def _teacher_cache(run: Run) -> dict | None:
+    """A per-example cache of the teacher's hidden states, for hidden-state objectives (encoders:
+    pooled cosine / MSE, token cosine) on right-padded text examples: the teacher does not change,
+    so from the second epoch on its forward is a lookup. Logits (KL) are not cached: SmolLM2's are
+    12.6 MB per 64-token example."""
+    if run.teacher is None or run.objective.kind not in ("cosine", "mse", "token-cosine") or not run.batched:
+        return None
+    for ex in run.train_ex:
+        m = ex.get("attention_mask")
+        if m is None or m.dim() != 2 or m.shape[0] != 1 or set(ex) - {"input_ids", "attention_mask", "token_type_ids"}:
+            return None
+        n = int(m.sum())
+        if not bool(m[0, :n].all()):  # left-padded: positions move with the batch's length
+            return None
+    return {"rows": {}, "bytes": 0, "hits": 0, "off": False}
+
+
+def _targets(run: Run, idx: list[int], batch: dict) -> torch.Tensor:
+    """The teacher's targets for the step's batch, from the cache where it holds them (the real
+    tokens' states: what the masked losses read; padding columns zero)."""
+    cache = getattr(run, "tcache", None)
+    if cache is None or cache["off"]:
+        return run.target(batch)
+    rows = cache["rows"]
+    missing = [i for i in dict.fromkeys(idx) if i not in rows]
+    cache["hits"] += len(idx) - len(missing)
+    if missing:
+        sub = stack_examples([run.train_ex[i] for i in missing])
+        t = run.target(sub)
+        if t.dim() != 3:
+            cache["off"] = True
+            return run.target(batch) if len(missing) != len(idx) else t
+        for j, i in enumerate(missing):
+            rows[i] = t[j, :int(sub["attention_mask"][j].sum())].clone()
+            cache["bytes"] += rows[i].numel() * rows[i].element_size()
+        per_token = t.shape[-1] * t.element_size()
+        if sum(int(e["attention_mask"].sum()) for e in run.train_ex) * per_token > TEACHER_CACHE_BYTES:
+            cache.update(off=True, rows={}, bytes=0)  # would not fit: the teacher runs every step
+            return run.target(batch)
+    s = batch["input_ids"].shape[1]
+    first = rows[idx[0]]
+    out = first.new_zeros(len(idx), s, first.shape[-1])
+    for b, i in enumerate(idx):
+        r = rows[i]
+        out[b, :r.shape[0]] = r
+    return out
+
+
 def _batched_step(run: Run, idx: list[int], sums: list[float], worse: list[float]):
     """One forward and backward of the step's examples as one batch; the loss is computed per
     example, as one at a time, so a batched step differs from one of single examples only by
     float re-association (and DDP's mean over processes stays the same mean)."""
     batch = stack_examples([run.train_ex[i] for i in idx])
-    tgt = run.target(batch)
+    tgt = _targets(run, idx, batch)
     outs = run.model(batch, run.run_depths)
     mask = batch.get("attention_mask")
     total = 0.0
@@ -610,4 +663,7 @@ def _report(run: Run, stopped: str, seconds: float, last) -> dict:
         "before": next((e for e in run.evals if e["step"] == 0), None), "after": last, "evals": run.evals,
         "history": run.history, "verify_before": run.manifest.get("verify"),
         "router": getattr(run, "routed", None),
+        "teacher_cache": None if getattr(run, "tcache", None) is None else
+        {"on": not run.tcache["off"], "examples": len(run.tcache["rows"]), "bytes": run.tcache["bytes"],
+         "hits": run.tcache["hits"]},
     }

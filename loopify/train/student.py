@@ -29,15 +29,66 @@ def set_depth(module: nn.Module, k: int | None) -> None:
 
 
 class DepthRunner(nn.Module):
-    """One forward = the student's first output at each of ``depths`` (one DDP forward per step)."""
+    """One forward = the student's first output at each of ``depths`` (one DDP forward per step).
 
-    def __init__(self, student: nn.Module):
+    Shared prefix (``shared_prefix``, on by default): a cycle or deepen loop at depth k runs
+    the first k recursion steps of the same loop at the largest depth, so the largest depth runs
+    once, recording each loop's state after k steps, and every other depth replays it through
+    the rest of the model (embeddings, layers outside the loops, head) instead of running the
+    blocks again: 3 x 2 blocks trained at depths 1 and 2 run 6 block calls instead of 9, 7 x 4
+    at depths 1-4 run 28 instead of 70, forward and backward. The outputs and gradients are the
+    same as running each depth on its own (up to float re-association; dropout draws other
+    masks). Loops that cannot share (routers, multi-resolution, sequence and middle-* sharing, a
+    loop called twice in one forward, collected hidden states) run each depth in full."""
+
+    def __init__(self, student: nn.Module, shared_prefix: bool = True):
         super().__init__()
         self.student = student
+        self.shared_prefix = shared_prefix
         #: per depth of the last forward: the routers' losses summed over loops ({"aux", "z"})
         self.router_losses: list[dict] = []
+        #: whether the last forward shared its prefix
+        self.shared_last = False
 
     def forward(self, inputs: dict, depths: list[int]) -> list[torch.Tensor]:
+        from loopify.nn.routing import routers
+
+        self.shared_last = False
+        if self.shared_prefix and len(depths) > 1 and not routers(self.student):
+            self.shared_last = True
+            out = self._shared(inputs, depths)
+            if out is not None:
+                return out
+            self.shared_last = False
+        return self._each(inputs, depths)
+
+    def _shared(self, inputs: dict, depths: list[int]) -> list[torch.Tensor] | None:
+        from loopify.nn.recursion import prefix_run, recursions
+
+        if not any(r.stepwise and r.spiral is None for r in recursions(self.student).values()):
+            return None  # no loop whose depths share a prefix
+        top = max(depths)
+        got: dict[int, torch.Tensor] = {}
+        try:
+            with prefix_run(depths) as run:
+                set_depth(self.student, top)
+                got[top] = _first(self.student(**inputs))
+                if not run.ok:
+                    return None
+                for k in sorted(set(depths) - {top}):
+                    run.replay, run.calls = k, {}
+                    set_depth(self.student, k)
+                    got[k] = _first(self.student(**inputs))
+                    if not run.ok:
+                        return None
+        finally:
+            set_depth(self.student, None)
+        if not run.replayed:  # every depth ran in full after all
+            self.shared_last = False
+        self.router_losses = [{} for _ in depths]
+        return [got[k] for k in depths]
+
+    def _each(self, inputs: dict, depths: list[int]) -> list[torch.Tensor]:
         from loopify.nn.routing import router_losses, routers
 
         outs, self.router_losses = [], []

@@ -4,10 +4,14 @@ For a converted model with expert routers (``loopify convert --router expert`` t
 train``, or ``loopify train --router expert``), each capacity of the last step is set by
 re-calibrating the thresholds on training text (:func:`loopify.nn.routing.calibrate_on`), then
 on held-out windows: perplexity, accuracy, average recursion depth per token, and the median
-time of one forward (eager PyTorch, interleaved rounds in one process, the thread count fixed).
+time of one forward (eager PyTorch, interleaved rounds in one process, the thread count fixed; per
+round the mean over the windows, whose depths differ; then the median over the rounds).
 The same model without its routers is measured at every fixed loop count. The time saved is
 compared with the ideal saving of the loop's share of the time, (1 - depth / N) * loop time,
-where the loop time of one step is t(N) - t(N-1).
+where the loop time of one step is t(N) - t(N-1). Two estimates of saved / ideal: from the
+medians of each configuration, and *paired*: per round (every configuration back to back), then
+the median over the rounds, which cancels the machine's slow drifts (the better one on a noisy
+machine).
 
     python tests/bench/mor_pareto.py ROUTED.pt2 --data heldout.txt --calib train.txt \\
         --capacities 1,0.75,0.5,0.25 --windows 8 --seq 64 --threads 1 --json pareto.json --plot pareto.png
@@ -20,6 +24,11 @@ thresholds are its weights: each capacity's calibrated thresholds are written in
 artifact, no compile per capacity. Fixed loop counts in the artifact: every token passes
 (thresholds -inf) at loops 1 .. N. Each phase's saving is compared with its ideal, from the
 average depth of the tokens it ran (the prompt's for prefill, the decoded tokens' for decode).
+
+With ``--prepack``, the eager forward and eager generation run the linear layers on oneDNN-packed
+weights (:mod:`loopify.nn.prepack`): the BLAS's per-call copy of every weight matrix is a fixed
+cost of a recursion step, whatever the number of tokens it runs, and hides most of what a
+routed step saves at short lengths.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--artifact", help="the routed model's generation artifact (loopify compile --max-context)")
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens for --generate")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prepack", action="store_true", help="eager: linear layers on oneDNN-packed weights")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
 
@@ -62,6 +72,10 @@ def main(argv=None) -> int:
 
     module, inputs, manifest = load_converted(a.model)
     module.eval()
+    if a.prepack:
+        from loopify.nn.prepack import prepack
+
+        print(f"prepacked {prepack(module)} linear layers (oneDNN)")
     tok = tokenizer_for(Path(a.model).with_suffix(".assets"))
     enc = lambda path: tok(Path(path).read_text(), add_special_tokens=False)["input_ids"]  # noqa: E731
     held = [torch.tensor([w]) for w in windows(enc(a.data), a.seq, a.windows) if len(w) == a.seq]
@@ -108,11 +122,11 @@ def main(argv=None) -> int:
     for _ in range(a.rounds):  # time, interleaved: every config once per round
         for cfg in configs:
             configure(cfg)
-            with torch.no_grad():
+            with torch.no_grad():  # the mean over the windows (their depths differ: a median would pick one)
+                t0 = time.perf_counter()
                 for ids in held:
-                    t0 = time.perf_counter()
                     module(input_ids=ids, attention_mask=torch.ones_like(ids))
-                    rows[cfg]["times_ms"].append((time.perf_counter() - t0) * 1e3)
+                rows[cfg]["times_ms"].append((time.perf_counter() - t0) * 1e3 / len(held))
     for r in rows.values():
         r["median_ms"] = statistics.median(r["times_ms"])
         r["min_ms"] = min(r["times_ms"])
@@ -124,30 +138,36 @@ def main(argv=None) -> int:
             r["saved_ms"] = t_full - r["median_ms"]
             r["ideal_saved_ms"] = ideal
             r["saved_of_ideal"] = r["saved_ms"] / ideal if ideal > 0 else None
+            r["saved_of_ideal_paired"] = _paired(rows[("loops", n)]["times_ms"],
+                                                 rows[("loops", n - 1)]["times_ms"] if n > 1 else None,
+                                                 r["times_ms"], r["depth"]["average"], n)
     report = {"model": str(a.model), "seq": a.seq, "windows": len(held), "threads": a.threads, "rounds": a.rounds,
+              "eager_prepack": a.prepack,
               "step_ms": step_ms, "results": [{k: v for k, v in r.items() if k != "times_ms"} for r in rows.values()]}
     if a.generate:
         prompt = next(w for w in windows(enc(a.data), a.prompt, 1) if len(w) == a.prompt)
         report["generate"] = _generation_times(a, module, rs, configs, configure, prompt, n)
     print(f"{'config':<16} {'avg depth':>9} {'perplexity':>11} {'accuracy':>9} {'median ms':>10} {'min ms':>8} "
-          f"{'saved/ideal':>11}")
+          f"{'saved/ideal':>11} {'paired':>8}")
     for r in report["results"]:
         name = f"loops={r['value']}" if r["config"] == "loops" else f"capacity={r['value']:g}"
-        soi = r.get("saved_of_ideal")
+        soi, som = r.get("saved_of_ideal"), r.get("saved_of_ideal_paired")
         print(f"{name:<16} {r['depth']['average']:>9.3f} {r['perplexity']:>11.2f} {r['accuracy']:>9.3f} "
-              f"{r['median_ms']:>10.1f} {r['min_ms']:>8.1f} {'' if soi is None else f'{soi:.2f}':>11}")
+              f"{r['median_ms']:>10.1f} {r['min_ms']:>8.1f} {'' if soi is None else f'{soi:.2f}':>11} "
+              f"{'' if som is None else f'{som:.2f}':>8}")
     if a.generate:
         g = report["generate"]
         print(f"\ngeneration: prompt {a.prompt} tokens, {a.new_tokens} new tokens, {a.threads} thread(s), "
               f"{a.rounds} interleaved rounds (median)")
-        print(f"{'backend':<8} {'config':<16} {'depth pre':>9} {'TTFT ms':>8} {'saved/ideal':>11} "
-              f"{'depth dec':>9} {'ms/token':>8} {'saved/ideal':>11}")
+        print(f"{'backend':<8} {'config':<16} {'depth pre':>9} {'TTFT ms':>8} {'saved/ideal':>11} {'paired':>8} "
+              f"{'depth dec':>9} {'ms/token':>8} {'saved/ideal':>11} {'paired':>8}")
         for r in g["results"]:
             name = f"loops={r['value']}" if r["config"] == "loops" else f"capacity={r['value']:g}"
             f = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
             print(f"{r['backend']:<8} {name:<16} {r['prefill_depth']:>9.3f} {r['ttft_ms']:>8.1f} "
-                  f"{f(r.get('prefill_saved_of_ideal')):>11} {r['decode_depth']:>9.3f} {r['ms_per_token']:>8.2f} "
-                  f"{f(r.get('decode_saved_of_ideal')):>11}")
+                  f"{f(r.get('prefill_saved_of_ideal')):>11} {f(r.get('prefill_saved_of_ideal_paired')):>8} "
+                  f"{r['decode_depth']:>9.3f} {r['ms_per_token']:>8.2f} "
+                  f"{f(r.get('decode_saved_of_ideal')):>11} {f(r.get('decode_saved_of_ideal_paired')):>8}")
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=1))
     if a.plot:
@@ -249,14 +269,28 @@ def _generation_times(a, module, rs, configs, configure, prompt: list[int], n: i
                 if cfg[0] == "routed":
                     ideal = (1 - r[depth_key] / n) * n * (t_full - t_less)
                     r[f"{name}_saved_of_ideal"] = (t_full - t) / ideal if ideal > 0 else None
+                    r[f"{name}_saved_of_ideal_paired"] = _paired(full[key], less[key], r[key], r[depth_key], n)
         for cfg in configs:
             r = rows[(b, cfg)]
             out.append({"backend": b, "config": r["config"], "value": r["value"], "ttft_ms": r["ttft_median"],
                         "ms_per_token": r["tok_median"], "prefill_depth": r["prefill_depth"],
                         "decode_depth": r["decode_depth"],
-                        **{k: r[k] for k in ("prefill_saved_of_ideal", "decode_saved_of_ideal") if k in r}})
+                        **{k: r[k] for k in ("prefill_saved_of_ideal", "decode_saved_of_ideal",
+                                             "prefill_saved_of_ideal_paired", "decode_saved_of_ideal_paired") if k in r}})
     configure(configs[-1])
     return {"prompt": a.prompt, "new_tokens": a.new_tokens, "results": out}
+
+
+def _paired(full: list, less: list | None, routed: list, depth: float, n: int) -> float | None:
+    """Saved / ideal per round (the configurations of a round run back to back, so the machine's
+    slow drifts cancel), then the median over the rounds."""
+    per = []
+    for i, t in enumerate(routed):
+        step = full[i] - (less[i] if less is not None else 0.0)
+        ideal = (1 - depth / n) * n * step
+        if ideal > 0:
+            per.append((full[i] - t) / ideal)
+    return statistics.median(per) if per else None
 
 
 if __name__ == "__main__":

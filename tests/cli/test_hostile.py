@@ -353,6 +353,25 @@ def test_generate_refuses_out_of_vocabulary_prompt_ids(hf_llama):
            "token id 256 is outside the vocabulary [0, 255]")
 
 
+def test_generate_prepack_gives_the_same_tokens_and_bench_refuses_it_without_generate(hf_llama, tmp_path):
+    """--prepack (oneDNN-packed linear weights) changes only the last float bits: the greedy
+    tokens of the tiny Llama are the same; `bench --prepack` is for --generate only."""
+    import json
+
+    from loopify.nn.prepack import available
+
+    outs = []
+    for extra in ([], ["--prepack"]) if available() else ([],):
+        out = tmp_path / f"g{len(outs)}.json"
+        r = CliRunner().invoke(cli, ["generate", str(hf_llama), "--prompt-ids", "1,5,9,13,17,21", "--max-new-tokens",
+                                     "8", "--json", str(out), *extra])
+        assert r.exit_code == 0, r.output
+        outs.append(json.loads(out.read_text())["tokens"])
+    assert all(o == outs[0] for o in outs) and len(outs[0][0]) == 8
+    _error(CliRunner().invoke(cli, ["bench", str(hf_llama), str(tmp_path / "c.pt2"), "--prepack"]),
+           "--prepack is for --generate")
+
+
 # -- 5. target options ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("args,message", [

@@ -369,14 +369,48 @@ def test_encoder_with_its_own_tokenizer(tmp_path, data):
     res = conv.convert_captured(cap, conv.ConvertConfig(blocks=3, rank=0))
     src = tmp_path / "minilm.pt2"
     conv.save(res, cap, src)
-    r = tr.train(_cfg(src, data, tmp_path / "m.pt2", steps=2, tokenizer="auto", lr=2e-4))
+    r = tr.train(_cfg(src, data, tmp_path / "m.pt2", steps=14, tokenizer="auto", lr=2e-4))
     rep = r.report
+    # 24 texts, 2 a step: steps 13 and 14 take their teacher states from the cache
+    assert rep["teacher_cache"] == {"on": True, "examples": 24, "bytes": rep["teacher_cache"]["bytes"], "hits": 4}
+    assert rep["teacher_cache"]["bytes"] > 24 * 384 * 4
     assert rep["objective"] == "cosine" and rep["trainable"] == {"base": 5323392, "lora": 0, "connector": 0, "router": 0,
                                                                 "spiral": 0}
     # the converted model carries its own tokenizer (its assets), not a path to the original's
     assert rep["data"]["tokenizer"] == str(src.with_suffix(".assets")) and rep["data"]["seq_len"] == 30
     for k in ("1", "2"):
         assert rep["after"]["depths"][k]["cosine"] > rep["before"]["depths"][k]["cosine"]
+
+
+def test_cached_teacher_targets_are_the_teachers_own(tmp_path):
+    """The teacher cache (hidden-state objectives) gives, at every real token, the teacher's states
+    on the step's batch within 1e-5 relative (the teacher ran on another batch: float
+    re-association), zeros at padding, whichever examples were cached before."""
+    from types import SimpleNamespace
+
+    from loopify.train import loop as L
+
+    cap = capture.load(zoo._minilm_dir())
+    teacher = cap.eager
+    sentences = texts.sentences()[:10]
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(zoo._minilm_dir())
+    exs = [dict(tok(t, padding="max_length", max_length=30, truncation=True, return_tensors="pt")) for t in sentences]
+    run = SimpleNamespace(teacher=cap, objective=SimpleNamespace(kind="cosine"), batched=True, train_ex=exs,
+                          target=lambda b: teacher(**b)[0].detach())
+    run.tcache = L._teacher_cache(run)
+    assert run.tcache is not None
+    with torch.no_grad():
+        for idx in ([0, 1, 2, 3], [2, 5, 0, 9], [9, 9, 4, 1]):  # misses, then a mix, a repeat
+            batch = stack_examples([exs[i] for i in idx])
+            got, ref = L._targets(run, idx, batch), run.target(batch)
+            m = batch["attention_mask"].bool()
+            assert got.shape == ref.shape and float((got[m] - ref[m]).abs().max()) <= 1e-5 * float(ref.abs().max())
+            assert not bool(got[~m].any())
+    assert run.tcache["hits"] == 2 + 3 and len(run.tcache["rows"]) == 7
+    # logits (a causal LM's KL) are not cached, nor left-padded texts
+    assert L._teacher_cache(SimpleNamespace(**{**vars(run), "objective": SimpleNamespace(kind="kl")})) is None
+    left = [{k: v.flip(-1) for k, v in e.items()} for e in exs]
+    assert L._teacher_cache(SimpleNamespace(**{**vars(run), "train_ex": left})) is None
 
 
 # ----------------------------------------------------------------------------------------------
