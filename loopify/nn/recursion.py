@@ -34,6 +34,7 @@ While a depth runs, :func:`current_depth` tells which one (the KV cache keys its
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from dataclasses import asdict, dataclass
 from typing import NamedTuple, Sequence
@@ -122,20 +123,16 @@ class PrefixRun:
         return [k for k in self.counts if min(k, rec.spec.max_loops) == done]
 
 
+@contextlib.contextmanager
 def prefix_run(counts):
     """Context for a recording forward: ``with prefix_run([1, 2]) as run: model(...)``, then
     ``run.replay = k`` and forward again for each other k (see :class:`PrefixRun`)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        run = PrefixRun(counts)
-        token = _PREFIX.set(run)
-        try:
-            yield run
-        finally:
-            _PREFIX.reset(token)
-    return ctx()
+    run = PrefixRun(counts)
+    token = _PREFIX.set(run)
+    try:
+        yield run
+    finally:
+        _PREFIX.reset(token)
 
 
 #: Attributes a model's own layer loop may read of its layers; a loop answers them from its
@@ -488,10 +485,10 @@ class Recursion(nn.Module):
                 h = last_at[depth] = out[0] if isinstance(out, tuple) else out
                 taps.append(h)
             taps_prev = taps
-            if record:
-                for k in prefix.want(self, i + 1):  # the loop's output at depth k: this state
-                    if self.depth_schedule(i + 1) == full[:len(self.depth_schedule(i + 1))]:
-                        prefix.taps.setdefault(self.key, {})[k] = (h, *out[1:]) if isinstance(out, tuple) else h
+            wanted = prefix.want(self, i + 1) if record else ()
+            if wanted and full[:len(sched := self.depth_schedule(i + 1))] == sched:
+                for k in wanted:  # the loop's output at depth k: this state
+                    prefix.taps.setdefault(self.key, {})[k] = (h, *out[1:]) if isinstance(out, tuple) else h
         if capture is not None:
             self._capture_end(capture, index, last_at, h, h_in)
         # What the layers return besides the hidden state (None or a tensor per entry), for

@@ -116,6 +116,7 @@ class Run:
     model: nn.Module | None = None
     t_loop: float = 0.0
     batched: bool = False          # a step's examples run as one batch (see TrainConfig.batched)
+    tcache: dict | None = None     # the teacher cache (see _teacher_cache)
 
     def emit(self, event: dict) -> None:
         if self.progress is not None:
@@ -275,7 +276,7 @@ def _setup(config: TrainConfig, progress, dist: Dist) -> Run:
     torch.manual_seed(config.seed)
     if state is not None:
         _restore(run, state)
-    run.tcache = _teacher_cache(run)  # type: ignore[attr-defined]
+    run.tcache = _teacher_cache(run)
     runner = DepthRunner(student, shared_prefix=config.shared_prefix)
     run.model = runner
     if dist.on:
@@ -433,6 +434,7 @@ def _teacher_cache(run: Run) -> dict | None:
     12.6 MB per 64-token example."""
     if run.teacher is None or run.objective.kind not in ("cosine", "mse", "token-cosine") or not run.batched:
         return None
+    tokens = 0
     for ex in run.train_ex:
         m = ex.get("attention_mask")
         if m is None or m.dim() != 2 or m.shape[0] != 1 or set(ex) - {"input_ids", "attention_mask", "token_type_ids"}:
@@ -440,13 +442,14 @@ def _teacher_cache(run: Run) -> dict | None:
         n = int(m.sum())
         if not bool(m[0, :n].all()):  # left-padded: positions move with the batch's length
             return None
-    return {"rows": {}, "bytes": 0, "hits": 0, "off": False}
+        tokens += n
+    return {"rows": {}, "bytes": 0, "hits": 0, "off": False, "tokens": tokens}
 
 
 def _targets(run: Run, idx: list[int], batch: dict) -> torch.Tensor:
     """The teacher's targets for the step's batch, from the cache where it holds them (the real
     tokens' states: what the masked losses read; padding columns zero)."""
-    cache = getattr(run, "tcache", None)
+    cache = run.tcache
     if cache is None or cache["off"]:
         return run.target(batch)
     rows = cache["rows"]
@@ -455,16 +458,12 @@ def _targets(run: Run, idx: list[int], batch: dict) -> torch.Tensor:
     if missing:
         sub = stack_examples([run.train_ex[i] for i in missing])
         t = run.target(sub)
-        if t.dim() != 3:
-            cache["off"] = True
+        if t.dim() != 3 or cache["tokens"] * t.shape[-1] * t.element_size() > TEACHER_CACHE_BYTES:
+            cache.update(off=True, rows={}, bytes=0)  # not hidden states, or would not fit: the teacher every step
             return run.target(batch) if len(missing) != len(idx) else t
         for j, i in enumerate(missing):
             rows[i] = t[j, :int(sub["attention_mask"][j].sum())].clone()
             cache["bytes"] += rows[i].numel() * rows[i].element_size()
-        per_token = t.shape[-1] * t.element_size()
-        if sum(int(e["attention_mask"].sum()) for e in run.train_ex) * per_token > TEACHER_CACHE_BYTES:
-            cache.update(off=True, rows={}, bytes=0)  # would not fit: the teacher runs every step
-            return run.target(batch)
     s = batch["input_ids"].shape[1]
     first = rows[idx[0]]
     out = first.new_zeros(len(idx), s, first.shape[-1])
@@ -663,7 +662,7 @@ def _report(run: Run, stopped: str, seconds: float, last) -> dict:
         "before": next((e for e in run.evals if e["step"] == 0), None), "after": last, "evals": run.evals,
         "history": run.history, "verify_before": run.manifest.get("verify"),
         "router": getattr(run, "routed", None),
-        "teacher_cache": None if getattr(run, "tcache", None) is None else
+        "teacher_cache": None if run.tcache is None else
         {"on": not run.tcache["off"], "examples": len(run.tcache["rows"]), "bytes": run.tcache["bytes"],
          "hits": run.tcache["hits"]},
     }

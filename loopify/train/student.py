@@ -51,40 +51,40 @@ class DepthRunner(nn.Module):
         self.shared_last = False
 
     def forward(self, inputs: dict, depths: list[int]) -> list[torch.Tensor]:
+        from loopify.nn.recursion import recursions
         from loopify.nn.routing import routers
 
         self.shared_last = False
-        if self.shared_prefix and len(depths) > 1 and not routers(self.student):
-            self.shared_last = True
-            out = self._shared(inputs, depths)
-            if out is not None:
-                return out
-            self.shared_last = False
+        if (self.shared_prefix and len(depths) > 1 and not routers(self.student)
+                and any(r.stepwise and r.spiral is None for r in recursions(self.student).values())):
+            return self._shared(inputs, depths)
         return self._each(inputs, depths)
 
-    def _shared(self, inputs: dict, depths: list[int]) -> list[torch.Tensor] | None:
-        from loopify.nn.recursion import prefix_run, recursions
+    def _shared(self, inputs: dict, depths: list[int]) -> list[torch.Tensor]:
+        """The largest depth recorded, the others replayed; a depth whose replay could not be
+        trusted (:attr:`PrefixRun.ok`) runs in full afterwards."""
+        from loopify.nn.recursion import prefix_run
 
-        if not any(r.stepwise and r.spiral is None for r in recursions(self.student).values()):
-            return None  # no loop whose depths share a prefix
         top = max(depths)
         got: dict[int, torch.Tensor] = {}
         try:
             with prefix_run(depths) as run:
                 set_depth(self.student, top)
                 got[top] = _first(self.student(**inputs))
-                if not run.ok:
-                    return None
                 for k in sorted(set(depths) - {top}):
+                    if not run.ok:
+                        break
                     run.replay, run.calls = k, {}
                     set_depth(self.student, k)
-                    got[k] = _first(self.student(**inputs))
-                    if not run.ok:
-                        return None
+                    out = _first(self.student(**inputs))
+                    if run.ok:
+                        got[k] = out
+            for k in sorted(set(depths) - set(got)):
+                set_depth(self.student, k)
+                got[k] = _first(self.student(**inputs))
         finally:
             set_depth(self.student, None)
-        if not run.replayed:  # every depth ran in full after all
-            self.shared_last = False
+        self.shared_last = run.ok and run.replayed > 0
         self.router_losses = [{} for _ in depths]
         return [got[k] for k in depths]
 
